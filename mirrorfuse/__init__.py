@@ -1,0 +1,1 @@
+"""mirrorfs client side: protocol, layout, mirrored volume and (later) the file system."""

@@ -1,0 +1,87 @@
+"""mirrorfs-cli: administer a mirrorfs cluster (format, status, rebuild)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+
+from . import admin
+from .cluster import add_cluster_args, cluster_from_args
+from .errors import MirrorfsError
+
+PROG = "mirrorfs-cli"
+
+
+def cmd_format(args: argparse.Namespace) -> int:
+    spec = cluster_from_args(args)
+    size = admin.check_block_size(admin.parse_size(args.block_size))
+    volume = asyncio.run(admin.format_volume(spec, size, args.force))
+    print(
+        f"formatted volume {volume}: {spec.count} servers in {spec.count // 2} mirror pairs, "
+        f"block size {admin.human(size)}"
+    )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    spec = cluster_from_args(args)
+    st = asyncio.run(admin.status(spec, args.timeout))
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(admin.format_status(st))
+    return 0 if st["volume"] is not None else 1
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    spec = cluster_from_args(args)
+    asyncio.run(admin.rebuild(spec, args.id, lambda m: print(m, flush=True), args.timeout))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Administer a mirrorfs cluster.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(
+        name: str, func: Callable[[argparse.Namespace], int], text: str
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=text, description=text)
+        add_cluster_args(sp)
+        sp.add_argument(
+            "--timeout", type=float, default=3.0, help="seconds before a silent server is down (3)"
+        )
+        sp.set_defaults(func=func)
+        return sp
+
+    sp = command("format", cmd_format, "create a new, empty volume on the servers")
+    sp.add_argument(
+        "--block-size", default="1M", help="block size, a power of two from 4K to 4M (1M)"
+    )
+    sp.add_argument("--force", action="store_true", help="erase a volume the servers already hold")
+
+    sp = command("status", cmd_status, "show servers, mirror pairs, states and usage")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    sp = command("rebuild", cmd_rebuild, "copy a failed server's blocks back from its mirror")
+    sp.add_argument("id", type=int, help="id of the failed server (running, old or empty data dir)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MirrorfsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Wire protocol shared by every mirrorfs daemon.
+
+A frame is a fixed binary header, a msgpack body (a map with string keys) and
+an optional raw payload that carries block data untouched, so a block is never
+re-encoded on its way to the disk. The decoder is a sans-I/O state machine: it
+is fed bytes and hands back frames, so it is tested without sockets and the
+same code serves the asyncio client and the server.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+from typing import Any
+
+import msgpack
+
+MAGIC = b"MF"
+VERSION = 1
+# magic, version, message type, request id, flags, body length, payload length
+HEADER = struct.Struct(">2sBBQHII")
+HEADER_SIZE = HEADER.size
+MAX_BODY = 1 << 20
+MAX_PAYLOAD = 16 << 20
+
+
+class Msg(IntEnum):
+    """Message types; a reply carries the type of its request."""
+
+    HELLO = 1
+    STAT = 2
+    FORMAT = 3
+    READ = 4
+    WRITE = 5
+    TRIM = 6
+    LIST = 7
+    GET_TABLE = 8
+    SET_TABLE = 9
+    SYNC = 10
+    REBUILD_BEGIN = 11
+    ERROR = 255
+
+
+class Flag(IntFlag):
+    REPLY = 0x1
+    ERROR = 0x2
+    REPAIR = 0x4  # a write that replaces a copy found bad (counted by the server)
+    COPY = 0x8  # a rebuild copy: loses against any newer write to the same slot
+
+
+class ProtocolError(Exception):
+    """The byte stream cannot be trusted any more: the connection must close."""
+
+
+@dataclass(slots=True)
+class Frame:
+    type: int
+    req_id: int
+    flags: int = 0
+    body: dict[str, Any] = field(default_factory=dict)
+    payload: bytes = b""
+    # Set when the header was sound but the body was not: the peer gets an
+    # error reply for this request id and the connection goes on.
+    defect: str | None = None
+
+    @property
+    def is_reply(self) -> bool:
+        return bool(self.flags & Flag.REPLY)
+
+    @property
+    def is_error(self) -> bool:
+        return bool(self.flags & Flag.ERROR)
+
+
+def encode(
+    type_: int,
+    req_id: int,
+    body: dict[str, Any] | None = None,
+    payload: bytes = b"",
+    flags: int = 0,
+) -> list[bytes]:
+    """Frame a message as buffers for ``writelines`` (the payload is not copied)."""
+    raw = msgpack.packb(body or {}, use_bin_type=True)
+    if len(raw) > MAX_BODY:
+        raise ValueError(f"message body of {len(raw)} bytes exceeds {MAX_BODY}")
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    head = HEADER.pack(MAGIC, VERSION, type_, req_id, flags, len(raw), len(payload))
+    return [head + raw, payload] if payload else [head + raw]
+
+
+def encode_error(req_id: int, type_: int, code: str, message: str) -> list[bytes]:
+    return encode(type_, req_id, {"code": code, "msg": message}, flags=Flag.REPLY | Flag.ERROR)
+
+
+def _unpack_body(raw: bytes) -> tuple[dict[str, Any], str | None]:
+    try:
+        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        return {}, f"body is not valid msgpack ({type(exc).__name__})"
+    if not isinstance(body, dict):
+        return {}, "body is not a map"
+    return body, None
+
+
+class FrameDecoder:
+    """Incremental frame parser: ``feed`` bytes, then iterate ``frames``."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._broken: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self._broken is None:
+            self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf) - self._pos
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, None if more bytes are needed.
+
+        Raises ProtocolError when the stream is corrupt; every later call
+        raises it again, so a caller cannot resynchronise by accident.
+        """
+        if self._broken is not None:
+            raise ProtocolError(self._broken)
+        if self.buffered < HEADER_SIZE:
+            return None
+        magic, version, type_, req_id, flags, body_len, payload_len = HEADER.unpack_from(
+            self._buf, self._pos
+        )
+        problem = None
+        if magic != MAGIC:
+            problem = "bad magic (not a mirrorfs peer?)"
+        elif version != VERSION:
+            problem = f"protocol version {version} is not supported (this side speaks {VERSION})"
+        elif body_len > MAX_BODY:
+            problem = f"body length {body_len} exceeds {MAX_BODY}"
+        elif payload_len > MAX_PAYLOAD:
+            problem = f"payload length {payload_len} exceeds {MAX_PAYLOAD}"
+        if problem:
+            self._broken = problem
+            self._buf = bytearray()
+            raise ProtocolError(problem)
+        total = HEADER_SIZE + body_len + payload_len
+        if self.buffered < total:
+            return None
+        start = self._pos + HEADER_SIZE
+        body, defect = _unpack_body(bytes(self._buf[start : start + body_len]))
+        payload = bytes(self._buf[start + body_len : start + body_len + payload_len])
+        self._pos += total
+        if self._pos > (1 << 20) and self._pos * 2 > len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+        elif self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        return Frame(type_, req_id, flags, body, payload, defect)
+
+    def frames(self) -> list[Frame]:
+        out = []
+        while (frame := self.next_frame()) is not None:
+            out.append(frame)
+        return out
+
+
+class BadRequest(Exception):
+    """A request whose body lacks a field or has one of the wrong type."""
+
+
+def need(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    """Fetch a required body field, rejecting a wrong type (bool is not an int)."""
+    if name not in body:
+        raise BadRequest(f"missing field {name!r}")
+    value = body[name]
+    if (kind is int or kind == (int,)) and isinstance(value, bool):
+        raise BadRequest(f"field {name!r} must be int")
+    if not isinstance(value, kind):
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        raise BadRequest(f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}")
+    return value
