@@ -55,7 +55,10 @@ def parse_address(text: str) -> Address:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
         raise UsageError(f"server address {text!r} is not host:port")
-    return Address(host.strip("[]"), parse_port(port, f"port of {text!r}"))
+    try:
+        return Address(host.strip("[]"), parse_port(port))
+    except UsageError as exc:
+        raise UsageError(f"server address {text.strip()!r}: {exc}") from None
 
 
 def parse_servers(text: str) -> ClusterSpec:
