@@ -89,6 +89,7 @@ class Volume:
         self._rr = [0] * self.layout.pairs
         self._table_lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
+        self._announced: set[int] = set()
 
     # -- connections --------------------------------------------------------------
 
@@ -266,8 +267,10 @@ class Volume:
             return states
 
         await self.update_table(mark)
-        if self.states[server] == FAILED and self.on_failure is not None:
-            self.on_failure(server, reason)
+        if self.states[server] == FAILED and server not in self._announced:
+            self._announced.add(server)
+            if self.on_failure is not None:
+                self.on_failure(server, reason)
 
     async def _handle(self, server: int, exc: BaseException) -> bool:
         """Deal with a replica's failure; True when the caller should reload and retry."""
@@ -463,6 +466,13 @@ class BlockingVolume:
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
+    async def _shutdown(self) -> None:
+        await self.volume.close()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def write(self, block: int, data: bytes) -> int:
         return self.call(self.volume.write(block, data))
 
@@ -486,7 +496,7 @@ class BlockingVolume:
     def close(self) -> None:
         if self._loop.is_running():
             with contextlib.suppress(Exception):
-                self.call(self.volume.close())
+                self.call(self._shutdown())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
         self._loop.close()
