@@ -32,7 +32,7 @@ class ServerDown(MirrorfsError):
         self.reason = reason
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(asyncio.BufferedProtocol):
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.decoder = FrameDecoder()
@@ -43,9 +43,12 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         self.conn.last_rx = time.monotonic()
-        self.decoder.feed(data)
+        self.decoder.buffer_updated(nbytes)
         try:
             while (frame := self.decoder.next_frame()) is not None:
                 self.conn._deliver(frame)

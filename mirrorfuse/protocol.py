@@ -10,6 +10,7 @@ same code serves the asyncio client and the server.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import Any
@@ -59,7 +60,7 @@ class Frame:
     req_id: int
     flags: int = 0
     body: dict[str, Any] = field(default_factory=dict)
-    payload: bytes = b""
+    payload: bytes | bytearray = b""
     # Set when the header was sound but the body was not: the peer gets an
     # error reply for this request id and the connection goes on.
     defect: str | None = None
@@ -105,61 +106,119 @@ def _unpack_body(raw: bytes) -> tuple[dict[str, Any], str | None]:
 
 
 class FrameDecoder:
-    """Incremental frame parser: ``feed`` bytes, then iterate ``frames``."""
+    """Incremental frame parser, usable as the buffer of an asyncio.BufferedProtocol.
+
+    Headers and bodies collect in a scratch buffer; a payload larger than what
+    has arrived gets its own buffer, and ``get_buffer`` then hands out that
+    buffer so the socket writes block data straight into it (no extra copy).
+    ``feed`` is the same machine for callers that already hold bytes.
+    """
+
+    SCRATCH = 64 << 10
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+        self._scratch = bytearray(self.SCRATCH)
+        self._start = 0  # first unparsed byte in the scratch buffer
+        self._end = 0  # end of received bytes in the scratch buffer
+        self._waiting: Frame | None = None  # a frame whose payload is still arriving
+        self._payload = bytearray()
+        self._filled = 0
+        self._ready: deque[Frame] = deque()
         self._broken: str | None = None
-
-    def feed(self, data: bytes) -> None:
-        if self._broken is None:
-            self._buf += data
 
     @property
     def buffered(self) -> int:
-        return len(self._buf) - self._pos
+        """Bytes received but not yet handed out as frames."""
+        return self._end - self._start + (self._filled if self._waiting else 0)
+
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        if self._waiting is not None:
+            return memoryview(self._payload)[self._filled :]
+        if self._end == len(self._scratch):
+            if self._start:
+                size = self._end - self._start
+                self._scratch[:size] = self._scratch[self._start : self._end]
+                self._start, self._end = 0, size
+            else:  # one header and body larger than the scratch buffer (bounded by MAX_BODY)
+                self._scratch.extend(bytes(len(self._scratch)))
+        return memoryview(self._scratch)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._broken is not None:
+            self._start = self._end = 0
+            return
+        if self._waiting is not None:
+            self._filled += nbytes
+            if self._filled == len(self._payload):
+                self._waiting.payload = self._payload
+                self._ready.append(self._waiting)
+                self._waiting, self._payload, self._filled = None, bytearray(), 0
+        else:
+            self._end += nbytes
+        self._parse()
+
+    def feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            buf = self.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            self.buffer_updated(n)
+            view = view[n:]
+
+    def _parse(self) -> None:
+        while self._waiting is None and self._broken is None:
+            avail = self._end - self._start
+            if avail < HEADER_SIZE:
+                break
+            magic, version, type_, req_id, flags, body_len, payload_len = HEADER.unpack_from(
+                self._scratch, self._start
+            )
+            problem = None
+            if magic != MAGIC:
+                problem = "bad magic (not a mirrorfs peer?)"
+            elif version != VERSION:
+                problem = (
+                    f"protocol version {version} is not supported (this side speaks {VERSION})"
+                )
+            elif body_len > MAX_BODY:
+                problem = f"body length {body_len} exceeds {MAX_BODY}"
+            elif payload_len > MAX_PAYLOAD:
+                problem = f"payload length {payload_len} exceeds {MAX_PAYLOAD}"
+            if problem:
+                self._broken = problem
+                self._start = self._end = 0
+                break
+            if avail < HEADER_SIZE + body_len:
+                break
+            pos = self._start + HEADER_SIZE
+            body, defect = _unpack_body(bytes(self._scratch[pos : pos + body_len]))
+            pos += body_len
+            frame = Frame(type_, req_id, flags, body, b"", defect)
+            have = min(self._end - pos, payload_len)
+            if have == payload_len:
+                frame.payload = bytes(self._scratch[pos : pos + have])
+                self._ready.append(frame)
+            else:
+                self._payload = bytearray(payload_len)
+                self._payload[:have] = self._scratch[pos : pos + have]
+                self._filled = have
+                self._waiting = frame
+            self._start = pos + have
+        if self._start == self._end:
+            self._start = self._end = 0
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, None if more bytes are needed.
 
-        Raises ProtocolError when the stream is corrupt; every later call
-        raises it again, so a caller cannot resynchronise by accident.
+        Raises ProtocolError once the frames before a corrupt header are
+        consumed, and on every later call, so nobody resynchronises by accident.
         """
+        if self._ready:
+            return self._ready.popleft()
         if self._broken is not None:
             raise ProtocolError(self._broken)
-        if self.buffered < HEADER_SIZE:
-            return None
-        magic, version, type_, req_id, flags, body_len, payload_len = HEADER.unpack_from(
-            self._buf, self._pos
-        )
-        problem = None
-        if magic != MAGIC:
-            problem = "bad magic (not a mirrorfs peer?)"
-        elif version != VERSION:
-            problem = f"protocol version {version} is not supported (this side speaks {VERSION})"
-        elif body_len > MAX_BODY:
-            problem = f"body length {body_len} exceeds {MAX_BODY}"
-        elif payload_len > MAX_PAYLOAD:
-            problem = f"payload length {payload_len} exceeds {MAX_PAYLOAD}"
-        if problem:
-            self._broken = problem
-            self._buf = bytearray()
-            raise ProtocolError(problem)
-        total = HEADER_SIZE + body_len + payload_len
-        if self.buffered < total:
-            return None
-        start = self._pos + HEADER_SIZE
-        body, defect = _unpack_body(bytes(self._buf[start : start + body_len]))
-        payload = bytes(self._buf[start + body_len : start + body_len + payload_len])
-        self._pos += total
-        if self._pos > (1 << 20) and self._pos * 2 > len(self._buf):
-            del self._buf[: self._pos]
-            self._pos = 0
-        elif self._pos == len(self._buf):
-            self._buf.clear()
-            self._pos = 0
-        return Frame(type_, req_id, flags, body, payload, defect)
+        return None
 
     def frames(self) -> list[Frame]:
         out = []

@@ -37,6 +37,15 @@ DEFAULT_TIMEOUT = 3.0
 DEFAULT_CONCURRENCY = 64
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where available: it writes frames with writev instead of joining buffers."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 def checksum(data: bytes) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
@@ -453,7 +462,7 @@ class BlockingVolume:
     """
 
     def __init__(self, spec: ClusterSpec, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self._loop = asyncio.new_event_loop()
+        self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="volume")
         self._thread.start()
         self.volume = Volume(spec, timeout)

@@ -236,7 +236,7 @@ class BlockServer:
         return encode(frame.type, frame.req_id, body, payload, Flag.REPLY)
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     def __init__(self, server: BlockServer) -> None:
         self.server = server
         self.decoder = FrameDecoder()
@@ -245,9 +245,12 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
         assert self.transport is not None
-        self.decoder.feed(data)
+        self.decoder.buffer_updated(nbytes)
         try:
             while (frame := self.decoder.next_frame()) is not None:
                 if frame.type == Msg.SYNC and not frame.is_reply:
