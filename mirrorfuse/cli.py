@@ -11,17 +11,18 @@ from collections.abc import Callable
 from . import admin
 from .cluster import add_cluster_args, cluster_from_args
 from .errors import MirrorfsError
+from .sizes import check_block_size, human, parse_size
 
 PROG = "mirrorfs-cli"
 
 
 def cmd_format(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
-    size = admin.check_block_size(admin.parse_size(args.block_size))
+    size = check_block_size(parse_size(args.block_size))
     volume = asyncio.run(admin.format_volume(spec, size, args.force))
     print(
         f"formatted volume {volume}: {spec.count} servers in {spec.count // 2} mirror pairs, "
-        f"block size {admin.human(size)}"
+        f"block size {human(size)}"
     )
     return 0
 

@@ -143,7 +143,10 @@ class Connection:
                 self._pending.pop(req_id, None)
         if frame.is_error:
             raise ServerError(
-                str(frame.body.get("code", "ERROR")), str(frame.body.get("msg", "")), self.server
+                str(frame.body.get("code", "ERROR")),
+                str(frame.body.get("msg", "")),
+                self.server,
+                frame.body,
             )
         return frame
 

@@ -26,8 +26,11 @@ class VolumeIOError(MirrorfsError):
 class ServerError(MirrorfsError):
     """A server answered with an error reply."""
 
-    def __init__(self, code: str, message: str, server: int | None = None) -> None:
+    def __init__(
+        self, code: str, message: str, server: int | None = None, body: dict | None = None
+    ) -> None:
         where = f"server {server}: " if server is not None else ""
         super().__init__(f"{where}{message}")
         self.code = code
         self.server = server
+        self.body = body or {}

@@ -40,6 +40,12 @@ class Msg(IntEnum):
     SET_TABLE = 9
     SYNC = 10
     REBUILD_BEGIN = 11
+    META_INFO = 12
+    LEASE = 13
+    JOURNAL_APPEND = 14
+    JOURNAL_READ = 15
+    CHECKPOINT_PUT = 16
+    CHECKPOINT_GET = 17
     ERROR = 255
 
 

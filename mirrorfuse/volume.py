@@ -15,6 +15,7 @@ reach, operations on that pair fail with EIO and are retried on later calls.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import threading
@@ -52,6 +53,12 @@ def checksum(data: bytes) -> int:
 
 class NoSpace(MirrorfsError):
     errno = errno.ENOSPC
+
+
+class Fenced(MirrorfsError):
+    """Another client took the volume over: this one must stop changing it."""
+
+    errno = errno.EROFS
 
 
 @dataclass
@@ -99,6 +106,9 @@ class Volume:
         self._table_lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
         self._announced: set[int] = set()
+        # Set by the mount once it holds the lease: every change carries its
+        # epoch so the servers can fence it if another client takes over.
+        self.lease: dict[str, Any] | None = None
 
     # -- connections --------------------------------------------------------------
 
@@ -130,6 +140,13 @@ class Volume:
                 f"{conn.address} answers as server {got}, expected server {server} "
                 "(servers must be given in id order)"
             )
+        if self.lease is not None and hello.body.get("formatted"):
+            # a new connection: tell the server this is still the lease holder
+            try:
+                await conn.request(Msg.LEASE, dict(self.lease))
+            except ServerError as exc:
+                conn.close()
+                raise ServerDown(server, conn.address, f"refused the lease: {exc}") from None
         self._conns[server] = conn
         return conn
 
@@ -229,7 +246,9 @@ class Volume:
                     return
                 gen = self.gen + 1
                 targets = [s for s in range(self.spec.count) if new[s] != FAILED]
-                body = {"gen": gen, "states": new}
+                body: dict[str, Any] = {"gen": gen, "states": new}
+                if self.lease is not None:
+                    body["epoch"] = self.lease["epoch"]
                 replies = await asyncio.gather(
                     *(self._send(s, Msg.SET_TABLE, body) for s in targets), return_exceptions=True
                 )
@@ -281,6 +300,13 @@ class Volume:
             if self.on_failure is not None:
                 self.on_failure(server, reason)
 
+    def _stamp(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Add the table generation (and the mount epoch) that fence stale writers."""
+        body["gen"] = self.gen
+        if self.lease is not None:
+            body["epoch"] = self.lease["epoch"]
+        return body
+
     async def _handle(self, server: int, exc: BaseException) -> bool:
         """Deal with a replica's failure; True when the caller should reload and retry."""
         if isinstance(exc, ServerDown):
@@ -292,6 +318,8 @@ class Volume:
                 return True
             if exc.code == "ENOSPC":
                 raise NoSpace(f"no space left on server {server}")
+            if exc.code == "FENCED":
+                raise Fenced(f"server {server} fenced this client: {exc}")
             await self.fail(server, f"answered with an error: {exc}")
             return False
         raise exc
@@ -308,7 +336,7 @@ class Volume:
             targets = self.writable(pair)
             if not targets:
                 raise VolumeIOError(f"mirror pair {pair} has no live server")
-            body = {"slot": slot, "checksum": csum, "gen": self.gen}
+            body = self._stamp({"slot": slot, "checksum": csum})
             results = await asyncio.gather(
                 *(self._send(s, Msg.WRITE, body, data) for s in targets), return_exceptions=True
             )
@@ -330,7 +358,7 @@ class Volume:
         while True:
             targets = self.writable(pair)
             results = await asyncio.gather(
-                *(self._send(s, Msg.TRIM, {"slot": slot, "gen": self.gen}) for s in targets),
+                *(self._send(s, Msg.TRIM, self._stamp({"slot": slot})) for s in targets),
                 return_exceptions=True,
             )
             retry = False
@@ -388,7 +416,7 @@ class Volume:
 
     async def _repair(self, server: int, block: int, data: bytes) -> None:
         slot = self.layout.slot_of(block)
-        body = {"slot": slot, "checksum": checksum(data), "gen": self.gen}
+        body = self._stamp({"slot": slot, "checksum": checksum(data)})
         try:
             if data:
                 await self._send(server, Msg.WRITE, body, data, Flag.REPAIR)
@@ -471,6 +499,14 @@ class BlockingVolume:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        """Start a coroutine on the volume's loop without waiting for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()

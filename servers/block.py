@@ -22,8 +22,10 @@ from typing import Any
 import xxhash
 
 from mirrorfuse.cluster import MAX_PORT, MIN_PORT
+from mirrorfuse.errors import UsageError
 from mirrorfuse.layout import MAX_SERVERS, MIN_SERVERS
 from mirrorfuse.protocol import (
+    MAX_PAYLOAD,
     BadRequest,
     Flag,
     Frame,
@@ -34,7 +36,9 @@ from mirrorfuse.protocol import (
     encode_error,
     need,
 )
+from mirrorfuse.sizes import parse_size
 
+from .meta import Meta, MetaError
 from .store import Store, StoreError
 
 STATES = ("alive", "failed", "rebuilding")
@@ -63,7 +67,17 @@ class BlockServer:
             Msg.GET_TABLE: self.get_table,
             Msg.SET_TABLE: self.set_table,
             Msg.REBUILD_BEGIN: self.rebuild_begin,
+            Msg.META_INFO: self.meta_info,
+            Msg.LEASE: self.take_lease,
+            Msg.JOURNAL_APPEND: self.journal_append,
+            Msg.JOURNAL_READ: self.journal_read,
+            Msg.CHECKPOINT_PUT: self.checkpoint_put,
+            Msg.CHECKPOINT_GET: self.checkpoint_get,
         }
+        # The connection of the mounted client holding the lease: while it is
+        # open, the mount is alive and a second mount is refused.
+        self.lease_conn: object | None = None
+        self.current_conn: object | None = None
 
     # -- helpers ------------------------------------------------------------------
 
@@ -79,10 +93,21 @@ class BlockServer:
         return slot
 
     def _check_gen(self, body: dict[str, Any]) -> None:
-        """Fence writers whose failure table is older than ours: they may skip a replica."""
+        """Fence writers whose failure table is older than ours: they may skip a replica.
+
+        Writers that say which mount epoch they act for are fenced by it too:
+        a client that lost its lease to a newer mount must not change anything.
+        """
         gen = need(body, "gen", int)
         if gen < self.store.table.gen:
             raise Refused("STALE", f"failure table generation {gen} < {self.store.table.gen}")
+        if "epoch" in body:
+            self._meta().check_epoch(need(body, "epoch", int))
+
+    def _meta(self) -> Meta:
+        meta = self._formatted().meta
+        assert meta is not None
+        return meta
 
     def identity(self) -> dict[str, Any]:
         sb = self.store.superblock or {}
@@ -126,6 +151,7 @@ class BlockServer:
             bytes_read=c.bytes_read,
             bytes_written=c.bytes_written,
             rebuilding=self.store.rebuilding,
+            **self.store.space(),
         )
         return body, b""
 
@@ -201,11 +227,68 @@ class BlockServer:
     def set_table(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
         store = self._formatted()
         gen = need(frame.body, "gen", int)
+        if "epoch" in frame.body:
+            self._meta().check_epoch(need(frame.body, "epoch", int))
         states = need(frame.body, "states", list)
         if len(states) != store.superblock["count"] or any(s not in STATES for s in states):
             raise BadRequest("table must give one known state per server")
         accepted = store.set_table(gen, states)
         return {"accepted": accepted, **store.table.as_dict()}, b""
+
+    def meta_info(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
+        info = self._meta().info()
+        info["holder_active"] = self.lease_conn is not None
+        info["gen"] = self.store.table.gen
+        return info, b""
+
+    def take_lease(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
+        meta = self._meta()
+        epoch = need(frame.body, "epoch", int)
+        holder = need(frame.body, "holder", dict)
+        force = bool(frame.body.get("force", False))
+        same = holder.get("id") == meta.lease.holder.get("id")
+        held_elsewhere = self.lease_conn is not None and self.lease_conn is not self.current_conn
+        if held_elsewhere and not force and not same:
+            raise Refused("LEASED", "the volume is mounted by another client")
+        meta.take_lease(epoch, holder)
+        self.lease_conn = self.current_conn
+        return meta.info(), b""
+
+    def journal_append(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
+        meta = self._meta()
+        self._check_gen(frame.body)
+        epoch = need(frame.body, "epoch", int)
+        meta.check_epoch(epoch)
+        applied = meta.append(
+            need(frame.body, "first", int), need(frame.body, "count", int), epoch, frame.payload
+        )
+        return {"applied": applied, "last": meta.last_seq, "gen": self.store.table.gen}, b""
+
+    def journal_read(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
+        meta = self._meta()
+        max_bytes = min(max(need(frame.body, "max_bytes", int), 1), MAX_PAYLOAD // 2)
+        data, nxt = meta.read(need(frame.body, "from", int), max_bytes)
+        return {"next": nxt, "last": meta.last_seq, "checkpoint_seq": meta.checkpoint_seq}, data
+
+    def checkpoint_put(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
+        meta = self._meta()
+        if "epoch" in frame.body or "gen" in frame.body:
+            self._check_gen(frame.body)
+        done = meta.put_checkpoint(
+            need(frame.body, "seq", int),
+            need(frame.body, "offset", int),
+            need(frame.body, "total", int),
+            frame.payload,
+            bool(frame.body.get("final")),
+        )
+        return {"done": done, "last": meta.last_seq}, b""
+
+    def checkpoint_get(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
+        length = min(max(need(frame.body, "length", int), 1), MAX_PAYLOAD // 2)
+        seq, total, crc, chunk = self._meta().get_checkpoint(
+            need(frame.body, "offset", int), length
+        )
+        return {"seq": seq, "total": total, "crc": crc}, chunk
 
     def rebuild_begin(self, frame: Frame) -> tuple[dict[str, Any], bytes]:
         self._formatted().begin_rebuild()
@@ -230,6 +313,13 @@ class BlockServer:
             return encode_error(frame.req_id, frame.type, "BAD_REQUEST", str(exc))
         except Refused as exc:
             return encode_error(frame.req_id, frame.type, exc.code, str(exc))
+        except MetaError as exc:
+            return encode(
+                frame.type,
+                frame.req_id,
+                {"code": exc.code, "msg": str(exc), **exc.extra},
+                flags=Flag.REPLY | Flag.ERROR,
+            )
         except OSError as exc:
             print(f"mirrorfs-server: I/O error: {exc}", file=sys.stderr, flush=True)
             return encode_error(frame.req_id, frame.type, "EIO", f"I/O error: {exc.strerror}")
@@ -245,6 +335,10 @@ class Connection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.server.lease_conn is self:
+            self.server.lease_conn = None
+
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer(sizehint)
 
@@ -256,6 +350,7 @@ class Connection(asyncio.BufferedProtocol):
                 if frame.type == Msg.SYNC and not frame.is_reply:
                     asyncio.ensure_future(self._sync(frame.req_id))
                     continue
+                self.server.current_conn = self
                 self.transport.writelines(self.server.handle(frame))
         except ProtocolError as exc:
             self.transport.writelines(encode_error(0, Msg.ERROR, "PROTOCOL", str(exc)))
@@ -291,9 +386,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, required=True, help="data directory of this server")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
     p.add_argument("--volume", help="refuse a data directory of any other volume id")
+    p.add_argument(
+        "--capacity", help="most data this server may hold, e.g. 64M or 10G (default: its disk)"
+    )
     args = p.parse_args(argv)
     if not 0 <= args.id < MAX_SERVERS:
         p.error(f"argument --id: {args.id} is outside 0-{MAX_SERVERS - 1}")
+    if args.capacity is not None:
+        try:
+            args.capacity = parse_size(args.capacity)
+        except UsageError as exc:
+            p.error(f"argument --capacity: {exc}")
     return args
 
 
@@ -330,7 +433,7 @@ async def serve(args: argparse.Namespace, store: Store) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        store = Store(args.data, args.id, args.volume)
+        store = Store(args.data, args.id, args.volume, args.capacity)
     except StoreError as exc:
         print(f"mirrorfs-server: error: {exc}", file=sys.stderr)
         return 1

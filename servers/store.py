@@ -20,6 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .files import write_json_atomic
+from .meta import Meta
+
 FORMAT_NAME = "mirrorfs-1"
 ENTRY = struct.Struct("<QII")  # checksum, length, flags
 USED = 0x1
@@ -35,20 +38,6 @@ class StoreError(Exception):
 def punch_hole(fd: int, offset: int, length: int) -> None:
     """Give a trimmed slot's space back to the file system (best effort)."""
     _libc.fallocate(fd, _FALLOC_PUNCH, ctypes.c_longlong(offset), ctypes.c_longlong(length))
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 @dataclass
@@ -73,9 +62,12 @@ class Table:
 
 
 class Store:
-    def __init__(self, path: Path, server_id: int, volume: str | None = None) -> None:
+    def __init__(
+        self, path: Path, server_id: int, volume: str | None = None, capacity: int | None = None
+    ) -> None:
         self.path = path
         self.server_id = server_id
+        self.capacity = capacity
         self.superblock: dict[str, Any] | None = None
         self.table = Table()
         self.counters = Counters()
@@ -86,6 +78,7 @@ class Store:
         self._data_fd = -1
         self._index_fd = -1
         self._lock_fd = -1
+        self.meta: Meta | None = None
         self._open(volume)
 
     # -- opening and formatting -------------------------------------------------
@@ -142,6 +135,7 @@ class Store:
         self._used = sum(
             1 for off in range(0, len(self._index), ENTRY.size) if self._index[off + 12] & USED
         )
+        self.meta = Meta(self.path)
         table_path = self.path / "table.json"
         if table_path.exists():
             raw = json.loads(table_path.read_text())
@@ -154,11 +148,23 @@ class Store:
             if fd >= 0:
                 os.close(fd)
         self._data_fd = self._index_fd = -1
+        if self.meta is not None:
+            self.meta.close()
+            self.meta = None
 
     def format(self, volume: str, count: int, block_size: int) -> None:
         """Make this directory a fresh, empty member of ``volume`` (erases everything)."""
         self._close_files()
-        for name in ("slots.dat", "slots.idx", "table.json", "superblock.json"):
+        for name in (
+            "slots.dat",
+            "slots.idx",
+            "table.json",
+            "superblock.json",
+            "journal.log",
+            "checkpoint.bin",
+            "checkpoint.tmp",
+            "lease.json",
+        ):
             (self.path / name).unlink(missing_ok=True)
         sb = {
             "format": FORMAT_NAME,
@@ -211,9 +217,14 @@ class Store:
         return True
 
     def begin_rebuild(self) -> None:
-        """From now on, a normal write or trim of a slot wins over any rebuild copy of it."""
+        """From now on, a normal write or trim of a slot wins over any rebuild copy of it.
+
+        The metadata is dropped too: the rebuild or the mounted client sends it anew.
+        """
         self.rebuilding = True
         self._fresh.clear()
+        assert self.meta is not None
+        self.meta.wipe()
 
     # -- slots --------------------------------------------------------------------
 
@@ -241,6 +252,16 @@ class Store:
         self._fresh.add(slot)
         return False
 
+    def space(self) -> dict[str, int]:
+        """How many slots this server can hold: its --capacity, else what its disk allows."""
+        if not self.formatted:
+            return {"capacity_slots": 0}
+        if self.capacity is not None:
+            return {"capacity_slots": self.capacity // self.block_size}
+        vfs = os.statvfs(self.path)
+        free = vfs.f_bavail * vfs.f_frsize
+        return {"capacity_slots": self._used + free // self.block_size}
+
     def read(self, slot: int) -> tuple[bytes, int] | None:
         checksum, length, flags = self._entry(slot)
         if not flags & USED:
@@ -253,6 +274,8 @@ class Store:
         return data, checksum
 
     def write(self, slot: int, data: bytes, checksum: int, copy: bool, repair: bool) -> bool:
+        if self.capacity is not None and slot >= self.capacity // self.block_size:
+            raise StoreError(f"slot {slot} is beyond this server's capacity")
         if self._skip_copy(slot, copy):
             return False
         try:
@@ -291,6 +314,8 @@ class Store:
         for fd in (self._data_fd, self._index_fd):
             if fd >= 0:
                 os.fdatasync(fd)
+        if self.meta is not None:
+            self.meta.sync()
 
     def close(self) -> None:
         if self.formatted:
