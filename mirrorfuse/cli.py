@@ -28,6 +28,8 @@ def cmd_format(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.where:
+        args.mount = args.where
     spec = cluster_from_args(args)
     st = asyncio.run(admin.status(spec, args.timeout))
     if args.json:
@@ -41,6 +43,22 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
     asyncio.run(admin.rebuild(spec, args.id, lambda m: print(m, flush=True), args.timeout))
     return 0
+
+
+def cmd_fsck(args: argparse.Namespace) -> int:
+    from .fsck import fsck
+
+    spec = cluster_from_args(args)
+    rep = asyncio.run(fsck(spec, args.deep, args.timeout))
+    for problem in rep.problems:
+        print(f"PROBLEM: {problem}")
+    what = "namespace and every data block" if args.deep else "namespace"
+    verdict = f"{len(rep.problems)} problem(s)" if rep.problems else "clean"
+    print(
+        f"fsck ({what}): {verdict}; {rep.inodes} inodes, {rep.blocks} blocks, "
+        f"{rep.orphans} open-but-unlinked"
+    )
+    return 1 if rep.problems else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("status", cmd_status, "show servers, mirror pairs, states and usage")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.add_argument("where", nargs="?", metavar="MOUNTPOINT", help="same as --mount")
+
+    sp = command("fsck", cmd_fsck, "check the namespace (and with --deep every block) of a volume")
+    sp.add_argument("--deep", action="store_true", help="also read and verify every data block")
 
     sp = command("rebuild", cmd_rebuild, "copy a failed server's blocks back from its mirror")
     sp.add_argument("id", type=int, help="id of the failed server (running, old or empty data dir)")

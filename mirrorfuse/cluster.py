@@ -103,4 +103,6 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
         if args.count is None:
             raise UsageError("--base-port needs --count (the number of servers)")
         return from_base_port(args.base_port, args.count, args.host)
-    raise UsageError("name the cluster: --servers HOST:PORT,... or --base-port B --count N")
+    from . import registry
+
+    return registry.default_cluster(getattr(args, "mount", None))

@@ -16,3 +16,18 @@ bootstrap_venv() {
     touch "$stamp"
   fi
 }
+
+# FUSE 3 from the system's packages: installed when missing and we are root.
+ensure_fuse() {
+  if command -v fusermount3 >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libfuse3.so; then
+    return 0
+  fi
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing FUSE 3 (apt-get install fuse3)..." >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3; } >/dev/null \
+      || { echo "could not install fuse3; install it and run again" >&2; exit 1; }
+  else
+    echo "FUSE 3 is missing; install it first:  sudo apt-get install fuse3" >&2
+    exit 1
+  fi
+}

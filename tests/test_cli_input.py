@@ -77,7 +77,7 @@ def test_server_refuses_a_data_dir_in_use(cluster4):
         (["--base-port", "7000", "--count", "18"], "between 4 and 16"),
         (["--base-port", "80", "--count", "4"], "outside 1024-65535"),
         (["--base-port", "7000"], "--base-port needs --count"),
-        ([], "name the cluster"),
+        ([], "no cluster named"),
         (["--servers", "127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002"], "odd number"),
         (["--servers", "localhost"], "not host:port"),
     ],
