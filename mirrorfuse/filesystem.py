@@ -721,14 +721,18 @@ class FileSystem:
                     st.dirty[idx] = buf
             st.size = length
             st.mtime = now_ns()
-            self._flush(node.ino, st, force=True)
-            with self.lock:
-                if st.opens == 0 and not st.dirty:
-                    self.states.pop(node.ino, None)
+            if st.opens == 0:
+                # nobody will close this file: write the truncation out now. With the
+                # file open it waits for the close, so a truncate-and-rewrite lands
+                # as one record (after a crash: old content or new, never empty)
+                self._flush(node.ino, st, force=True)
+                with self.lock:
+                    if st.opens == 0 and not st.dirty:
+                        self.states.pop(node.ino, None)
 
     def _flush(self, ino: int, st: FileState, force: bool = False) -> None:
         """Write the dirty blocks copy-on-write, then switch the block map in one record."""
-        if not st.dirty and st.size is None and not force:
+        if not st.dirty and st.size is None and st.cut is None and not force:
             return
         with self.lock:
             node = self.ns.inodes.get(ino)

@@ -17,7 +17,10 @@ from .filesystem import Context, FileSystem
 
 log = logging.getLogger("mirrorfs")
 
-ATTR_TIMEOUT = 1.0
+# Names may be cached; attributes may not: libfuse's path API gives each name of a
+# hard-linked file its own kernel inode, so a cached nlink or size would go stale.
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 0.0
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 MAX_WRITE = 1 << 20
@@ -54,8 +57,8 @@ class MirrorOps(mfusepy.Operations):
             conn.max_readahead = MAX_WRITE
         if config is not None:
             config.attr_timeout = ATTR_TIMEOUT
-            config.entry_timeout = ATTR_TIMEOUT
-            config.negative_timeout = ATTR_TIMEOUT
+            config.entry_timeout = ENTRY_TIMEOUT
+            config.negative_timeout = ENTRY_TIMEOUT
             config.use_ino = 1
             config.hard_remove = 1
             config.kernel_cache = 1

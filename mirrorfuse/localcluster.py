@@ -42,7 +42,14 @@ def free_base_port(count: int, low: int = 20000, high: int = 60000) -> int:
 class ServerProc:
     """One mirrorfs-server process, its log beside its data directory."""
 
-    def __init__(self, server_id: int, port: int, data: Path, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        server_id: int,
+        port: int,
+        data: Path,
+        host: str = "127.0.0.1",
+        extra: tuple[str, ...] = (),
+    ) -> None:
         self.id = server_id
         self.port = port
         self.data = data
@@ -102,8 +109,11 @@ class ServerProc:
 class LocalCluster:
     """N servers with data directories ``root/d<i>``; server i on ``base + i``."""
 
-    def __init__(self, root: Path, count: int, base: int | None = None) -> None:
+    def __init__(
+        self, root: Path, count: int, base: int | None = None, server_args: tuple[str, ...] = ()
+    ) -> None:
         self.root = root
+        self.server_args = server_args
         self.count = count
         self.base = base if base is not None else free_base_port(count)
         self.servers: list[ServerProc | None] = [None] * count
@@ -129,7 +139,9 @@ class LocalCluster:
         old = self.servers[i]
         if old is not None and old.running:
             old.kill()
-        self.servers[i] = ServerProc(i, self.base + i, data or self.data_dir(i))
+        self.servers[i] = ServerProc(
+            i, self.base + i, data or self.data_dir(i), extra=self.server_args
+        )
         return self.servers[i]
 
     def kill(self, i: int) -> None:

@@ -13,7 +13,7 @@ Records:
   ["rm", parent, name, t]                                      unlink / rmdir
   ["mv", src_parent, src_name, dst_parent, dst_name, t]        rename (replaces)
   ["attr", ino, {"mode"|"uid"|"gid"|"atime"|"mtime"|"ctime": value}]
-  ["data", ino, size, t, {index: [block, checksum]}, cut]      new blocks; drop index >= cut
+  ["data", ino, size, t, {index: [block, checksum]}, cut]      drop index >= cut, then map
   ["xset", ino, name, value, t], ["xdel", ino, name, t]        extended attributes
   ["free", ino]                                                drop an unlinked inode
 """
@@ -194,14 +194,14 @@ class Namespace:
         _, ino, size, t, new, cut = rec
         node = self.inodes[ino]
         freed = []
+        if cut is not None:  # the truncation comes first: new blocks may be past it
+            for index in [i for i in node.blocks if i >= cut]:
+                freed.append(node.blocks.pop(index)[0])
         for index, (blk, csum) in new.items():
             old = node.blocks.get(index)
             if old is not None and old[0] != blk:
                 freed.append(old[0])
             node.blocks[index] = (blk, csum)
-        if cut is not None:
-            for index in [i for i in node.blocks if i >= cut]:
-                freed.append(node.blocks.pop(index)[0])
         node.size = size
         node.mtime = node.ctime = t
         return freed

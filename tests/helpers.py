@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,7 +13,8 @@ from pathlib import Path
 
 from mirrorfuse.localcluster import LocalCluster, ServerProc, free_base_port
 
-__all__ = ["Cluster", "ServerProc", "cli", "free_base_port", "run", "wait_for"]
+__all__ = ["Cluster", "Mount", "ServerProc", "cli", "free_base_port", "run", "wait_for"]
+MOUNT = str(Path(sys.executable).parent / "mirrorfs-mount")
 
 BIN = Path(sys.executable).parent
 SERVER = str(BIN / "mirrorfs-server")
@@ -41,6 +45,62 @@ class Cluster(LocalCluster):
 
     def states(self) -> list[str]:
         return [r["state"] for r in self.status()["rows"]]
+
+
+class Mount:
+    """A mirrorfs-mount process serving ``path``; unmounted and ended by pid on close."""
+
+    def __init__(self, cluster: Cluster, path: Path, *extra: str) -> None:
+        self.cluster = cluster
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        res = run([MOUNT, *cluster.args, str(path), "--timeout", "2", *extra], timeout=60)
+        self.result = res
+        self.pid: int | None = None
+        if res.returncode == 0:
+            self.pid = int(res.stdout.split("(pid ")[1].split(",")[0])
+
+    @property
+    def ok(self) -> bool:
+        return self.pid is not None
+
+    def mounted(self) -> bool:
+        real = os.path.realpath(self.path)
+        with open("/proc/self/mountinfo") as f:
+            return any(line.split()[4] == real for line in f)
+
+    def kill(self) -> None:
+        """SIGKILL the mount process (a crash), then clear the dead mount."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            wait_for(lambda: not _alive(self.pid), 10)
+        subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+        self.pid = None
+
+    def close(self) -> None:
+        if self.mounted():
+            res = subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+            if res.returncode != 0:
+                subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+        if self.pid is not None and not wait_for(lambda: not _alive(self.pid), 30):
+            self.kill()
+        self.pid = None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is not alive
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
