@@ -147,6 +147,8 @@ class FileSystem:
         self._next_fh = 1
         self._pending_free: list[tuple[int, list[int]]] = []
         self._free_lock = threading.Lock()
+        self._freed = threading.Condition(self._free_lock)
+        self._freeing = 0  # trims in flight whose blocks are not free yet
         self.cache = BlockCache(CACHE_BYTES // self.bs)
         self.readonly: str | None = None
         self.journal: Journal = journal_factory(self._committed)
@@ -176,12 +178,31 @@ class FileSystem:
             ready = [b for s, blocks in self._pending_free if s <= seq for b in blocks]
             self._pending_free = [(s, b) for s, b in self._pending_free if s > seq]
         if ready:
+            with self._free_lock:
+                self._freeing += 1
             self.bvol.loop.create_task(self._trim_then_free(ready))
 
     async def _trim_then_free(self, blocks: list[int]) -> None:
         with contextlib.suppress(MirrorfsError):  # untrimmed: wasted space until reused
             await self.bvol.volume.trim_many(blocks)
         self.alloc.release(blocks)
+        with self._free_lock:
+            self._freeing -= 1
+            self._freed.notify_all()
+
+    def _allocate(self, n: int) -> list[int]:
+        """Blocks for new data; when full, first wait for space that is being freed."""
+        try:
+            return self.alloc.alloc(n)
+        except FsError:
+            with self._free_lock:
+                pending = bool(self._pending_free) or self._freeing > 0
+            if not pending:
+                raise
+        self.sync()  # commits the records that free blocks
+        with self._free_lock:
+            self._freed.wait_for(lambda: self._freeing == 0, timeout=60)
+        return self.alloc.alloc(n)
 
     def _go_readonly(self, why: str) -> None:
         if self.readonly is None:
@@ -564,14 +585,21 @@ class FileSystem:
         if st is None:
             return
         with st.lock:
-            if node is not None and node.nlink > 0:
-                self._flush(h.ino, st)
-            with self.lock:
-                st.opens -= 1
-                if st.opens == 0 and not st.dirty:
-                    self.states.pop(h.ino, None)
-                    if node is not None and node.nlink == 0 and h.ino in self.ns.inodes:
-                        self._commit(["free", h.ino])
+            try:
+                if node is not None and node.nlink > 0:
+                    self._flush(h.ino, st)
+            except OSError:
+                # close() already got this error from flush; release cannot report it,
+                # and data that cannot be written must not pin the file forever
+                st.dirty.clear()
+                st.size = st.mtime = st.cut = None
+            finally:
+                with self.lock:
+                    st.opens -= 1
+                    if st.opens == 0 and not st.dirty:
+                        self.states.pop(h.ino, None)
+                        if node is not None and node.nlink == 0 and h.ino in self.ns.inodes:
+                            self._commit(["free", h.ino])
 
     def flush(self, fh: int) -> None:
         h = self.handles.get(fh)
@@ -744,7 +772,7 @@ class FileSystem:
             valid = min(self.bs, size - idx * self.bs)
             if valid > 0:
                 items.append((idx, bytes(buf[:valid])))
-        blocks = self.alloc.alloc(len(items)) if items else []
+        blocks = self._allocate(len(items)) if items else []
         try:
             sums = self._io(
                 self.bvol.write_many, list(zip(blocks, [d for _, d in items], strict=True))

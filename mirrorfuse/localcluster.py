@@ -67,7 +67,8 @@ class ServerProc:
                     str(data),
                     "--host",
                     host,
-                ],
+                    *extra,
+                ],  # fmt: skip
                 stdout=subprocess.PIPE,
                 stderr=log,
                 stdin=subprocess.DEVNULL,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 from helpers import Cluster, Mount
@@ -45,8 +46,14 @@ def cluster4(make_cluster) -> Cluster:
 def make_mount(tmp_path):
     made: list[Mount] = []
 
-    def make(cluster: Cluster, *extra: str, name: str = "mnt", check: bool = True) -> Mount:
-        m = Mount(cluster, tmp_path / name, *extra)
+    def make(
+        cluster: Cluster,
+        *extra: str,
+        name: str = "mnt",
+        check: bool = True,
+        path: Path | None = None,
+    ) -> Mount:
+        m = Mount(cluster, path or tmp_path / name, *extra)
         made.append(m)
         if check:
             assert m.ok, m.result.stderr
