@@ -7,6 +7,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=/dev/null
 source scripts/bootstrap.sh
+ensure_fuse
+# tools the mount tests drive, as a user would: rsync, setfattr/getfattr, git
+need=()
+command -v rsync >/dev/null || need+=(rsync)
+command -v setfattr >/dev/null || need+=(attr)
+command -v git >/dev/null || need+=(git)
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >/dev/null
+  else
+    echo "the tests need: ${need[*]} (sudo apt-get install ${need[*]})" >&2; exit 1
+  fi
+fi
 bootstrap_venv test
 marker=(-m "not slow")
 args=()
@@ -14,4 +27,4 @@ for a in "$@"; do
   if [ "$a" = "--slow" ]; then marker=(-m "slow or not slow"); else args+=("$a"); fi
 done
 "$VENV/bin/ruff" check mirrorfuse servers tests bench
-exec "$VENV/bin/python" -m pytest -p no:cacheprovider "${marker[@]}" "${args[@]}"
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider --durations=10 "${marker[@]}" "${args[@]}"
