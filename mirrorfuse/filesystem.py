@@ -634,9 +634,13 @@ class FileSystem:
         key = (entry[0], entry[1])
         fut = self.cache.get(key)
         if fut is None:
-            fut = self.bvol.submit(self.bvol.volume.read(entry[0], entry[1]))
+            fut = self.bvol.submit(self._fetch(entry[0], entry[1]))
             self.cache.put(key, fut)
         return fut
+
+    async def _fetch(self, block: int, csum: int) -> bytes:
+        # immutable once, here: every read of the block slices it without copying twice
+        return bytes(await self.bvol.volume.read(block, csum))
 
     def _result(self, fut: Future[bytes]) -> bytes:
         try:
@@ -669,6 +673,12 @@ class FileSystem:
                 for idx in range(last + 1, min(ahead, (fsize - 1) // self.bs + 1)):
                     self._block(node, idx)
             h.next_read = end
+            if first == last and futures.get(first) is not None:
+                # the common case: within one committed block, one slice, one copy
+                data = self._result(futures[first])
+                lo, hi = offset - first * self.bs, end - first * self.bs
+                if len(data) >= hi:
+                    return data[lo:hi]
             out = bytearray()
             for idx in range(first, last + 1):
                 if st is not None and idx in st.dirty:
