@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from . import admin
+from . import admin, shell
 from .cluster import add_cluster_args, cluster_from_args
 from .errors import MirrorfsError
 from .sizes import check_block_size, human, parse_size
@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("fsck", cmd_fsck, "check the namespace (and with --deep every block) of a volume")
     sp.add_argument("--deep", action="store_true", help="also read and verify every data block")
+
+    sp = sub.add_parser(
+        "shell",
+        help="the interactive client of seed 000 (mkdir, create, write, read, ...)",
+        description="An interactive client that shows each replica being written and read.",
+    )
+    shell.add_arguments(sp)
+    sp.set_defaults(func=shell.main)
 
     sp = command("rebuild", cmd_rebuild, "copy a failed server's blocks back from its mirror")
     sp.add_argument("id", type=int, help="id of the failed server (running, old or empty data dir)")

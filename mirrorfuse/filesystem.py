@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -796,6 +796,55 @@ class FileSystem:
             self._commit(["data", ino, size, t, new, st.cut])
             st.dirty.clear()
             st.size = st.mtime = st.cut = None
+
+    # -- whole files (the interactive shell) -------------------------------------------------
+
+    def block_map(self, path: str) -> tuple[int, list[tuple[int, int, int]]]:
+        """Size and (index, block, checksum) of a file's committed blocks."""
+        with self.lock:
+            node = self._lookup(path)
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            st = self.states.get(node.ino)
+            if st is not None and (st.dirty or st.size is not None):
+                raise FsError(errno.EBUSY, "the file has data not yet written out")
+            return node.size, sorted((i, b, c) for i, (b, c) in node.blocks.items())
+
+    def replace_content(
+        self,
+        path: str,
+        data: bytes,
+        ctx: Context,
+        write_blocks: Callable[[list[tuple[int, bytes]]], list[int]] | None = None,
+    ) -> list[int]:
+        """Make a file hold exactly ``data`` (created if missing): new blocks, one record.
+
+        ``write_blocks`` writes (block, data) pairs and returns their checksums; by
+        default both mirrors in parallel. Returns the logical blocks used.
+        """
+        with self.lock:
+            try:
+                node = self._lookup(path)
+            except FsError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                node = self._new(path, stat.S_IFREG | 0o644, ctx)
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+            if node.ino in self.states:
+                raise FsError(errno.EBUSY, "the file is open")
+        pieces = [data[i : i + self.bs] for i in range(0, len(data), self.bs)]
+        blocks = self._allocate(len(pieces)) if pieces else []
+        writer = write_blocks or self.bvol.write_many
+        try:
+            sums = self._io(writer, list(zip(blocks, pieces, strict=True)))
+        except BaseException:
+            self.alloc.release(blocks)
+            raise
+        new = {i: [b, c] for i, (b, c) in enumerate(zip(blocks, sums, strict=True))}
+        with self.lock:
+            self._commit(["data", node.ino, len(data), now_ns(), new, 0])
+        return blocks
 
     # -- the whole file system ------------------------------------------------------------
 

@@ -307,8 +307,11 @@ class Volume:
             body["epoch"] = self.lease["epoch"]
         return body
 
-    async def _handle(self, server: int, exc: BaseException) -> bool:
+    async def handle_error(self, server: int, exc: BaseException) -> bool:
         """Deal with a replica's failure; True when the caller should reload and retry."""
+        return await self._handle(server, exc)
+
+    async def _handle(self, server: int, exc: BaseException) -> bool:
         if isinstance(exc, ServerDown):
             await self.fail(server, exc.reason)
             return False
@@ -351,6 +354,17 @@ class Volume:
                 return csum
             if not retry and not self.writable(pair):
                 raise VolumeIOError(f"mirror pair {pair} has no live server")
+
+    async def write_replica(self, block: int, data: bytes, server: int) -> int:
+        """Write one block to one replica only (the shell's step-by-step writes).
+
+        Raises ServerDown or ServerError as they come; the caller decides to
+        ``fail`` the server. Returns the block's checksum.
+        """
+        csum = checksum(data)
+        body = self._stamp({"slot": self.layout.slot_of(block), "checksum": csum})
+        await self._send(server, Msg.WRITE, body, data)
+        return csum
 
     async def trim(self, block: int) -> None:
         """Forget a block on every replica (its space goes back to the servers)."""

@@ -11,13 +11,14 @@ from hypothesis import strategies as st
 from mirrorfuse.protocol import HEADER, MAGIC, VERSION, Flag, FrameDecoder, Msg, encode
 from mirrorfuse.volume import BlockingVolume
 
+ints = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
 fields = st.one_of(
-    st.integers(-(2**63), 2**64 - 1),
+    ints,
     st.text(max_size=10),
     st.binary(max_size=10),
     st.none(),
     st.booleans(),
-    st.lists(st.integers(), max_size=3),
+    st.lists(ints, max_size=3),
     st.floats(allow_nan=False),
 )
 body_maps = st.dictionaries(
