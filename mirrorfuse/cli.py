@@ -7,10 +7,11 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
-from . import admin, shell
+from . import admin, fileserver, shell
 from .cluster import add_cluster_args, cluster_from_args
-from .errors import MirrorfsError
+from .errors import MirrorfsError, UsageError
 from .sizes import check_block_size, human, parse_size
 
 PROG = "mirrorfs-cli"
@@ -61,6 +62,78 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 1 if rep.problems else 0
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from .cluster import Address, parse_port
+    from .download import Download, FileServerSource, HttpSource, run
+
+    # URLs may stand anywhere, also among the ports after -p
+    words = [*(args.ports or []), *args.urls]
+    args.urls = [w for w in words if "://" in w]
+    ports = [parse_port(w) for w in words if "://" not in w]
+    if args.count is not None and args.count != len(ports) + len(args.urls):
+        raise UsageError(f"-n {args.count} but {len(ports) + len(args.urls)} sources were given")
+    for u in args.urls:
+        if not u.startswith(("http://", "https://")):
+            raise UsageError(f"{u!r} is not an http:// URL")
+    if not ports and not args.urls:
+        raise UsageError("give the servers (-a ADDR -p PORT ...) and/or http:// URLs")
+    if args.interval <= 0:
+        raise UsageError("-i must be a positive number of seconds")
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise UsageError(f"directory {out.parent} does not exist")
+    sources = [FileServerSource(Address(args.address, p)) for p in ports]
+    sources += [HttpSource(u) for u in args.urls]
+    return run(Download(sources, out, args.interval, args.resume))
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from .download import Download, VolumeServerSource
+    from .fetch import split
+    from .mount import read_namespace
+    from .volume import Volume
+
+    spec = cluster_from_args(args)
+
+    async def go() -> int:
+        vol = Volume(spec, args.timeout)
+        await vol.open()
+        try:
+            ns = await read_namespace(vol)
+            node = ns.inodes[1]
+            for part in [p for p in args.path.split("/") if p]:
+                if node.entries is None or part not in node.entries:
+                    raise UsageError(f"{args.path}: no such file in the volume")
+                node = ns.inodes[node.entries[part]]
+            if node.entries is not None:
+                raise UsageError(f"{args.path} is a directory")
+            blocks = dict(node.blocks)
+            eligible = {
+                i: {
+                    f"server {s} ({spec.addresses[s]})" for s in vol.readable(vol.layout.pair_of(b))
+                }
+                for i, (b, _) in blocks.items()
+            }
+            servers = sorted({s for p in range(vol.layout.pairs) for s in vol.readable(p)})
+            sources = [VolumeServerSource(vol, s, blocks, node.size) for s in servers]
+            dl = Download(
+                sources,
+                Path(args.output),
+                args.interval,
+                args.resume,
+                segments=lambda size: split(size, vol.block_size),
+                eligible=eligible,
+            )
+            for i in range(-(-node.size // vol.block_size)):
+                eligible.setdefault(i, set())
+            dl.holes = {i for i in eligible if i not in blocks}
+            return await dl.run()
+        finally:
+            await vol.close()
+
+    return asyncio.run(go())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Administer a mirrorfs cluster.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -96,6 +169,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shell.add_arguments(sp)
     sp.set_defaults(func=shell.main)
+
+    sp = sub.add_parser(
+        "serve-file",
+        help="serve one file from N virtual servers (seed 003)",
+        description="N file servers, one per port, each serving FILE. Console: N pauses "
+        "server N, rN resumes it, eN ends a paused server.",
+    )
+    fileserver.add_arguments(sp)
+    sp.set_defaults(func=fileserver.main)
+
+    sp = sub.add_parser(
+        "download",
+        help="download one file from many sources at once (seeds 003/004)",
+        description="Segmented parallel download from mirrorfs file servers (-a/-p) and/or "
+        "http:// mirrors. A paused server's segments are taken over by the others; a dead "
+        "server's are divided equally among the live ones. -r resumes.",
+    )
+    sp.add_argument(
+        "-i", dest="interval", type=float, default=1.0, help="seconds between progress reports (1)"
+    )
+    sp.add_argument("-o", dest="output", required=True, help="where to save the file")
+    sp.add_argument("-n", dest="count", type=int, help="number of sources (checked)")
+    sp.add_argument("-a", dest="address", default="127.0.0.1", help="address of the servers")
+    sp.add_argument("-p", dest="ports", nargs="+", help="ports of the servers")
+    sp.add_argument("-r", dest="resume", action="store_true", help="resume a download")
+    sp.add_argument("urls", nargs="*", metavar="URL", help="http:// mirrors of the same file")
+    sp.set_defaults(func=cmd_download)
+
+    sp = command("get", cmd_get, "read a volume's file through every live server at once")
+    sp.add_argument("path", help="path of the file inside the volume")
+    sp.add_argument("-o", dest="output", required=True, help="where to save it")
+    sp.add_argument("-i", dest="interval", type=float, default=1.0, help="progress interval (1)")
+    sp.add_argument("-r", dest="resume", action="store_true", help="resume an interrupted get")
 
     sp = command("rebuild", cmd_rebuild, "copy a failed server's blocks back from its mirror")
     sp.add_argument("id", type=int, help="id of the failed server (running, old or empty data dir)")

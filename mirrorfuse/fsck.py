@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from .cluster import ClusterSpec
 from .errors import MirrorfsError
-from .metastore import MetaStore
 from .namespace import ROOT, Namespace
 from .volume import Volume
 
@@ -75,14 +74,13 @@ def check_namespace(ns: Namespace) -> Report:
 
 
 async def fsck(spec: ClusterSpec, deep: bool = False, timeout: float = 3.0) -> Report:
-    from .mount import replay  # the same replay a mount does
+    from .mount import read_namespace  # the same replay a mount does
 
     vol = Volume(spec, timeout)
     await vol.open()
     try:
-        _seq, blob, batches = await MetaStore(vol).load()
         try:
-            ns = replay(vol.block_size, blob, batches)
+            ns = await read_namespace(vol)
         except (MirrorfsError, KeyError, ValueError, TypeError) as exc:
             rep = Report()
             rep.problems.append(f"the journal does not replay: {exc}")

@@ -55,6 +55,12 @@ def replay(block_size: int, checkpoint: bytes | None, batches) -> Namespace:
     return ns
 
 
+async def read_namespace(vol: Volume) -> Namespace:
+    """The committed namespace, read like a mount reads it (no lease: nothing is changed)."""
+    _seq, blob, batches = await MetaStore(vol).load()
+    return replay(vol.block_size, blob, batches)
+
+
 def open_filesystem(
     spec: ClusterSpec, mountpoint: str, force: bool = False, timeout: float = 3.0
 ) -> FileSystem:

@@ -46,6 +46,8 @@ class Msg(IntEnum):
     JOURNAL_READ = 15
     CHECKPOINT_PUT = 16
     CHECKPOINT_GET = 17
+    FILE_INFO = 20
+    FILE_READ = 21
     ERROR = 255
 
 
