@@ -108,38 +108,50 @@ class FileServerSource(Source):
 
 
 class HttpSource(Source):
-    def __init__(self, url: str) -> None:
-        import httpx
+    """An HTTP mirror, read with Range requests (aiohttp: its parser is in C)."""
 
+    def __init__(self, url: str) -> None:
         self.url = url
         self.name = url
-        self._client = httpx.AsyncClient(timeout=READ_TIMEOUT, follow_redirects=True)
+        self._session = None
+
+    def _s(self):
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT),
+                connector=aiohttp.TCPConnector(limit=WORKERS_PER_SOURCE),
+            )
+        return self._session
+
+    async def _get(self, start: int, end: int) -> tuple[int, dict[str, str], bytes]:
+        import aiohttp
+
+        try:
+            async with self._s().get(self.url, headers={"Range": f"bytes={start}-{end}"}) as r:
+                if r.status != 206:  # not a range: do not read a whole file to learn that
+                    return r.status, dict(r.headers), b""
+                return r.status, dict(r.headers), await r.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise SourceFailed(f"{type(exc).__name__}: {exc}") from None
 
     async def info(self) -> Info:
-        import httpx
-
-        try:
-            r = await self._client.get(self.url, headers={"Range": "bytes=0-0"})
-        except httpx.HTTPError as exc:
-            raise SourceFailed(f"{type(exc).__name__}: {exc}") from None
-        if r.status_code != 206 or "content-range" not in r.headers:
-            raise SourceFailed(f"does not serve byte ranges (HTTP {r.status_code})")
-        return Info(int(r.headers["content-range"].rpartition("/")[2]), None)
+        status, headers, _ = await self._get(0, 0)
+        rng = headers.get("Content-Range", "")
+        if status != 206 or "/" not in rng:
+            raise SourceFailed(f"does not serve byte ranges (HTTP {status})")
+        return Info(int(rng.rpartition("/")[2]), None)
 
     async def read(self, seg: Segment) -> bytes:
-        import httpx
-
-        headers = {"Range": f"bytes={seg.start}-{seg.end - 1}"}
-        try:
-            r = await self._client.get(self.url, headers=headers)
-        except httpx.HTTPError as exc:
-            raise SourceFailed(f"{type(exc).__name__}: {exc}") from None
-        if r.status_code != 206 or len(r.content) != seg.length:
-            raise SourceFailed(f"HTTP {r.status_code}, {len(r.content)} bytes for {seg.length}")
-        return r.content
+        status, _, data = await self._get(seg.start, seg.end - 1)
+        if status != 206 or len(data) != seg.length:
+            raise SourceFailed(f"HTTP {status}, {len(data)} bytes for {seg.length}")
+        return data
 
     async def close(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 class Progress:

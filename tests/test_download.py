@@ -325,3 +325,24 @@ def test_get_of_a_missing_path_or_directory(cluster4, make_mount):
     assert res.returncode != 0 and "no such file in the volume" in res.stderr
     res = cli("get", *cluster4.args, "/d", "-o", "/tmp/x")
     assert res.returncode != 0 and "is a directory" in res.stderr
+
+
+def test_resume_state_survives_a_sigkill_of_the_client(tmp_path, servers_factory):
+    src = make_file(tmp_path / "src.bin", 256)
+    ports = [free_base_port(1) for _ in range(4)]
+    servers_factory(src, ports, rate=25)
+    out = tmp_path / "out.bin"
+    dl = download(out, ports)
+    assert wait_for(lambda: partial_size(out) >= 64 * MiB, 60)
+    dl.send_signal(signal.SIGKILL)
+    dl.wait(10)
+    have = partial_size(out)
+    assert 0 < have < 256 * MiB and not out.exists()
+    res = subprocess.run(
+        [CLI, "download", "-o", str(out), "-a", "127.0.0.1", "-p", *map(str, ports), "-r"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "already here" in res.stdout and sha(out) == sha(src)
