@@ -34,6 +34,11 @@ def drive(sched: Scheduler, events: list[tuple[int, int]], rescue: str | None = 
         assert st_.state in ("alive", "paused", DEAD)
     for name in SOURCES:
         sched.resume(name)
+    # fetches in flight end one way or the other; here the live ones arrive
+    for name in sched.live():
+        for index in sorted(sched.sources[name].in_flight):
+            for loser in sched.completed(name, index, 0.01):
+                sched.cancelled(loser, index)
     # the survivors finish everything, the slow ones' in-flight segments by racing
     for _ in range(10 * len(sched.segments) + 10):
         if sched.finished:
