@@ -144,6 +144,20 @@ def main() -> int:
                 [BIN / "mirrorfs-mount", *cluster.args, str(mnt)], check=True, capture_output=True
             )
             ours = run_suite(mnt, size, args.files, tarball)
+            # the same sequential read, block by block (no read-ahead), for comparison
+            dd(["if=/dev/zero", f"of={mnt}/ra", f"count={size >> 20}", "conv=fsync"])
+            subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
+            time.sleep(1)
+            env = {**os.environ, "MIRRORFS_READAHEAD": "0"}
+            subprocess.run(
+                [BIN / "mirrorfs-mount", *cluster.args, str(mnt)],
+                check=True,
+                capture_output=True,
+                env=env,
+            )
+            drop_caches()
+            t = timed(lambda: dd([f"if={mnt}/ra", "of=/dev/null"]))
+            no_ra = f"{(size >> 20) / t:.0f}"
         finally:
             subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
             time.sleep(1)
@@ -157,6 +171,7 @@ def main() -> int:
     print(f"{'measure':32} {'local dir':>12} {'mirrorfs':>12}")
     for key in base:
         print(f"{key:32} {base[key]:>12} {ours[key]:>12}")
+    print(f"{'seq read, block by block (MiB/s)':32} {'':>12} {no_ra:>12}")
     return 0
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import MirrorfsError
+from .fetch import Scheduler, Segment
 from .journal import Journal, JournalBroken
 from .namespace import ROOT, Inode, Namespace, encode_record
 from .volume import BlockingVolume, Fenced, NoSpace
@@ -151,6 +152,9 @@ class FileSystem:
         self._freeing = 0  # trims in flight whose blocks are not free yet
         self.cache = BlockCache(CACHE_BYTES // self.bs)
         self.readonly: str | None = None
+        # bytes fetched ahead of a sequential reader; 0 reads block by block
+        self.readahead = int(os.environ.get("MIRRORFS_READAHEAD", READAHEAD_BYTES))
+        self._turns: dict[tuple[str, ...], int] = {}
         self.journal: Journal = journal_factory(self._committed)
 
     # -- records ------------------------------------------------------------------------
@@ -642,6 +646,52 @@ class FileSystem:
         # immutable once, here: every read of the block slices it without copying twice
         return bytes(await self.bvol.volume.read(block, csum))
 
+    def _prefetch(self, node: Inode, indexes: range) -> None:
+        """Hand the blocks ahead to the live servers through the fetch scheduler.
+
+        Equal shares across every live mirror, each block only to the servers of
+        its own pair; what is cached or being fetched already is left alone.
+        """
+        wanted = [
+            (i, *node.blocks[i])
+            for i in indexes
+            if i in node.blocks and self.cache.get(node.blocks[i]) is None
+        ]
+        if not wanted:
+            return
+        vol = self.bvol.volume
+        eligible = {
+            k: {str(s) for s in vol.readable(vol.layout.pair_of(blk))}
+            for k, (_, blk, _) in enumerate(wanted)
+        }
+        names = sorted({n for e in eligible.values() for n in e})
+        if not names:
+            return
+        # the window slides a block at a time: rotate who comes first, or ties
+        # would always go to the first server of each pair
+        key = tuple(names)  # per set of servers: blocks alternate between pairs
+        turn = self._turns[key] = self._turns.get(key, -1) + 1
+        names = names[turn % len(names) :] + names[: turn % len(names)]
+        sched = Scheduler(
+            [Segment(k, k, k + 1) for k in range(len(wanted))], names, eligible=eligible
+        )
+        while not sched.finished:
+            progressed = False
+            for name in names:
+                seg = sched.next(name)
+                if seg is None:
+                    continue
+                progressed = True
+                sched.completed(name, seg.index, 0.0)
+                _, blk, csum = wanted[seg.index]
+                fut = self.bvol.submit(self._fetch_via(blk, csum, int(name)))
+                self.cache.put((blk, csum), fut)
+            if not progressed:
+                return
+
+    async def _fetch_via(self, block: int, csum: int, server: int) -> bytes:
+        return bytes(await self.bvol.volume.read_via(block, csum, server))
+
     def _result(self, fut: Future[bytes]) -> bytes:
         try:
             return fut.result()
@@ -668,10 +718,9 @@ class FileSystem:
             for idx in range(first, last + 1):
                 if st is None or idx not in st.dirty:
                     futures[idx] = self._block(node, idx)
-            if h.next_read == offset:  # sequential: start fetching what comes next
-                ahead = last + 1 + max(READAHEAD_BYTES // self.bs, 2)
-                for idx in range(last + 1, min(ahead, (fsize - 1) // self.bs + 1)):
-                    self._block(node, idx)
+            if h.next_read == offset and self.readahead:  # sequential: fetch what comes next
+                ahead = last + 1 + max(self.readahead // self.bs, 2)
+                self._prefetch(node, range(last + 1, min(ahead, (fsize - 1) // self.bs + 1)))
             h.next_read = end
             if first == last and futures.get(first) is not None:
                 # the common case: within one committed block, one slice, one copy

@@ -425,6 +425,18 @@ class Volume:
                 await self._repair(b, block, data)
             return data, server
 
+    async def read_via(self, block: int, expected: int, server: int) -> bytes:
+        """Read a block from the server a scheduler chose; anything wrong: the normal path."""
+        if self.states[server] == ALIVE:
+            try:
+                frame = await self._send(server, Msg.READ, {"slot": self.layout.slot_of(block)})
+                if checksum(frame.payload) == expected:
+                    self.stats.reads[server] += 1
+                    return frame.payload
+            except (ServerDown, ServerError):
+                pass
+        return await self.read(block, expected)  # fails over, repairs, raises EIO
+
     async def read(self, block: int, expected: int | None = None) -> bytes:
         return (await self.read_from(block, expected))[0]
 

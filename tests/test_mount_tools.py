@@ -222,3 +222,17 @@ def test_everything_survives_unmount_and_remount(cluster4, make_mount, tmp_path:
     )
     res = cli("fsck", *cluster4.args, "--deep")
     assert res.returncode == 0 and "clean" in res.stdout, res.stdout
+
+
+def test_sequential_read_uses_both_mirrors_of_every_pair(cluster4, make_mount):
+    m = make_mount(cluster4)
+    data = os.urandom(64 * MiB)
+    (m.path / "f").write_bytes(data)
+    m.close()
+    again = make_mount(cluster4, name="again")  # nothing cached
+    before = [r["reads"] for r in cluster4.status()["rows"]]
+    assert sha(again.path / "f") == hashlib.sha256(data).hexdigest()
+    reads = [r["reads"] - b for r, b in zip(cluster4.status()["rows"], before, strict=True)]
+    assert sum(reads) >= 64  # every block read once at least
+    for a, b in ((0, 1), (2, 3)):  # read-ahead shares each pair's blocks between its mirrors
+        assert min(reads[a], reads[b]) >= 0.3 * (reads[a] + reads[b]), reads
