@@ -25,9 +25,8 @@ from .protocol import (
     BadRequest,
     Flag,
     Frame,
-    FrameDecoder,
+    FrameServer,
     Msg,
-    ProtocolError,
     encode,
     encode_error,
     need,
@@ -111,40 +110,25 @@ class VirtualServer:
                 conn.transport.abort()
 
 
-class _Conn(asyncio.BufferedProtocol):
+class _Conn(FrameServer):
     def __init__(self, server: VirtualServer) -> None:
+        super().__init__()
         self.server = server
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        super().connection_made(transport)
         self.server.conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.conns.discard(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        assert self.transport is not None
-        self.decoder.buffer_updated(nbytes)
-        try:
-            while (frame := self.decoder.next_frame()) is not None:
-                out = self.server.handle(frame)
-                delay = self.server.delay_for(len(out[-1])) if frame.type == Msg.FILE_READ else 0
-                if delay > 0:
-                    asyncio.get_running_loop().call_later(delay, self._send, out)
-                else:
-                    self.transport.writelines(out)
-        except ProtocolError as exc:
-            self.transport.writelines(encode_error(0, Msg.ERROR, "PROTOCOL", str(exc)))
-            self.transport.close()
-
-    def _send(self, out: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+    def on_frame(self, frame: Frame) -> None:
+        out = self.server.handle(frame)
+        delay = self.server.delay_for(len(out[-1])) if frame.type == Msg.FILE_READ else 0
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.send, out)
+        else:
+            self.send(out)
 
 
 def console_command(servers: list[VirtualServer], line: str) -> str:

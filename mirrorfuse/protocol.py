@@ -9,6 +9,7 @@ same code serves the asyncio client and the server.
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -233,6 +234,41 @@ class FrameDecoder:
         while (frame := self.next_frame()) is not None:
             out.append(frame)
         return out
+
+
+class FrameServer(asyncio.BufferedProtocol):
+    """The server end of one connection: frames in, ``on_frame`` for each.
+
+    A corrupt stream gets one error frame (request id 0) and the connection
+    closes; the server's other connections are not affected.
+    """
+
+    def __init__(self) -> None:
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.decoder.buffer_updated(nbytes)
+        try:
+            while (frame := self.decoder.next_frame()) is not None:
+                self.on_frame(frame)
+        except ProtocolError as exc:
+            self.send(encode_error(0, Msg.ERROR, "PROTOCOL", str(exc)))
+            if self.transport is not None:
+                self.transport.close()
+
+    def send(self, out: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
+
+    def on_frame(self, frame: Frame) -> None:
+        raise NotImplementedError
 
 
 class BadRequest(Exception):

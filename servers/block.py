@@ -29,9 +29,8 @@ from mirrorfuse.protocol import (
     BadRequest,
     Flag,
     Frame,
-    FrameDecoder,
+    FrameServer,
     Msg,
-    ProtocolError,
     encode,
     encode_error,
     need,
@@ -326,35 +325,21 @@ class BlockServer:
         return encode(frame.type, frame.req_id, body, payload, Flag.REPLY)
 
 
-class Connection(asyncio.BufferedProtocol):
+class Connection(FrameServer):
     def __init__(self, server: BlockServer) -> None:
+        super().__init__()
         self.server = server
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.server.lease_conn is self:
             self.server.lease_conn = None
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        assert self.transport is not None
-        self.decoder.buffer_updated(nbytes)
-        try:
-            while (frame := self.decoder.next_frame()) is not None:
-                if frame.type == Msg.SYNC and not frame.is_reply:
-                    asyncio.ensure_future(self._sync(frame.req_id))
-                    continue
-                self.server.current_conn = self
-                self.transport.writelines(self.server.handle(frame))
-        except ProtocolError as exc:
-            self.transport.writelines(encode_error(0, Msg.ERROR, "PROTOCOL", str(exc)))
-            self.transport.close()
+    def on_frame(self, frame: Frame) -> None:
+        if frame.type == Msg.SYNC and not frame.is_reply:
+            asyncio.ensure_future(self._sync(frame.req_id))
+            return
+        self.server.current_conn = self
+        self.send(self.server.handle(frame))
 
     async def _sync(self, req_id: int) -> None:
         loop = asyncio.get_running_loop()
@@ -363,8 +348,7 @@ class Connection(asyncio.BufferedProtocol):
             out = encode(Msg.SYNC, req_id, {"gen": self.server.store.table.gen}, flags=Flag.REPLY)
         except OSError as exc:
             out = encode_error(req_id, Msg.SYNC, "EIO", f"fsync failed: {exc.strerror}")
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        self.send(out)
 
 
 def port_arg(text: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -13,7 +14,16 @@ from pathlib import Path
 
 from mirrorfuse.localcluster import LocalCluster, ServerProc, free_base_port
 
-__all__ = ["Cluster", "Mount", "ServerProc", "cli", "free_base_port", "run", "wait_for"]
+__all__ = [
+    "Cluster",
+    "Mount",
+    "ServerProc",
+    "cli",
+    "free_base_port",
+    "run",
+    "sha",
+    "wait_for",
+]
 MOUNT = str(Path(sys.executable).parent / "mirrorfs-mount")
 
 BIN = Path(sys.executable).parent
@@ -101,6 +111,15 @@ def _alive(pid: int | None) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def sha(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.server
 import os
 import signal
@@ -13,18 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli, free_base_port, wait_for
+from helpers import cli, free_base_port, sha, wait_for
 
 CLI = str(Path(sys.executable).parent / "mirrorfs-cli")
 MiB = 1 << 20
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_file(path: Path, mib: int) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -12,17 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli, wait_for
+from helpers import cli, sha, wait_for
 
 MiB = 1 << 20
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def failed_servers(cluster) -> list[int]:

@@ -9,7 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
-from helpers import Mount, cli
+from helpers import Mount, cli, sha
 
 MiB = 1 << 20
 
@@ -18,14 +18,6 @@ def sh(cmd: str, cwd: Path | None = None) -> str:
     res = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=cwd, timeout=600)
     assert res.returncode == 0, f"{cmd}: {res.stderr}"
     return res.stdout
-
-
-def sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(MiB):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def make_tree(root: Path, files: int) -> None:
