@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -110,7 +111,8 @@ class Connection:
                 server, address, f"did not accept a connection within {timeout:g}s"
             ) from None
         except OSError as exc:
-            reason = exc.strerror or str(exc) or type(exc).__name__
+            # asyncio's own text is "Connect call failed (...)": the errno says it better
+            reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
             raise ServerDown(server, address, f"is not reachable: {reason.lower()}") from None
         conn._proto = proto
         conn._watchdog = asyncio.ensure_future(conn._watch())
