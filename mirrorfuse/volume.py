@@ -36,6 +36,7 @@ T = TypeVar("T")
 ALIVE, FAILED, REBUILDING = "alive", "failed", "rebuilding"
 DEFAULT_TIMEOUT = 3.0
 DEFAULT_CONCURRENCY = 64
+LAST_COPY_TRIES = 3  # attempts on the last live copy of a pair before EIO
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -106,6 +107,7 @@ class Volume:
         self._table_lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
         self._announced: set[int] = set()
+        self._strikes: dict[int, int] = {}  # failed attempts on a pair's last live copy
         # Set by the mount once it holds the lease: every change carries its
         # epoch so the servers can fence it if another client takes over.
         self.lease: dict[str, Any] | None = None
@@ -154,7 +156,10 @@ class Volume:
         self, server: int, type_: int, body: dict[str, Any], payload: bytes = b"", flags: int = 0
     ) -> Frame:
         conn = await self._conn(server)
-        return await conn.request(type_, body, payload, flags)
+        reply = await conn.request(type_, body, payload, flags)
+        if self._strikes:
+            self._strikes.pop(server, None)
+        return reply
 
     def _saw_gen(self, server: int, gen: int) -> None:
         if gen > self.gen and (self._refresh is None or self._refresh.done()):
@@ -281,9 +286,18 @@ class Volume:
         if self.states[server] == FAILED:
             return
         if not self._may_fail(self.states, server):
-            pair = server // 2
+            # the last copy of its pair: a slow server (its writes throttled by the
+            # kernel, say) gets a few more tries before the operation fails with EIO
+            self._strikes[server] = self._strikes.get(server, 0) + 1
+            conn = self._conns.pop(server, None)
+            if conn is not None:
+                conn.close()
+            if self._strikes[server] < LAST_COPY_TRIES:
+                await asyncio.sleep(0.2 * self._strikes[server])
+                return
+            self._strikes.pop(server, None)
             raise VolumeIOError(
-                f"mirror pair {pair} has no live server left: server {server} {reason}"
+                f"mirror pair {server // 2} has no live server left: server {server} {reason}"
             )
         conn = self._conns.pop(server, None)
         if conn is not None:
@@ -411,6 +425,8 @@ class Volume:
                 frame = await self._send(server, Msg.READ, {"slot": slot})
             except (ServerDown, ServerError) as exc:
                 await self._handle(server, exc)
+                if self.states[server] == ALIVE and server not in bad:
+                    tried.discard(server)  # the last copy, not given up on yet: again
                 continue
             data = frame.payload
             actual = checksum(data)
