@@ -337,3 +337,26 @@ def test_resume_state_survives_a_sigkill_of_the_client(tmp_path, servers_factory
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "already here" in res.stdout and sha(out) == sha(src)
+
+
+def test_a_damaged_download_fails_its_checksum_and_is_not_renamed(tmp_path, servers_factory):
+    src = make_file(tmp_path / "src.bin", 128)
+    ports = [free_base_port(1) for _ in range(2)]
+    servers_factory(src, ports, rate=20)
+    out = tmp_path / "out.bin"
+    dl = download(out, ports)
+    assert wait_for(lambda: partial_size(out) >= 32 * MiB, 60)
+    dl.send_signal(signal.SIGKILL)
+    dl.wait(10)
+    part = out.with_name("out.bin.mfs-partial")
+    with open(part, "r+b") as f:  # a segment already marked done goes bad on disk
+        f.seek(1000)
+        f.write(b"\xff" * 64)
+    res = subprocess.run(
+        [CLI, "download", "-o", str(out), "-a", "127.0.0.1", "-p", *map(str, ports), "-r"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1 and "does not match its checksum" in res.stderr, res.stderr
+    assert not out.exists() and part.exists()
