@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -91,19 +93,19 @@ def download(out: Path, ports: list[int], *extra: str) -> subprocess.Popen:
     )
 
 
+def resume(out: Path, ports: list[int]) -> subprocess.CompletedProcess[str]:
+    """download -r of ``out`` from the servers on ``ports``, to its end."""
+    cmd = [CLI, "download", "-o", str(out), "-a", "127.0.0.1", "-p", *map(str, ports), "-r"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
 def partial_size(out: Path) -> int:
+    """Bytes the saved state says are done (segments are 1 MiB)."""
     state = out.with_name(out.name + ".mfs-state")
     if not state.exists():
         return 0
-    import json
-
-    return (
-        sum(
-            bin(b).count("1")
-            for b in __import__("base64").b64decode(json.loads(state.read_text())["done"])
-        )
-        * MiB
-    )
+    bits = base64.b64decode(json.loads(state.read_text())["done"])
+    return sum(bin(b).count("1") for b in bits) * MiB
 
 
 def test_kill_one_pause_another_and_still_get_every_byte(tmp_path, servers_factory):
@@ -144,24 +146,7 @@ def test_all_servers_die_then_resume_fetches_only_the_rest(tmp_path, servers_fac
     have = partial_size(out)
     assert 0 < have < 256 * MiB
     servers_factory(src, ports)
-    res = subprocess.run(
-        [
-            CLI,
-            "download",
-            "-i",
-            "1",
-            "-o",
-            str(out),
-            "-a",
-            "127.0.0.1",
-            "-p",
-            *map(str, ports),
-            "-r",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = resume(out, ports)
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"{have // MiB} already here" in res.stdout
     assert sha(out) == sha(src)
@@ -329,12 +314,7 @@ def test_resume_state_survives_a_sigkill_of_the_client(tmp_path, servers_factory
     dl.wait(10)
     have = partial_size(out)
     assert 0 < have < 256 * MiB and not out.exists()
-    res = subprocess.run(
-        [CLI, "download", "-o", str(out), "-a", "127.0.0.1", "-p", *map(str, ports), "-r"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = resume(out, ports)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "already here" in res.stdout and sha(out) == sha(src)
 
@@ -352,11 +332,6 @@ def test_a_damaged_download_fails_its_checksum_and_is_not_renamed(tmp_path, serv
     with open(part, "r+b") as f:  # a segment already marked done goes bad on disk
         f.seek(1000)
         f.write(b"\xff" * 64)
-    res = subprocess.run(
-        [CLI, "download", "-o", str(out), "-a", "127.0.0.1", "-p", *map(str, ports), "-r"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = resume(out, ports)
     assert res.returncode == 1 and "does not match its checksum" in res.stderr, res.stderr
     assert not out.exists() and part.exists()
