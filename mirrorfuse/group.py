@@ -183,8 +183,11 @@ class IndexState:
 
 
 class Replica:
-    def __init__(self, rid: int, now: float) -> None:
+    def __init__(self, rid: int, now: float, grace: float = SILENCE) -> None:
         self.id = rid
+        # a replica that just started has heard nobody yet: it listens this long
+        # before it may act as master (else a late joiner would number orders alone)
+        self.grace_until = now + grace
         self.state = IndexState()
         self.seen: dict[int, float] = {rid: now}  # replica -> last heard
         self.unordered: dict[tuple[str, int], Request] = {}
@@ -193,9 +196,13 @@ class Replica:
         self.next_seq = 1  # what this replica would number next as master
         self.known_seq = 0  # the highest sequence number any replica has shown
 
-    def master(self, now: float) -> int:
-        live = [r for r, t in self.seen.items() if r == self.id or now - t <= SILENCE]
-        return min(live)
+    def master(self, now: float) -> int | None:
+        live = [
+            r
+            for r, t in self.seen.items()
+            if (r == self.id and now >= self.grace_until) or (r != self.id and now - t <= SILENCE)
+        ]
+        return min(live) if live else None
 
     def is_master(self, now: float) -> bool:
         return self.master(now) == self.id

@@ -23,7 +23,7 @@ class Lan:
 
     def __init__(self, n: int) -> None:
         self.now = 0.0
-        self.replicas = {i: Replica(i, 0.0) for i in range(n)}
+        self.replicas = {i: Replica(i, 0.0, grace=0.0) for i in range(n)}  # the founders
         self.acked: dict[tuple[str, int], dict] = {}  # first reply a client saw
 
     def route(self, sender: int, actions: list) -> None:
@@ -70,7 +70,7 @@ class Lan:
         del self.replicas[rid]
 
     def join(self, rid: int) -> None:
-        self.replicas[rid] = Replica(rid, self.now)
+        self.replicas[rid] = Replica(rid, self.now)  # listens before it may lead
         self.tick(0.0)
 
     def digests(self) -> set[str]:
@@ -155,6 +155,18 @@ def test_a_late_replica_catches_up_by_snapshot_and_then_follows():
     lan.join(5)
     lan.request(adv("c", 60, "p", "after"))
     assert len(lan.digests()) == 1 and lan.replicas[5].state.seq == 60
+
+
+def test_a_replica_that_just_joined_does_not_lead_before_it_has_listened():
+    lan = Lan(2)
+    lan.request(reg("c", 1, "p"))
+    lan.kill(0)
+    lan.kill(1)
+    lan.join(7)  # alone and new: it must not number orders from 1 on its own
+    lan.request(adv("c", 2, "p", "x"))
+    assert ("c", 2) not in lan.acked and lan.replicas[7].state.seq == 0
+    lan.tick(4.0)  # nobody else answered in the silence period: now it leads
+    assert lan.replicas[7].is_master(lan.now)
 
 
 def test_silent_peers_are_dropped_with_their_files_everywhere():

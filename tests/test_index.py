@@ -1,0 +1,54 @@
+"""The index group over real multicast, inside a private network namespace made by the test."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCENARIO = Path(__file__).with_name("netns_index_scenario.py")
+
+
+@pytest.fixture(scope="module")
+def outcome():
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed to test multicast in a private namespace")
+    res = subprocess.run(
+        ["unshare", "-n", sys.executable, str(SCENARIO)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_killing_the_master_loses_no_acknowledged_update(outcome):
+    assert len(outcome["acked"]) == 60  # every request got a reply, through the failover
+    assert set(outcome["acked"]) <= set(outcome["files"])
+
+
+def test_all_replicas_including_a_late_joiner_agree(outcome):
+    status = outcome["status"]
+    assert sorted(s["replica"] for s in status) == [2, 3, 4] == outcome["alive"]
+    assert len({(s["seq"], s["digest"]) for s in status}) == 1
+    assert {s["master"] for s in status} == {2}  # the lowest live id took over
+    states = outcome["states"]
+    assert len(states) == 3 and all(st == states[0] for st in states)
+
+
+def test_the_client_showed_first_replies_and_ignored_the_duplicates(outcome):
+    assert outcome["ignored"] > 0
+
+
+def test_concurrent_duplicate_names_have_exactly_one_winner(outcome):
+    assert outcome["same_owner"] in ("a", "b")
+    assert "same" in outcome["files"]
+
+
+def test_malformed_datagrams_are_counted_and_dropped(outcome):
+    assert all(s["dropped"] >= 1 for s in outcome["status"])
