@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from . import admin, fileserver, shell
+from . import admin, fileserver, indexcli, shell
 from .cluster import add_cluster_args, cluster_from_args
 from .errors import MirrorfsError, UsageError
 from .sizes import check_block_size, human, parse_size
@@ -202,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-o", dest="output", required=True, help="where to save it")
     sp.add_argument("-i", dest="interval", type=float, default=1.0, help="progress interval (1)")
     sp.add_argument("-r", dest="resume", action="store_true", help="resume an interrupted get")
+
+    sp = sub.add_parser(
+        "index",
+        help="ask the P2P index group: status, peers, files, search",
+        description="Ask the index group; the first reply is shown.",
+    )
+    indexcli.add_group_args(sp)
+    sp.add_argument("what", choices=["status", "peers", "files", "search"])
+    sp.add_argument("rest", nargs="*", metavar="PATTERN")
+    sp.set_defaults(func=indexcli.cmd_index)
+
+    sp = sub.add_parser("index-shell", help="interactive client of the index group (seed 002)")
+    indexcli.add_group_args(sp)
+    sp.set_defaults(func=indexcli.cmd_index_shell)
 
     sp = command("rebuild", cmd_rebuild, "copy a failed server's blocks back from its mirror")
     sp.add_argument("id", type=int, help="id of the failed server (running, old or empty data dir)")

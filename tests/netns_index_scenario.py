@@ -90,6 +90,16 @@ def main() -> None:
         )
         time.sleep(2.5)  # the late joiner catches up on heartbeats
         status = c.query_all("status", wait=1.5)
+        cli = str(Path(sys.executable).parent / "mirrorfs-cli")
+        out["cli_search"] = subprocess.run(
+            [cli, "index", GROUP, str(PORT), "search", "f1*"], capture_output=True, text=True
+        ).stdout
+        out["cli_shell"] = subprocess.run(
+            [cli, "index-shell", GROUP, str(PORT)],
+            input="status\nnonsense\npeers\nquit\n",
+            capture_output=True,
+            text=True,
+        ).stdout
         files = c.query("files")["files"]
         out["states"] = c.query_all("state", wait=1.0)
         out.update(

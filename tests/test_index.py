@@ -52,3 +52,12 @@ def test_concurrent_duplicate_names_have_exactly_one_winner(outcome):
 
 def test_malformed_datagrams_are_counted_and_dropped(outcome):
     assert all(s["dropped"] >= 1 for s in outcome["status"])
+
+
+def test_the_cli_and_the_interactive_client(outcome):
+    lines = outcome["cli_search"].splitlines()
+    assert sorted(line.split()[0] for line in lines) == ["f1"] + [f"f1{i}" for i in range(10)]
+    shell = outcome["cli_shell"]
+    assert shell.count("replica ") == 3 and "master 2" in shell
+    assert "unknown command 'nonsense'" in shell  # and the shell went on:
+    assert "p at 127.0.0.1:1" in shell and "a at 127.0.0.1:2" in shell
