@@ -209,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the index group; the first reply is shown.",
     )
     indexcli.add_group_args(sp)
-    sp.add_argument("what", choices=["status", "peers", "files", "search"])
-    sp.add_argument("rest", nargs="*", metavar="PATTERN")
+    sp.add_argument("what", choices=["status", "peers", "files", "search", "fetch"])
+    sp.add_argument("rest", nargs="*", metavar="PATTERN|NAME")
+    sp.add_argument("-o", dest="output", help="where fetch saves the file")
     sp.set_defaults(func=indexcli.cmd_index)
 
     sp = sub.add_parser("index-shell", help="interactive client of the index group (seed 002)")

@@ -68,8 +68,9 @@ class Source:
 
 
 class FileServerSource(Source):
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, file: str | None = None) -> None:
         self.address = address
+        self.file = file  # a peer serves many files: which one
         self.name = str(address)
         self._conn: Connection | None = None
 
@@ -82,6 +83,8 @@ class FileServerSource(Source):
         return self._conn
 
     async def _request(self, type_: int, body: dict[str, Any]):
+        if self.file is not None:
+            body = {**body, "name": self.file}
         try:
             return await (await self._c()).request(type_, body)
         except ServerDown as exc:

@@ -27,7 +27,27 @@ def client(args: argparse.Namespace) -> IndexClient:
     return IndexClient(args.group, args.port, replicas)
 
 
-def run_command(c: IndexClient, words: list[str], say: Callable[[str], None]) -> None:
+def fetch(c: IndexClient, name: str, output: str, say: Callable[[str], None]) -> None:
+    """Download a shared file from every peer holding it, through the segmented downloader."""
+    from pathlib import Path
+
+    from .cluster import parse_address
+    from .download import Download, FileServerSource, run
+
+    files = c.query("files")["files"]
+    if name not in files:
+        raise UsageError(f"no peer shares {name!r}")
+    peers = c.query("peers")["peers"]
+    holders = [peers[h] for h in files[name]["holders"] if h in peers]
+    say(f"fetching {name} from {len(holders)} peer(s): {', '.join(holders)}")
+    sources = [FileServerSource(parse_address(a), name) for a in holders]
+    if run(Download(sources, Path(output), 1.0, False, say=say)) != 0:
+        raise UsageError(f"could not fetch {name}")
+
+
+def run_command(
+    c: IndexClient, words: list[str], say: Callable[[str], None], output: str | None = None
+) -> None:
     cmd, rest = words[0], words[1:]
     if cmd == "status":
         replies = c.query_all("status", wait=1.0)
@@ -53,6 +73,10 @@ def run_command(c: IndexClient, words: list[str], say: Callable[[str], None]) ->
             )
             or "no files"
         )
+    elif cmd == "fetch":
+        if len(rest) != 1 or not output:
+            raise UsageError("usage: index GROUP PORT fetch NAME -o OUTPUT")
+        fetch(c, rest[0], output, say)
     elif cmd == "json":
         say(json.dumps(c.query(rest[0] if rest else "state"), indent=2))
     else:
@@ -62,7 +86,7 @@ def run_command(c: IndexClient, words: list[str], say: Callable[[str], None]) ->
 def cmd_index(args: argparse.Namespace) -> int:
     c = client(args)
     try:
-        run_command(c, [args.what, *args.rest], print)
+        run_command(c, [args.what, *args.rest], print, args.output)
     finally:
         c.close()
     return 0
