@@ -11,19 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from netns import setup_lo
+
 from mirrorfuse.indexclient import IndexClient
 
 GROUP, PORT = "235.1.1.1", 55555
 INDEX = str(Path(sys.executable).parent / "mirrorfs-index")
-
-
-def setup_lo() -> None:
-    for cmd in (
-        ["ip", "link", "set", "lo", "up"],
-        ["ip", "link", "set", "lo", "multicast", "on"],
-        ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"],
-    ):
-        subprocess.run(cmd, check=True)
 
 
 def start(rid: int) -> subprocess.Popen:

@@ -14,6 +14,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from netns import setup_lo
+
 from mirrorfuse.cluster import Address
 from mirrorfuse.connection import Connection
 from mirrorfuse.errors import ServerError
@@ -22,15 +24,6 @@ from mirrorfuse.protocol import Msg
 
 GROUP, PORT = "235.1.1.2", 55556
 BIN = Path(sys.executable).parent
-
-
-def setup_lo() -> None:
-    for cmd in (
-        ["ip", "link", "set", "lo", "up"],
-        ["ip", "link", "set", "lo", "multicast", "on"],
-        ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"],
-    ):
-        subprocess.run(cmd, check=True)
 
 
 def started(cmd: list[str], marker: str) -> subprocess.Popen:

@@ -99,6 +99,14 @@ def resume(out: Path, ports: list[int]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def killed_download(out: Path, ports: list[int], after: int) -> None:
+    """A download SIGKILLed once its saved state holds ``after`` bytes."""
+    dl = download(out, ports)
+    assert wait_for(lambda: partial_size(out) >= after, 60)
+    dl.send_signal(signal.SIGKILL)
+    dl.wait(10)
+
+
 def partial_size(out: Path) -> int:
     """Bytes the saved state says are done (segments are 1 MiB)."""
     state = out.with_name(out.name + ".mfs-state")
@@ -308,10 +316,7 @@ def test_resume_state_survives_a_sigkill_of_the_client(tmp_path, servers_factory
     ports = [free_base_port(1) for _ in range(4)]
     servers_factory(src, ports, rate=25)
     out = tmp_path / "out.bin"
-    dl = download(out, ports)
-    assert wait_for(lambda: partial_size(out) >= 64 * MiB, 60)
-    dl.send_signal(signal.SIGKILL)
-    dl.wait(10)
+    killed_download(out, ports, 64 * MiB)
     have = partial_size(out)
     assert 0 < have < 256 * MiB and not out.exists()
     res = resume(out, ports)
@@ -324,10 +329,7 @@ def test_a_damaged_download_fails_its_checksum_and_is_not_renamed(tmp_path, serv
     ports = [free_base_port(1) for _ in range(2)]
     servers_factory(src, ports, rate=20)
     out = tmp_path / "out.bin"
-    dl = download(out, ports)
-    assert wait_for(lambda: partial_size(out) >= 32 * MiB, 60)
-    dl.send_signal(signal.SIGKILL)
-    dl.wait(10)
+    killed_download(out, ports, 32 * MiB)
     part = out.with_name("out.bin.mfs-partial")
     with open(part, "r+b") as f:  # a segment already marked done goes bad on disk
         f.seek(1000)

@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from netns import run_scenario
 
 SCENARIO = Path(__file__).with_name("netns_index_scenario.py")
 
 
 @pytest.fixture(scope="module")
 def outcome():
-    if shutil.which("unshare") is None:
-        pytest.fail("unshare (util-linux) is needed to test multicast in a private namespace")
-    res = subprocess.run(
-        ["unshare", "-n", sys.executable, str(SCENARIO)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_scenario(SCENARIO)
 
 
 def test_killing_the_master_loses_no_acknowledged_update(outcome):

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from netns import run_scenario
 
 SCENARIO = Path(__file__).with_name("netns_peer_scenario.py")
 
 
 @pytest.fixture(scope="module")
 def outcome():
-    res = subprocess.run(
-        ["unshare", "-n", sys.executable, str(SCENARIO)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_scenario(SCENARIO)
 
 
 def test_same_content_gives_two_holders_and_fetch_uses_both(outcome):

@@ -1,0 +1,31 @@
+"""Multicast tests run in a private network namespace: its setup, and running a scenario in one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def setup_lo() -> None:
+    """Inside the namespace: loopback up, with multicast and a route for 224.0.0.0/4."""
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "set", "lo", "multicast", "on"],
+        ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"],
+    ):
+        subprocess.run(cmd, check=True)
+
+
+def run_scenario(script: Path) -> dict[str, Any]:
+    """Run a scenario script under 'unshare -n'; its last output line is its JSON result."""
+    if shutil.which("unshare") is None:
+        raise AssertionError("unshare (util-linux) is needed to test multicast in a namespace")
+    res = subprocess.run(
+        ["unshare", "-n", sys.executable, str(script)], capture_output=True, text=True, timeout=180
+    )
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
