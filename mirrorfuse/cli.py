@@ -205,13 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "index",
-        help="ask the P2P index group: status, peers, files, search",
+        help="the P2P index group: status, peers, files, search, fetch, share, unshare",
         description="Ask the index group; the first reply is shown.",
     )
     indexcli.add_group_args(sp)
-    sp.add_argument("what", choices=["status", "peers", "files", "search", "fetch"])
-    sp.add_argument("rest", nargs="*", metavar="PATTERN|NAME")
+    sp.add_argument(
+        "what",
+        choices=["status", "peers", "files", "search", "fetch", "share", "unshare"],
+    )
+    sp.add_argument("rest", nargs="*", metavar="PATTERN|NAME|FILE")
     sp.add_argument("-o", dest="output", help="where fetch saves the file")
+    sp.add_argument("--name", help="the name share gives the file (default: its own)")
     sp.set_defaults(func=indexcli.cmd_index)
 
     sp = sub.add_parser("index-shell", help="interactive client of the index group (seed 002)")

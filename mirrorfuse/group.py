@@ -25,6 +25,12 @@ import xxhash
 
 SILENCE = 3.0  # seconds without a heartbeat before a replica counts as gone
 LOG_KEEP = 10_000  # recent orders kept to fill other replicas' gaps
+MISSED_BEATS = 3  # a peer silent for this many of its heartbeat intervals is dropped
+
+
+def peer_limit(info: dict[str, Any], default_interval: float) -> float:
+    """How long a peer may stay silent: three of the intervals it registered with."""
+    return MISSED_BEATS * float(info.get("interval") or default_interval)
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,10 @@ class IndexState:
         return reply
 
     def _op_register(self, a: dict[str, Any], t: float) -> dict[str, Any]:
-        self.peers[a["peer"]] = {"addr": a["addr"], "seen": t}
+        info: dict[str, Any] = {"addr": a["addr"], "seen": t}
+        if isinstance(a.get("interval"), int | float) and a["interval"] > 0:
+            info["interval"] = a["interval"]
+        self.peers[a["peer"]] = info
         return {"ok": True}
 
     def _op_heartbeat(self, a: dict[str, Any], t: float) -> dict[str, Any]:
@@ -142,8 +151,12 @@ class IndexState:
         return {"ok": True}
 
     def _op_expire(self, a: dict[str, Any], t: float) -> dict[str, Any]:
-        """Drop peers not heard from for ``limit`` seconds, and their files."""
-        gone = sorted(p for p, info in self.peers.items() if t - info["seen"] > a["limit"])
+        """Drop peers silent for three of their heartbeat intervals, and their files."""
+        gone = sorted(
+            p
+            for p, info in self.peers.items()
+            if t - info["seen"] > peer_limit(info, a["interval"])
+        )
         for p in gone:
             del self.peers[p]
             for name in [n for n, f in self.files.items() if p in f["holders"]]:
@@ -183,8 +196,11 @@ class IndexState:
 
 
 class Replica:
-    def __init__(self, rid: int, now: float, grace: float = SILENCE) -> None:
+    def __init__(
+        self, rid: int, now: float, grace: float = SILENCE, log_keep: int = LOG_KEEP
+    ) -> None:
         self.id = rid
+        self.log_keep = log_keep
         # a replica that just started has heard nobody yet: it listens this long
         # before it may act as master (else a late joiner would number orders alone)
         self.grace_until = now + grace
@@ -243,7 +259,7 @@ class Replica:
             o = self.ahead.pop(self.state.seq + 1)
             reply = self.state.apply(o)
             self.log[o.seq] = o
-            self.log.pop(o.seq - LOG_KEEP, None)
+            self.log.pop(o.seq - self.log_keep, None)
             self.unordered.pop((o.request.client, o.request.req), None)
             out.append(SendReply(o.request.client, o.request.req, reply))
         if self.ahead:
@@ -279,15 +295,22 @@ class Replica:
         last = self.state.clients.get(req.client)
         return last is not None and req.req <= last[0]
 
-    def tick(self, now: float, peer_timeout: float | None = None) -> list[Any]:
-        """Every heartbeat interval: say we are here; as master, order what waits."""
+    def tick(self, now: float, peer_interval: float | None = None) -> list[Any]:
+        """Every heartbeat interval: say we are here; as master, order what waits.
+
+        ``peer_interval`` is the heartbeat interval of peers that did not give theirs.
+        """
         out: list[Any] = [Heartbeat(self.id, self.state.seq)]
         if self.is_master(now):
-            if peer_timeout is not None and self.state.peers:
-                stale = any(now - p["seen"] > peer_timeout for p in self.state.peers.values())
+            if peer_interval is not None and self.state.peers:
+                stale = any(
+                    now - p["seen"] > peer_limit(p, peer_interval)
+                    for p in self.state.peers.values()
+                )
                 if stale:
                     key = (f"master-{self.id}", int(now * 1000))
-                    self.unordered[key] = Request(key[0], key[1], "expire", {"limit": peer_timeout})
+                    args = {"interval": peer_interval}
+                    self.unordered[key] = Request(key[0], key[1], "expire", args)
             if self.unordered:
                 out += self._order_unordered(now)
         return out

@@ -1,92 +1,222 @@
-"""mirrorfs-cli index ... and index-shell: ask the index group (seed 002's client)."""
+"""mirrorfs-cli index ... and index-shell: ask the index group (seed 002's client).
+
+Lists come from the group, page by page. When no replica answers, they come
+from a peer's cached copy of the index (``--peer``, or the peers running on
+this machine), so files can still be found and fetched (seed 001, step 2).
+``share`` and ``unshare`` ask a running mirrorfs-peer on this machine to
+share one more file, or to stop.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import fnmatch
 import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from .errors import UsageError
+import msgpack
+
+from .cluster import parse_address
+from .connection import Connection
+from .errors import MirrorfsError, ServerError, UsageError
 from .indexclient import IndexClient
+from .protocol import Msg
+from .registry import live_peers
 
-HELP = """commands: status | peers | files | search PATTERN | help | quit
+HELP = """commands: status | peers | files | search PATTERN | fetch NAME OUTPUT |
+  share FILE [NAME] | unshare NAME | help | quit
 (each waits for the first reply; duplicates and late replies are ignored)"""
 
 
+def parse_replicas(text: str | None) -> list[tuple[str, int]] | None:
+    if not text:
+        return None
+    out = []
+    for r in text.split(","):
+        host, _, port = r.rpartition(":")
+        if not host or not port.isdigit():
+            raise UsageError(f"replica {r!r} is not host:port")
+        out.append((host, int(port)))
+    return out
+
+
 def client(args: argparse.Namespace) -> IndexClient:
-    replicas = None
-    if args.replicas:
-        replicas = []
-        for r in args.replicas.split(","):
-            host, _, port = r.rpartition(":")
-            if not host or not port.isdigit():
-                raise UsageError(f"replica {r!r} is not host:port")
-            replicas.append((host, int(port)))
     if not 1024 <= args.port <= 65535:
         raise UsageError(f"port {args.port} is outside 1024-65535")
-    return IndexClient(args.group, args.port, replicas)
+    return IndexClient(args.group, args.port, parse_replicas(args.replicas))
 
 
-def fetch(c: IndexClient, name: str, output: str, say: Callable[[str], None]) -> None:
+async def _peer_call(addr: str, type_: int, body: dict[str, Any], timeout: float = 30.0):
+    conn = await Connection.open(0, parse_address(addr), 3.0)
+    try:
+        return await asyncio.wait_for(conn.request(type_, body), timeout)
+    finally:
+        conn.close()
+
+
+class Index:
+    """What the commands ask: the group, or failing that a peer's cached index."""
+
+    def __init__(self, c: IndexClient, peers: list[str], say: Callable[[str], None]) -> None:
+        self.c = c
+        self.peer_addrs = peers  # --peer, else the peers running on this machine
+        self.say = say
+        self.cached: tuple[dict[str, Any], dict[str, str]] | None = None
+
+    def local_peers(self) -> list[str]:
+        return self.peer_addrs or [r["addr"] for r in live_peers()]
+
+    def from_peer(self, why: MirrorfsError) -> tuple[dict[str, Any], dict[str, str]]:
+        if self.cached is not None:
+            return self.cached
+        for addr in self.local_peers():
+            try:
+                frame = asyncio.run(_peer_call(addr, Msg.PEER_INDEX, {}))
+            except MirrorfsError:
+                continue
+            files = msgpack.unpackb(frame.payload, raw=False)
+            self.say(
+                f"(no index replica answered; from the cached index of peer "
+                f"{frame.body.get('peer')} at {addr}, sequence {frame.body.get('seq')})"
+            )
+            self.cached = (files, dict(frame.body.get("peers", {})))
+            return self.cached
+        hint = "" if self.local_peers() else " (and no peer to ask: give --peer HOST:PORT)"
+        raise MirrorfsError(f"{why}{hint}")
+
+    def files(self, pattern: str | None = None) -> dict[str, Any]:
+        try:
+            if pattern is None:
+                return self.c.query_pages("files", "files")
+            return self.c.query_pages("search", "files", pattern=pattern)
+        except MirrorfsError as exc:
+            files = self.from_peer(exc)[0]
+            if pattern is None:
+                return files
+            return {n: f for n, f in files.items() if fnmatch.fnmatchcase(n, pattern)}
+
+    def peers(self) -> dict[str, str]:
+        try:
+            return self.c.query_pages("peers", "peers")
+        except MirrorfsError as exc:
+            return self.from_peer(exc)[1]
+
+    def control(self, type_: int, body: dict[str, Any]) -> dict[str, Any]:
+        """share/unshare, through the one peer running here (or --peer)."""
+        addrs = self.local_peers()
+        if not addrs:
+            raise UsageError(
+                "no mirrorfs-peer runs on this machine: start one "
+                "(mirrorfs-peer --index GROUP:PORT --share DIR) or give --peer HOST:PORT"
+            )
+        if len(addrs) > 1:
+            raise UsageError(f"several peers run here ({', '.join(addrs)}): choose with --peer")
+        try:
+            return asyncio.run(_peer_call(addrs[0], type_, body)).body
+        except ServerError as exc:
+            return {"ok": False, "error": exc.body.get("msg", str(exc))}
+
+
+def fetch(ix: Index, name: str, output: str) -> None:
     """Download a shared file from every peer holding it, through the segmented downloader."""
-    from pathlib import Path
-
-    from .cluster import parse_address
     from .download import Download, FileServerSource, run
 
-    files = c.query("files")["files"]
+    files = ix.files()
     if name not in files:
         raise UsageError(f"no peer shares {name!r}")
-    peers = c.query("peers")["peers"]
+    peers = ix.peers()
     holders = [peers[h] for h in files[name]["holders"] if h in peers]
-    say(f"fetching {name} from {len(holders)} peer(s): {', '.join(holders)}")
+    if not holders:
+        raise UsageError(f"no known peer holds {name!r} now")
+    ix.say(f"fetching {name} from {len(holders)} peer(s): {', '.join(holders)}")
     sources = [FileServerSource(parse_address(a), name) for a in holders]
-    if run(Download(sources, Path(output), 1.0, False, say=say)) != 0:
+    if run(Download(sources, Path(output), 1.0, False, say=ix.say)) != 0:
         raise UsageError(f"could not fetch {name}")
 
 
-def run_command(
-    c: IndexClient, words: list[str], say: Callable[[str], None], output: str | None = None
-) -> None:
+def listing(files: dict[str, Any]) -> str:
+    return (
+        "\n".join(
+            f"{n}  {f['size']} bytes  held by {', '.join(f['holders'])}"
+            for n, f in sorted(files.items())
+        )
+        or "no files"
+    )
+
+
+def share(ix: Index, rest: list[str]) -> None:
+    if not 1 <= len(rest) <= 2:
+        raise UsageError("usage: share FILE [--name NAME] (in the shell: share FILE [NAME])")
+    path = Path(rest[0])
+    if not path.is_file():
+        raise UsageError(f"{rest[0]} is not a regular file")
+    name = rest[1] if len(rest) == 2 else path.name
+    reply = ix.control(Msg.PEER_SHARE, {"path": str(path.resolve()), "name": name})
+    if not reply.get("ok"):
+        raise UsageError(f"cannot share {name!r}: {reply.get('error')}")
+    ix.say(f"shared {path} as {name!r}")
+
+
+def run_command(ix: Index, words: list[str], output: str | None = None) -> None:
     cmd, rest = words[0], words[1:]
+    say = ix.say
     if cmd == "status":
-        replies = c.query_all("status", wait=1.0)
+        replies = ix.c.query_all("status", wait=1.0)
         if not replies:
             say("no replica answered")
         for r in sorted(replies, key=lambda r: r["replica"]):
             say(
                 f"replica {r['replica']}: sequence {r['seq']}, master {r['master']}, "
+                f"{r.get('peers', '?')} peers, {r.get('files', '?')} files, "
                 f"state {r['digest']}, dropped datagrams {r['dropped']}"
             )
     elif cmd == "peers":
-        peers = c.query("peers")["peers"]
-        say("\n".join(f"{p} at {a}" for p, a in sorted(peers.items())) or "no peers")
-    elif cmd in ("files", "search"):
-        if cmd == "search" and len(rest) != 1:
+        say("\n".join(f"{p} at {a}" for p, a in sorted(ix.peers().items())) or "no peers")
+    elif cmd == "files":
+        say(listing(ix.files()))
+    elif cmd == "search":
+        if len(rest) != 1:
             raise UsageError("usage: search PATTERN (shell wildcards, e.g. *.mp3)")
-        reply = c.query("search", pattern=rest[0]) if cmd == "search" else c.query("files")
-        files = reply["files"]
-        say(
-            "\n".join(
-                f"{n}  {f['size']} bytes  held by {', '.join(f['holders'])}"
-                for n, f in sorted(files.items())
-            )
-            or "no files"
-        )
+        say(listing(ix.files(rest[0])))
     elif cmd == "fetch":
+        if output is None and len(rest) == 2:
+            rest, output = rest[:1], rest[1]
         if len(rest) != 1 or not output:
-            raise UsageError("usage: index GROUP PORT fetch NAME -o OUTPUT")
-        fetch(c, rest[0], output, say)
+            raise UsageError("usage: fetch NAME -o OUTPUT")
+        fetch(ix, rest[0], output)
+    elif cmd == "share":
+        share(ix, rest)
+    elif cmd == "unshare":
+        if len(rest) != 1:
+            raise UsageError("usage: unshare NAME")
+        reply = ix.control(Msg.PEER_UNSHARE, {"name": rest[0]})
+        if not reply.get("ok"):
+            raise UsageError(f"cannot unshare {rest[0]!r}: {reply.get('error')}")
+        say(f"no longer shared: {rest[0]}")
     elif cmd == "json":
-        say(json.dumps(c.query(rest[0] if rest else "state"), indent=2))
+        say(json.dumps(ix.c.query(rest[0] if rest else "state"), indent=2))
     else:
         raise UsageError(f"unknown command {cmd!r}; {HELP}")
 
 
+def peer_list(args: argparse.Namespace) -> list[str]:
+    peers = [a for a in (args.peer or "").split(",") if a]
+    for a in peers:
+        parse_address(a)  # a clear UsageError for a malformed one
+    return peers
+
+
 def cmd_index(args: argparse.Namespace) -> int:
     c = client(args)
+    ix = Index(c, peer_list(args), print)
+    words = [args.what, *args.rest]
+    if args.what == "share" and args.name:
+        words.append(args.name)
     try:
-        run_command(c, [args.what, *args.rest], print, args.output)
+        run_command(ix, words, args.output)
     finally:
         c.close()
     return 0
@@ -94,6 +224,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 def cmd_index_shell(args: argparse.Namespace) -> int:
     c = client(args)
+    ix = Index(c, peer_list(args), lambda m: print(m, flush=True))
     print(f"index group {args.group}:{args.port}; {HELP}")
     try:
         while True:
@@ -109,8 +240,9 @@ def cmd_index_shell(args: argparse.Namespace) -> int:
             if line[0] == "help":
                 print(HELP)
                 continue
+            ix.cached = None
             try:
-                run_command(c, line, lambda m: print(m, flush=True))
+                run_command(ix, line)
             except Exception as exc:  # the shell never dies on one bad command
                 print(f"error: {exc}")
     finally:
@@ -121,3 +253,9 @@ def add_group_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("group", help="multicast group address, e.g. 235.1.1.1")
     p.add_argument("port", type=int, help="UDP port of the group")
     p.add_argument("--replicas", help="host:port,... of the replicas (unicast, no multicast)")
+    p.add_argument(
+        "--peer",
+        metavar="HOST:PORT[,...]",
+        help="a peer to ask when no replica answers, and the one share/unshare talk to "
+        "(default: the peers running on this machine)",
+    )

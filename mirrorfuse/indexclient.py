@@ -8,6 +8,7 @@ with the same id, which the group applies only once.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import socket
@@ -18,7 +19,9 @@ from typing import Any
 
 import msgpack
 
+from .blobs import fetch_blob
 from .errors import MirrorfsError
+from .group import IndexState
 
 
 class IndexClient:
@@ -41,6 +44,8 @@ class IndexClient:
         )
         self.sock.bind(("0.0.0.0", 0))
         self.ignored = 0  # duplicate and late replies seen
+        self.timeout, self.tries = 2.0, 5  # per try; updates are retried more than queries
+        self.last_sender = "127.0.0.1"  # who sent the last reply taken
 
     def _send(self, msg: dict[str, Any]) -> None:
         data = msgpack.packb(msg, use_bin_type=True)
@@ -55,7 +60,7 @@ class IndexClient:
                 return out
             self.sock.settimeout(left)
             try:
-                data, _ = self.sock.recvfrom(65536)
+                data, sender = self.sock.recvfrom(65536)
             except TimeoutError:
                 return out
             try:
@@ -66,13 +71,16 @@ class IndexClient:
                 self.ignored += 1  # a late reply to an earlier request, or not ours
                 continue
             out.append(m)
+            self.last_sender = sender[0]
             if first_only:
                 return out
 
     def request(
-        self, op: str, args: dict[str, Any], timeout: float = 2.0, tries: int = 5
+        self, op: str, args: dict[str, Any], timeout: float | None = None, tries: int | None = None
     ) -> dict[str, Any]:
         """An update, ordered by the group; the first reply."""
+        timeout = timeout or self.timeout
+        tries = tries or self.tries
         req = next(self.ids)
         msg = {"t": "req", "client": self.client, "req": req, "op": op, "args": args}
         for _ in range(tries):
@@ -82,8 +90,12 @@ class IndexClient:
                 return got[0]["reply"]
         raise MirrorfsError(f"no index replica answered ({tries} tries)")
 
-    def query(self, q: str, timeout: float = 2.0, tries: int = 3, **kw: Any) -> dict[str, Any]:
+    def query(
+        self, q: str, timeout: float | None = None, tries: int | None = None, **kw: Any
+    ) -> dict[str, Any]:
         """A read-only question; any replica answers from its copy."""
+        timeout = timeout or self.timeout
+        tries = tries or max(1, self.tries - 2)
         req = next(self.ids)
         for _ in range(tries):
             self._send({"t": "query", "client": self.client, "req": req, "q": q, **kw})
@@ -91,6 +103,32 @@ class IndexClient:
             if got:
                 return got[0]["reply"]
         raise MirrorfsError(f"no index replica answered ({tries} tries)")
+
+    def query_pages(self, q: str, key: str, **kw: Any) -> dict[str, Any]:
+        """A paged question (files, search, peers): every page, merged under ``key``."""
+        merged: dict[str, Any] = {}
+        after = ""
+        while True:
+            reply = self.query(q, after=after, **kw)
+            if not reply.get("ok"):
+                raise MirrorfsError(f"the index refused: {reply.get('error')}")
+            merged.update(reply[key])
+            if not reply.get("next"):
+                return merged
+            after = reply["next"]
+
+    def snapshot(self) -> IndexState:
+        """The whole index as one replica holds it (a peer's cached copy)."""
+        offer = self.query("snapshot")
+        if not offer.get("ok"):
+            raise MirrorfsError(f"the index refused: {offer.get('error')}")
+        if "blob" in offer:
+            return IndexState.from_snapshot(bytes(offer["blob"]))
+        host = str(offer["host"])
+        if host in ("0.0.0.0", ""):
+            host = self.last_sender
+        blob = asyncio.run(fetch_blob(host, int(offer["port"]), str(offer["token"])))
+        return IndexState.from_snapshot(blob)
 
     def query_all(self, q: str, wait: float = 1.0, **kw: Any) -> list[dict[str, Any]]:
         """Every replica's answer that arrives within ``wait`` seconds (status of the group)."""

@@ -49,6 +49,10 @@ class Msg(IntEnum):
     CHECKPOINT_GET = 17
     FILE_INFO = 20
     FILE_READ = 21
+    BLOB_READ = 22  # a part of an index snapshot, by token (index replicas)
+    PEER_INDEX = 23  # a peer's cached index and the peers it knows, exchanging lists
+    PEER_SHARE = 24  # ask a running peer to share one more file (loopback only)
+    PEER_UNSHARE = 25
     ERROR = 255
 
 

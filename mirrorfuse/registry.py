@@ -111,3 +111,20 @@ def default_cluster(mountpoint: str | None = None) -> ClusterSpec:
         )
     where = ", ".join(r["mountpoint"] for r in records)
     raise UsageError(f"several mirrorfs mounts ({where}): name one of them")
+
+
+def peer_dir() -> Path:
+    """Running mirrorfs-peer processes leave a record here (id, address, pid, index)."""
+    return state_dir() / "peers"
+
+
+def live_peers() -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(peer_dir().glob("*.json")) if peer_dir().exists() else []:
+        try:
+            rec = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if pid_alive(rec.get("pid")):
+            out.append(rec)
+    return out

@@ -5,12 +5,18 @@ read-only queries (``query``) from clients; ``order``, ``hb`` (heartbeat),
 ``ask`` and ``snap`` between replicas. The ordering logic is
 mirrorfuse.group.Replica; this module only moves datagrams and keeps time.
 A malformed or oversized datagram is dropped and counted, never fatal.
+
+A snapshot larger than a datagram is offered by token (``snapoffer``) and
+read over TCP (mirrorfuse.blobs). Replies that would not fit in a datagram
+(``files``, ``search``, ``peers`` of a large index) come in pages: each
+carries ``next``, the cursor to ask with for the next page.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import fnmatch
 import os
 import signal
@@ -18,13 +24,18 @@ import socket
 import struct
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
+from mirrorfuse.blobs import BlobServer, BlobStore, fetch_blob
+from mirrorfuse.errors import MirrorfsError
 from mirrorfuse.group import (
+    LOG_KEEP,
     AskFor,
     Heartbeat,
+    IndexState,
     Order,
     Replica,
     Request,
@@ -34,8 +45,10 @@ from mirrorfuse.group import (
 )
 
 MAX_DATAGRAM = 60_000
+PAGE_BYTES = 40_000  # a page of a paged reply stays well inside one datagram
+INLINE_SNAPSHOT = 40_000  # larger snapshots go by TCP
 HEARTBEAT = 1.0
-PEER_TIMEOUT = 3 * HEARTBEAT * 3  # three peer heartbeat intervals (peers beat every 3 s)
+PEER_INTERVAL = 3.0  # a peer's heartbeat interval, unless it registered with its own
 
 
 def pack(msg: dict[str, Any]) -> bytes:
@@ -75,13 +88,45 @@ def order_from_wire(m: dict[str, Any]) -> Order:
     )
 
 
+def page(
+    items: dict[str, Any], keys: list[str], after: str, pattern: str | None = None
+) -> tuple[dict[str, Any], str | None]:
+    """The entries after the cursor ``after`` (sorted keys) that fit in PAGE_BYTES."""
+    out: dict[str, Any] = {}
+    size = 0
+    for i in range(bisect.bisect_right(keys, after) if after else 0, len(keys)):
+        key = keys[i]
+        if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
+            continue
+        size += len(pack({key: items[key]}))
+        if size > PAGE_BYTES and out:
+            return out, keys[i - 1]
+        out[key] = items[key]
+    return out, None
+
+
 class IndexReplica(asyncio.DatagramProtocol):
-    def __init__(self, rid: int, targets: list[tuple[str, int]]) -> None:
-        self.replica = Replica(rid, time.monotonic())
+    def __init__(
+        self,
+        rid: int,
+        targets: list[tuple[str, int]],
+        tcp: tuple[str, int] = ("127.0.0.1", 0),
+        state: IndexState | None = None,
+        log_keep: int = LOG_KEEP,
+    ) -> None:
+        self.replica = Replica(rid, time.time(), log_keep=log_keep)
+        if state is not None:
+            self.replica.state = state
+            self.replica.next_seq = state.seq + 1
         self.targets = targets  # the group address, or every replica's (unicast)
         self.transport: asyncio.DatagramTransport | None = None
         self.clients: dict[tuple[str, int], tuple[str, int]] = {}  # request -> its sender
         self.dropped = 0
+        self.blobs = BlobStore()
+        self.tcp = tcp  # where this replica hands out large snapshots
+        self.fetching = False  # a snapshot is on its way by TCP: do not ask again
+        self.tcp_snapshots = 0  # snapshots received by TCP (shown in status)
+        self._sorted: dict[str, tuple[int, list[str]]] = {}  # what -> (seq, sorted keys)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -118,11 +163,45 @@ class IndexReplica(asyncio.DatagramProtocol):
                         addr,
                     )
             elif isinstance(act, AskFor):
-                self.send_group({"t": "ask", "replica": self.replica.id, "first": act.first})
+                if not self.fetching:
+                    self.send_group({"t": "ask", "replica": self.replica.id, "first": act.first})
             elif isinstance(act, SendSnapshot):
-                self.send_group({"t": "snap", "to": act.to, "seq": act.seq, "blob": act.blob})
+                self.send_group({"t": "snap", "to": act.to, **self.offer(act.seq, act.blob)})
             elif isinstance(act, Heartbeat):
                 self.send_group({"t": "hb", "replica": act.replica, "seq": act.seq})
+
+    def offer(self, seq: int, blob: bytes) -> dict[str, Any]:
+        """A snapshot in the datagram itself, or a token to read it by over TCP."""
+        if len(blob) <= INLINE_SNAPSHOT:
+            return {"seq": seq, "blob": blob}
+        host, port = self.tcp
+        return {"seq": seq, "host": host, "port": port, "token": self.blobs.put(blob)}
+
+    async def fetch_snapshot(self, seq: int, host: str, port: int, token: str) -> None:
+        try:
+            blob = await fetch_blob(host, port, token)
+            self.tcp_snapshots += 1
+            self.route(self.replica.on_snapshot(seq, blob, time.time()))
+        except (MirrorfsError, ValueError, OSError) as exc:
+            print(
+                f"mirrorfs-index: cannot read a snapshot from {host}:{port}: {exc} "
+                "(on a LAN, start replicas with --host set to their own address)",
+                file=sys.stderr,
+                flush=True,
+            )
+        finally:
+            self.fetching = False
+
+    def on_snap(self, m: dict[str, Any], addr: tuple[str, int]) -> None:
+        seq = int(m["seq"])
+        if "blob" in m:
+            self.route(self.replica.on_snapshot(seq, bytes(m["blob"]), time.time()))
+        elif seq > self.replica.state.seq and not self.fetching:
+            self.fetching = True
+            host = str(m["host"])
+            if host in ("0.0.0.0", ""):
+                host = addr[0]
+            asyncio.ensure_future(self.fetch_snapshot(seq, host, int(m["port"]), str(m["token"])))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         msg = unpack(data)
@@ -135,7 +214,7 @@ class IndexReplica(asyncio.DatagramProtocol):
             self.dropped += 1
 
     def handle(self, m: dict[str, Any], addr: tuple[str, int]) -> None:
-        now = time.monotonic()
+        now = time.time()
         rep = self.replica
         kind = m["t"]
         if kind == "req":
@@ -143,18 +222,11 @@ class IndexReplica(asyncio.DatagramProtocol):
             self.clients[(req.client, req.req)] = addr
             self.route(rep.on_request(req, now))
         elif kind == "query":
-            self.transport.sendto(
-                pack(
-                    {
-                        "t": "reply",
-                        "client": m["client"],
-                        "req": m["req"],
-                        "reply": self.answer(m),
-                        "replica": rep.id,
-                    }
-                ),
-                addr,
-            )
+            reply = {"t": "reply", "client": m["client"], "req": m["req"], "replica": rep.id}
+            data = pack({**reply, "reply": self.answer(m)})
+            if len(data) > MAX_DATAGRAM:
+                data = pack({**reply, "reply": {"ok": False, "error": "reply too large"}})
+            self.transport.sendto(data, addr)
         elif kind == "order" and int(m["master"]) != rep.id:
             self.route(rep.on_order(order_from_wire(m), now))
         elif kind == "hb" and int(m["replica"]) != rep.id:
@@ -162,23 +234,32 @@ class IndexReplica(asyncio.DatagramProtocol):
         elif kind == "ask" and int(m["replica"]) != rep.id:
             self.route(rep.on_ask(int(m["replica"]), int(m["first"])))
         elif kind == "snap" and int(m["to"]) == rep.id:
-            self.route(rep.on_snapshot(int(m["seq"]), bytes(m["blob"]), now))
+            self.on_snap(m, addr)
+
+    def keys(self, what: str, items: dict[str, Any]) -> list[str]:
+        """Sorted names, kept while the state does not change (pages of a large index)."""
+        seq = self.replica.state.seq
+        held = self._sorted.get(what)
+        if held is None or held[0] != seq:
+            held = self._sorted[what] = (seq, sorted(items))
+        return held[1]
 
     def answer(self, m: dict[str, Any]) -> dict[str, Any]:
         st = self.replica.state
         q = m.get("q")
+        after = str(m.get("after") or "")
         if q == "peers":
-            return {"ok": True, "peers": {p: i["addr"] for p, i in st.peers.items()}}
-        if q == "files":
-            return {"ok": True, "files": st.files}
-        if q == "search":
-            pattern = str(m.get("pattern", "*"))
-            return {
-                "ok": True,
-                "files": {n: f for n, f in st.files.items() if fnmatch.fnmatch(n, pattern)},
-            }
+            peers = {p: i["addr"] for p, i in st.peers.items()}
+            got, nxt = page(peers, self.keys("peers", peers), after)
+            return {"ok": True, "peers": got, "next": nxt, "seq": st.seq}
+        if q in ("files", "search"):
+            pattern = str(m.get("pattern", "*")) if q == "search" else None
+            got, nxt = page(st.files, self.keys("files", st.files), after, pattern)
+            return {"ok": True, "files": got, "next": nxt, "seq": st.seq}
+        if q == "snapshot":  # a peer caching the whole index
+            return {"ok": True, **self.offer(st.seq, st.snapshot())}
         if q == "status":
-            now = time.monotonic()
+            now = time.time()
             return {
                 "ok": True,
                 "replica": self.replica.id,
@@ -186,6 +267,9 @@ class IndexReplica(asyncio.DatagramProtocol):
                 "master": self.replica.master(now),
                 "digest": st.digest(),
                 "dropped": self.dropped,
+                "tcp_snapshots": self.tcp_snapshots,
+                "peers": len(st.peers),
+                "files": len(st.files),
             }
         if q == "state":  # the whole replicated state, to compare replicas
             return {
@@ -210,32 +294,77 @@ def multicast_socket(group: str, port: int) -> socket.socket:
     return sock
 
 
+def snapshot_path(args: argparse.Namespace) -> Path | None:
+    return Path(args.data) / f"replica-{args.id}.snapshot" if args.data else None
+
+
+def load_state(path: Path | None) -> IndexState | None:
+    """The state this replica saved before it stopped, if any (it catches up from there)."""
+    if path is None or not path.exists():
+        return None
+    try:
+        return IndexState.from_snapshot(path.read_bytes())
+    except Exception as exc:  # a torn or foreign file: start empty, the group fills us in
+        print(f"mirrorfs-index: ignoring {path}: {exc}", file=sys.stderr, flush=True)
+        return None
+
+
+def save_state(path: Path, state: IndexState) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(state.snapshot())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     if args.replicas:
         targets = [(h, int(p)) for h, _, p in (r.rpartition(":") for r in args.replicas.split(","))]
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind(("127.0.0.1", args.port))
+        sock.bind((args.host, args.port))
     else:
         targets = [(args.group, args.port)]
         sock = multicast_socket(args.group, args.port)
+    store_path = snapshot_path(args)
+    if store_path is not None:
+        store_path.parent.mkdir(parents=True, exist_ok=True)
+    state = load_state(store_path)
+    blobs: list[BlobStore] = []
+    tcp = await loop.create_server(lambda: BlobServer(blobs[0]), args.host, 0)
+    tcp_addr = (args.host, tcp.sockets[0].getsockname()[1])
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: IndexReplica(args.id, targets), sock=sock
+        lambda: IndexReplica(args.id, targets, tcp_addr, state, args.log_keep), sock=sock
     )
+    blobs.append(proto.blobs)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loaded = f", state from {store_path} at sequence {state.seq}" if state else ""
     print(
-        f"mirrorfs-index replica {args.id} on {args.group}:{args.port} (pid {os.getpid()})",
+        f"mirrorfs-index replica {args.id} on {args.group}:{args.port} (pid {os.getpid()}{loaded})",
         flush=True,
     )
-    proto.route(proto.replica.tick(time.monotonic()))
+    saved = state.seq if state else 0
+    proto.route(proto.replica.tick(time.time()))
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), HEARTBEAT)
         except TimeoutError:
-            proto.route(proto.replica.tick(time.monotonic(), PEER_TIMEOUT))
+            proto.route(proto.replica.tick(time.time(), PEER_INTERVAL))
+        if store_path is not None and proto.replica.state.seq != saved:
+            try:
+                await loop.run_in_executor(None, save_state, store_path, proto.replica.state)
+                saved = proto.replica.state.seq
+            except OSError as exc:  # a full disk: go on serving from memory, say so
+                print(
+                    f"mirrorfs-index: cannot save state to {store_path}: {exc.strerror}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     transport.close()
+    tcp.close()
     return 0
 
 
@@ -252,9 +381,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="replica id; the lowest live id is the master (default: from the pid)",
     )
     p.add_argument(
+        "--log-keep",
+        type=int,
+        default=LOG_KEEP,
+        metavar="N",
+        help=f"recent updates kept to fill other replicas' gaps ({LOG_KEEP}); "
+        "a replica further behind gets a snapshot",
+    )
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="keep this replica's state in DIR (saved every second), to restart from it",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address for unicast and for handing large snapshots to other replicas "
+        "(127.0.0.1; on a LAN give this machine's address)",
+    )
+    p.add_argument(
         "--replicas",
         help="host:port,... of every replica (unicast instead of "
-        "multicast); this one listens on 127.0.0.1:PORT",
+        "multicast); this one listens on HOST:PORT",
     )
     args = p.parse_args(argv)
     try:
@@ -262,6 +410,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{args.group} is not a multicast address (224.0.0.0-239.255.255.255)")
     except OSError:
         p.error(f"{args.group!r} is not an IPv4 address")
+    if args.log_keep < 1:
+        p.error("--log-keep must be at least 1")
     if not 1024 <= args.port <= 65535:
         p.error(f"port {args.port} is outside 1024-65535")
     return args

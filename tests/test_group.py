@@ -180,7 +180,7 @@ def test_silent_peers_are_dropped_with_their_files_everywhere():
         lan.request(Request("b", step, "heartbeat", {"peer": "b"}))
         lan.now += 1.0
         for r in list(lan.replicas.values()):
-            lan.route(r.id, r.tick(lan.now, peer_timeout=3.0))
+            lan.route(r.id, r.tick(lan.now, peer_interval=1.0))
     state = lan.replicas[2].state
     assert "a" not in state.peers and "b" in state.peers
     assert "only-a" not in state.files and state.files["shared"]["holders"] == ["b"]
@@ -215,3 +215,15 @@ def test_any_run_with_deaths_and_joins_keeps_replicas_identical(steps, seed):
     files = next(iter(lan.replicas.values())).state.files
     for f in files.values():
         assert f["owner"] in f["holders"] and len(set(f["holders"])) == len(f["holders"])
+
+
+def test_a_peer_is_dropped_after_three_of_its_own_intervals():
+    lan = Lan(2)
+    lan.request(Request("f", 1, "register", {"peer": "fast", "addr": "f:1", "interval": 0.5}))
+    lan.request(reg("s", 1, "slow"))  # no interval given: the default, 3 s
+    for _ in range(4):  # 2 s of silence from both
+        lan.now += 0.5
+        for r in list(lan.replicas.values()):
+            lan.route(r.id, r.tick(lan.now, peer_interval=3.0))
+    for r in lan.replicas.values():
+        assert sorted(r.state.peers) == ["slow"]
