@@ -19,6 +19,7 @@ import asyncio
 import bisect
 import fnmatch
 import os
+import re
 import signal
 import socket
 import struct
@@ -94,8 +95,13 @@ def page(
     """The entries after the cursor ``after`` (sorted keys) that fit in PAGE_BYTES."""
     out: dict[str, Any] = {}
     size = 0
-    for i in range(bisect.bisect_right(keys, after) if after else 0, len(keys)):
+    # names that match start with the pattern's literal prefix: begin there, stop past it
+    prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0] if pattern is not None else ""
+    start = bisect.bisect_right(keys, after) if after else 0
+    for i in range(max(start, bisect.bisect_left(keys, prefix)), len(keys)):
         key = keys[i]
+        if not key.startswith(prefix):
+            break
         if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
             continue
         size += len(pack({key: items[key]}))
@@ -255,6 +261,11 @@ class IndexReplica(asyncio.DatagramProtocol):
         if q in ("files", "search"):
             pattern = str(m.get("pattern", "*")) if q == "search" else None
             got, nxt = page(st.files, self.keys("files", st.files), after, pattern)
+            return {"ok": True, "files": got, "next": nxt, "seq": st.seq}
+        if q == "held":  # what the index lists for one peer (it reconciles after a restart)
+            peer = m.get("peer")
+            held = {n: f for n, f in st.files.items() if peer in f["holders"]}
+            got, nxt = page(held, sorted(held), after)
             return {"ok": True, "files": got, "next": nxt, "seq": st.seq}
         if q == "snapshot":  # a peer caching the whole index
             return {"ok": True, **self.offer(st.seq, st.snapshot())}

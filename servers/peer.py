@@ -127,7 +127,7 @@ class Peer:
                 (h, int(p)) for h, _, p in (r.rpartition(":") for r in args.replicas.split(","))
             ]
         self.index = IndexClient(group, int(port), replicas, client_id=f"peer-{self.id}")
-        self.index.timeout, self.index.tries = 1.0, 2  # notice soon that the group is gone
+        self.index.timeout, self.index.tries = 1.0, 4  # notice soon (2.75 s) that it is gone
         self.lock = threading.Lock()  # one user of the index client at a time
         self.registered = False
         self.addr = ""  # host:port it serves on, known once listening
@@ -136,6 +136,7 @@ class Peer:
         self.cache = IndexState()
         self.cached_at = 0.0
         self.online = True
+        self.ever_online = False
         # peer id -> address, all known (cache + exchanges); --peers seeds it by address
         self.peers: dict[str, str] = {
             f"?{a}": a for a in (args.peers.split(",") if args.peers else []) if a
@@ -253,7 +254,10 @@ class Peer:
                 "register", {"peer": self.id, "addr": self.addr, "interval": self.args.interval}
             )
             self.registered = reply.get("ok", False)
-            self.known.clear()  # the group may have lost us: advertise everything again
+            # the group may have lost our files, or hold some we no longer have (we were
+            # away, or restarted): advertise everything again, revoke what went
+            held = self.index.query_pages("held", "files", peer=self.id)
+            self.known = {n: (-1, 0.0) for n in held}  # no real file has size -1
         reply = self.index.request("heartbeat", {"peer": self.id})
         if not reply.get("ok"):  # dropped by the master (we were silent): start over
             self.registered = False
@@ -283,10 +287,12 @@ class Peer:
                 with self.lock:
                     self.step()
                 if not self.online:
-                    self.say("an index replica answers again: registered and advertised")
-                self.online = True
+                    self.say("an index replica answers: registered and advertised")
+                self.online = self.ever_online = True
             except MirrorfsError as exc:
-                if self.online:
+                if not self.ever_online and self.online:
+                    self.say(f"no index replica answers yet ({exc}); serving, will retry")
+                elif self.online:
                     self.say(
                         f"index unreachable ({exc}); serving on from the cached index "
                         f"(sequence {self.cache.seq}) and {len(self.peers)} known peer(s)"

@@ -9,15 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def setup_lo() -> None:
-    """Inside the namespace: loopback up, with multicast and a route for 224.0.0.0/4."""
-    for cmd in (
-        ["ip", "link", "set", "lo", "up"],
-        ["ip", "link", "set", "lo", "multicast", "on"],
-        ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"],
-    ):
-        subprocess.run(cmd, check=True)
+from mirrorfuse.netns import setup_lo  # noqa: F401 - the scenarios import it from here
 
 
 def run_scenario(script: Path) -> dict[str, Any]:

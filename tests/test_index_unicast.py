@@ -1,0 +1,100 @@
+"""The index group by unicast (--replicas, where multicast is not available), with a peer
+sharing files that live on a mounted mirrorfs volume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import cli, sha, wait_for
+
+BIN = Path(sys.executable).parent
+
+
+def free_udp_ports(n: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def procs():
+    started: list[subprocess.Popen] = []
+
+    def start(cmd: list[str], marker: str) -> subprocess.Popen:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(p)
+        line = p.stdout.readline()
+        assert marker in line, line + (p.stderr.read() if p.poll() is not None else "")
+        p.first_line = line
+        return p
+
+    yield start
+    for p in started:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def test_unicast_group_and_a_peer_sharing_from_a_mount(mfs, procs, tmp_path):
+    ports = free_udp_ports(2)
+    replicas = ",".join(f"127.0.0.1:{p}" for p in ports)
+    index = str(BIN / "mirrorfs-index")
+    r1 = procs([index, "127.0.0.1", str(ports[0]), "--id", "1", "--replicas", replicas], "replica")
+    procs([index, "127.0.0.1", str(ports[1]), "--id", "2", "--replicas", replicas], "replica")
+    share = mfs.path / "share"
+    share.mkdir()
+    (share / "movie.bin").write_bytes(os.urandom(5 << 20))
+    (mfs.path / "talk.pdf").write_bytes(os.urandom(700_000))
+    peer = procs(
+        [
+            str(BIN / "mirrorfs-peer"),
+            "--index",
+            f"127.0.0.1:{ports[0]}",
+            "--replicas",
+            replicas,
+            "--share",
+            str(share),
+            "--id",
+            "node1",
+            "--interval",
+            "0.5",
+        ],
+        "serving",
+    )
+    group = ["index", "127.0.0.1", str(ports[0]), "--replicas", replicas]
+    assert wait_for(lambda: "movie.bin" in cli(*group, "files").stdout, 20)
+
+    res = cli(*group, "share", str(mfs.path / "talk.pdf"), "--name", "talk.pdf")
+    assert res.returncode == 0, res.stderr  # the one peer running here, found by its record
+    res = cli(*group, "fetch", "movie.bin", "-o", str(tmp_path / "movie.got"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sha(tmp_path / "movie.got") == sha(share / "movie.bin")
+
+    r1.send_signal(signal.SIGKILL)  # the master: replica 2 takes over, by unicast too
+    r1.wait()
+    res = cli(*group, "fetch", "talk.pdf", "-o", str(tmp_path / "talk.got"))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sha(tmp_path / "talk.got") == sha(mfs.path / "talk.pdf")
+    (share / "movie.bin").unlink()
+    ok = wait_for(lambda: "movie.bin" not in cli(*group, "files").stdout, 20)
+    if not ok:
+        peer.send_signal(signal.SIGTERM)
+        out, err = peer.communicate(timeout=10)
+        raise AssertionError(out + err + cli(*group, "files").stdout + cli(*group, "status").stdout)
+    status = cli(*group, "status").stdout
+    assert "replica 2:" in status and "master 2" in status and "replica 1:" not in status
+    assert peer.poll() is None
