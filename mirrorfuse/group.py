@@ -28,6 +28,29 @@ LOG_KEEP = 10_000  # recent orders kept to fill other replicas' gaps
 MISSED_BEATS = 3  # a peer silent for this many of its heartbeat intervals is dropped
 
 
+# what each update must carry; a request that does not is refused alike on every replica
+SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "register": {"peer": str, "addr": str},
+    "heartbeat": {"peer": str},
+    "advertise": {"peer": str, "name": str, "size": int, "checksum": (int, str)},
+    "revoke": {"peer": str, "name": str},
+    "expire": {"interval": (int, float)},
+}
+
+
+def malformed(op: str, a: dict[str, Any]) -> str | None:
+    """Why the arguments of ``op`` are unusable, or None."""
+    for key, kind in SCHEMA.get(op, {}).items():
+        if not isinstance(a.get(key), kind) or isinstance(a.get(key), bool):
+            return f"{op} needs {key!r}"
+    if op == "advertise" and a["size"] < 0:
+        return "advertise needs a size of 0 or more"
+    name = a.get("name")
+    if op == "advertise" and (not name or "/" in name or "\0" in name or len(name) > 255):
+        return f"{name!r} is not a file name (1-255 characters, no '/')"
+    return None
+
+
 def peer_limit(info: dict[str, Any], default_interval: float) -> float:
     """How long a peer may stay silent: three of the intervals it registered with."""
     return MISSED_BEATS * float(info.get("interval") or default_interval)
@@ -100,12 +123,9 @@ class IndexState:
         last = self.clients.get(r.client)
         if last is not None and r.req <= last[0]:
             return last[1] if r.req == last[0] else {"ok": False, "error": "stale request"}
-        handler = getattr(self, f"_op_{r.op}", None)
-        reply = (
-            handler(r.args, order.t)
-            if handler
-            else {"ok": False, "error": f"unknown request {r.op!r}"}
-        )
+        handler = getattr(self, f"_op_{r.op}", None) if r.op in SCHEMA else None
+        problem = malformed(r.op, r.args) if handler else f"unknown request {r.op!r}"
+        reply = {"ok": False, "error": problem} if problem else handler(r.args, order.t)
         self.clients[r.client] = [r.req, reply]
         return reply
 

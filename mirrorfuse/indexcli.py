@@ -213,6 +213,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     c = client(args)
     ix = Index(c, peer_list(args), print)
     words = [args.what, *args.rest]
+    if args.name and args.what != "share":
+        raise UsageError("--name goes with share")
+    if args.output and args.what != "fetch":
+        raise UsageError("-o goes with fetch")
     if args.what == "share" and args.name:
         words.append(args.name)
     try:

@@ -212,14 +212,27 @@ class IndexReplica(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         msg = unpack(data)
         if msg is None:
-            self.dropped += 1
+            self.drop(f"a malformed or oversized datagram of {len(data)} bytes", addr)
             return
         try:
-            self.handle(msg, addr)
-        except (KeyError, TypeError, ValueError, AssertionError):
-            self.dropped += 1
+            if not self.handle(msg, addr):
+                self.drop(f"an unknown message kind {str(msg['t'])[:20]!r}", addr)
+        except (KeyError, TypeError, ValueError, AssertionError) as exc:
+            self.drop(f"a {str(msg.get('t'))[:20]!r} message lacking {exc}", addr)
 
-    def handle(self, m: dict[str, Any], addr: tuple[str, int]) -> None:
+    def drop(self, what: str, addr: tuple[str, int]) -> None:
+        """Count it; say so for the first and then every hundredth (no log flood)."""
+        self.dropped += 1
+        if self.dropped % 100 == 1:
+            print(
+                f"mirrorfs-index {self.replica.id}: dropped {what} from {addr[0]}:{addr[1]} "
+                f"({self.dropped} dropped so far)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def handle(self, m: dict[str, Any], addr: tuple[str, int]) -> bool:
+        """Act on one message; False for a kind this replica does not know."""
         now = time.time()
         rep = self.replica
         kind = m["t"]
@@ -239,8 +252,12 @@ class IndexReplica(asyncio.DatagramProtocol):
             self.route(rep.on_heartbeat(Heartbeat(int(m["replica"]), int(m["seq"])), now))
         elif kind == "ask" and int(m["replica"]) != rep.id:
             self.route(rep.on_ask(int(m["replica"]), int(m["first"])))
-        elif kind == "snap" and int(m["to"]) == rep.id:
-            self.on_snap(m, addr)
+        elif kind == "snap":
+            if int(m["to"]) == rep.id:
+                self.on_snap(m, addr)
+        elif kind not in ("order", "hb", "ask", "reply"):
+            return False
+        return True
 
     def keys(self, what: str, items: dict[str, Any]) -> list[str]:
         """Sorted names, kept while the state does not change (pages of a large index)."""

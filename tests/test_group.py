@@ -227,3 +227,33 @@ def test_a_peer_is_dropped_after_three_of_its_own_intervals():
             lan.route(r.id, r.tick(lan.now, peer_interval=3.0))
     for r in lan.replicas.values():
         assert sorted(r.state.peers) == ["slow"]
+
+
+def test_bad_requests_get_the_same_error_everywhere_and_change_nothing():
+    lan = Lan(3)
+    lan.request(reg("c", 1, "p"))
+    before = lan.digests()
+    bad = [
+        Request("c", 2, "advertise", {"peer": "p", "name": "x"}),  # no size, no checksum
+        Request("c", 3, "advertise", {"peer": "p", "name": "a/b", "size": 1, "checksum": 1}),
+        Request("c", 4, "advertise", {"peer": "p", "name": "", "size": 1, "checksum": 1}),
+        Request("c", 5, "advertise", {"peer": "p", "name": "x", "size": -1, "checksum": 1}),
+        Request("c", 6, "advertise", {"peer": "nobody", "name": "x", "size": 1, "checksum": 1}),
+        Request("c", 7, "revoke", {"peer": "p", "name": "never-shared"}),
+        Request("c", 8, "teleport", {}),
+        Request("c", 9, "register", {"peer": 5, "addr": None}),
+    ]
+    for req in bad:
+        lan.request(req)
+    replies = [lan.acked[("c", r.req)] for r in bad]
+    assert all(not r["ok"] for r in replies)
+    assert "needs 'size'" in replies[0]["error"]
+    assert all("is not a file name" in r["error"] for r in replies[1:3])
+    assert "size of 0 or more" in replies[3]["error"]
+    assert "register first" in replies[4]["error"]
+    assert "does not share 'never-shared'" in replies[5]["error"]
+    assert "unknown request 'teleport'" in replies[6]["error"]
+    assert len(lan.digests()) == 1
+    files_and_peers = {(tuple(r.state.files), tuple(r.state.peers)) for r in lan.replicas.values()}
+    assert files_and_peers == {((), ("p",))}
+    assert before != lan.digests()  # the requests were ordered (and remembered), not lost

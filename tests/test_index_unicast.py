@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgpack
 import pytest
 from helpers import cli, sha, wait_for
+
+from mirrorfuse.indexclient import IndexClient
 
 BIN = Path(sys.executable).parent
 
@@ -98,3 +101,30 @@ def test_unicast_group_and_a_peer_sharing_from_a_mount(mfs, procs, tmp_path):
     status = cli(*group, "status").stdout
     assert "replica 2:" in status and "master 2" in status and "replica 1:" not in status
     assert peer.poll() is None
+
+    # bad input: a clear message and a non-zero exit, and the replica carries on
+    c = IndexClient("127.0.0.1", ports[1], [("127.0.0.1", ports[1])])
+    c.sock.sendto(msgpack.packb({"t": "teleport"}), ("127.0.0.1", ports[1]))
+    c.sock.sendto(b"\xc1\xc1", ("127.0.0.1", ports[1]))
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    ghost = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refuses
+    reg = {"peer": "ghost", "addr": ghost, "interval": 600}
+    assert c.request("register", reg)["ok"]
+    adv = {"peer": "ghost", "name": "ghost.bin", "size": 10, "checksum": 1}
+    assert c.request("advertise", adv)["ok"]
+    c.close()
+    res = cli(*group, "fetch", "ghost.bin", "-o", str(tmp_path / "ghost.got"))
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert f"source {ghost} is not available" in res.stdout  # says which peer did not answer
+    assert "no source answers" in res.stderr
+    closed.close()
+    assert not (tmp_path / "ghost.got").exists()
+    res = cli(*group, "fetch", "no-such-file", "-o", str(tmp_path / "x"))
+    assert res.returncode == 1 and "no peer shares 'no-such-file'" in res.stderr
+    res = cli(*group, "share", str(tmp_path / "missing"))
+    assert res.returncode == 1 and "is not a regular file" in res.stderr
+    res = cli("index", "127.0.0.1", "80", "status")
+    assert res.returncode != 0 and "outside 1024-65535" in res.stderr
+    status = cli(*group, "status").stdout
+    assert "dropped datagrams 2" in status, status
