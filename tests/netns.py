@@ -21,3 +21,14 @@ def run_scenario(script: Path) -> dict[str, Any]:
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def stop(p: subprocess.Popen) -> None:
+    """End a process we started, by its pid: SIGTERM, then SIGKILL after 10 s."""
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

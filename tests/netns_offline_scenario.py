@@ -12,14 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from netns import setup_lo
+from netns import setup_lo, stop
 
 from mirrorfuse.indexclient import IndexClient
 
@@ -55,12 +54,7 @@ class Procs:
 
     def stop_all(self) -> None:
         for p in self.all.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(p)
 
 
 def wait(pred, timeout: float = 30.0) -> bool:

@@ -7,14 +7,13 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from netns import setup_lo
+from netns import setup_lo, stop
 
 from mirrorfuse.cluster import Address
 from mirrorfuse.connection import Connection
@@ -121,12 +120,7 @@ def main() -> None:
         out["revoked"] = wait(lambda: "only-a.txt" not in c.query("files")["files"])
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))
 

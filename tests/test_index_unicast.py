@@ -13,6 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from helpers import cli, sha, wait_for
+from netns import stop
 
 from mirrorfuse.indexclient import IndexClient
 
@@ -43,13 +44,7 @@ def procs():
 
     yield start
     for p in started:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop(p)
 
 
 def test_unicast_group_and_a_peer_sharing_from_a_mount(mfs, procs, tmp_path):
