@@ -431,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--index {args.index!r} is not GROUP:PORT")
     if not (args.port == 0 or 1024 <= args.port <= 65535):
         p.error(f"--port {args.port} is outside 1024-65535")
+    for addr in filter(None, (args.peers or "").split(",")):
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            p.error(f"--peers: {addr!r} is not HOST:PORT")
+    if not 0.2 <= args.interval <= 3600:
+        p.error(f"--interval {args.interval:g} is outside 0.2-3600 seconds")
     if "/" in args.id or not args.id:
         p.error(f"--id {args.id!r} cannot be used as a peer name")
     peer = Peer(args)
