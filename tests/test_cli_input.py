@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+from pathlib import Path
 
 import pytest
 from helpers import CLI, SERVER, ServerProc, cli, free_base_port, run
@@ -142,3 +143,39 @@ def test_rebuild_of_a_live_server_is_refused(cluster4):
 def test_help_is_not_an_error():
     assert run([CLI, "--help"]).returncode == 0
     assert run([SERVER, "--help"]).returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["10.0.0.1", "55555"], "is not a multicast address"),
+        (["235.1.1.1", "80"], "outside 1024-65535"),
+        (["nonsense", "55555"], "is not an IPv4 address"),
+        (["235.1.1.1", "55555", "--log-keep", "0"], "--log-keep must be at least 1"),
+    ],
+)
+def test_index_replica_refuses_bad_arguments(args, fragment):
+    assert_clean_failure(run([str(Path(SERVER).with_name("mirrorfs-index")), *args]), fragment)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--index", "nonsense"], "is not GROUP:PORT"),
+        (["--index", "235.1.1.1:5555", "--interval", "0"], "outside 0.2-3600"),
+        (["--index", "235.1.1.1:5555", "--peers", "127.0.0.1:x"], "is not HOST:PORT"),
+        (["--index", "235.1.1.1:5555", "--port", "80"], "outside 1024-65535"),
+    ],
+)
+def test_peer_refuses_bad_arguments(tmp_path, args, fragment):
+    peer = str(Path(SERVER).with_name("mirrorfs-peer"))
+    assert_clean_failure(run([peer, "--share", str(tmp_path), *args]), fragment)
+    res = run([peer, "--share", str(tmp_path / "missing"), "--index", "235.1.1.1:5555"])
+    assert_clean_failure(res, "is not a directory")
+
+
+def test_index_cli_refuses_misplaced_flags():
+    res = cli("index", "235.1.1.1", "55555", "files", "--name", "x")
+    assert_clean_failure(res, "--name goes with share")
+    res = cli("index", "235.1.1.1", "55555", "peers", "-o", "x")
+    assert_clean_failure(res, "-o goes with fetch")
