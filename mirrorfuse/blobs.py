@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from typing import Any
 
 from .cluster import Address
 from .connection import Connection
@@ -63,6 +64,13 @@ class BlobServer(FrameServer):
             return
         data, total = got
         self.send(encode(Msg.BLOB_READ, frame.req_id, {"total": total}, data, flags=Flag.REPLY))
+
+
+def offered_at(offer: dict[str, Any], sender: str) -> tuple[str, int, str]:
+    """Where a snapshot offer says to read it: host, port, token (an offer from a
+    replica listening on every address means the address it was sent from)."""
+    host = str(offer["host"])
+    return (sender if host in ("0.0.0.0", "") else host), int(offer["port"]), str(offer["token"])
 
 
 async def fetch_blob(host: str, port: int, token: str, timeout: float = 10.0) -> bytes:

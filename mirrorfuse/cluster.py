@@ -51,14 +51,19 @@ def parse_port(text: str, what: str = "port") -> int:
     return check_port(port, what)
 
 
-def parse_address(text: str) -> Address:
+def parse_address(text: str, what: str = "server address") -> Address:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host:
-        raise UsageError(f"server address {text!r} is not host:port")
+        raise UsageError(f"{what} {text!r} is not host:port")
     try:
         return Address(host.strip("[]"), parse_port(port))
     except UsageError as exc:
-        raise UsageError(f"server address {text.strip()!r}: {exc}") from None
+        raise UsageError(f"{what} {text.strip()!r}: {exc}") from None
+
+
+def parse_address_list(text: str, what: str) -> list[tuple[str, int]]:
+    """host:port,... (index replicas, peers) as the (host, port) pairs sockets take."""
+    return [(a.host, a.port) for a in (parse_address(t, what) for t in text.split(",") if t)]
 
 
 def parse_servers(text: str) -> ClusterSpec:

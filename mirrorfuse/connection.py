@@ -192,3 +192,14 @@ class Connection:
 
     def close(self) -> None:
         self._abort("connection closed by client")
+
+
+async def request_once(
+    address: Address, type_: int, body: dict[str, Any], timeout: float, connect: float = 3.0
+) -> Frame:
+    """Connect, ask one question, close: for peers asked now and then, not kept open."""
+    conn = await Connection.open(0, address, connect)
+    try:
+        return await asyncio.wait_for(conn.request(type_, body), timeout)
+    finally:
+        conn.close()

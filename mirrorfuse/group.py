@@ -167,7 +167,7 @@ class IndexState:
         held = self.files.get(a["name"])
         if held is None or a["peer"] not in held["holders"]:
             return {"ok": False, "error": f"{a['peer']} does not share {a['name']!r}"}
-        self._drop_holder(a["name"], a["peer"])
+        self.drop_holder(a["name"], a["peer"])
         return {"ok": True}
 
     def _op_expire(self, a: dict[str, Any], t: float) -> dict[str, Any]:
@@ -180,10 +180,10 @@ class IndexState:
         for p in gone:
             del self.peers[p]
             for name in [n for n, f in self.files.items() if p in f["holders"]]:
-                self._drop_holder(name, p)
+                self.drop_holder(name, p)
         return {"ok": True, "dropped": gone}
 
-    def _drop_holder(self, name: str, peer: str) -> None:
+    def drop_holder(self, name: str, peer: str) -> None:
         held = self.files[name]
         held["holders"].remove(peer)
         if not held["holders"]:
@@ -217,19 +217,24 @@ class IndexState:
 
 class Replica:
     def __init__(
-        self, rid: int, now: float, grace: float = SILENCE, log_keep: int = LOG_KEEP
+        self,
+        rid: int,
+        now: float,
+        grace: float = SILENCE,
+        log_keep: int = LOG_KEEP,
+        state: IndexState | None = None,  # saved before a restart: catch up from there
     ) -> None:
         self.id = rid
         self.log_keep = log_keep
         # a replica that just started has heard nobody yet: it listens this long
         # before it may act as master (else a late joiner would number orders alone)
         self.grace_until = now + grace
-        self.state = IndexState()
+        self.state = state if state is not None else IndexState()
         self.seen: dict[int, float] = {rid: now}  # replica -> last heard
         self.unordered: dict[tuple[str, int], Request] = {}
         self.ahead: dict[int, Order] = {}  # orders past a gap, waiting
         self.log: dict[int, Order] = {}
-        self.next_seq = 1  # what this replica would number next as master
+        self.next_seq = self.state.seq + 1  # what this replica would number next as master
         self.known_seq = 0  # the highest sequence number any replica has shown
 
     def master(self, now: float) -> int | None:

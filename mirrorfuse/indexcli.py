@@ -19,11 +19,11 @@ from typing import Any
 
 import msgpack
 
-from .cluster import parse_address
-from .connection import Connection
+from .cluster import parse_address, parse_address_list
+from .connection import request_once
 from .errors import MirrorfsError, ServerError, UsageError
 from .indexclient import IndexClient
-from .protocol import Msg
+from .protocol import Frame, Msg
 from .registry import live_peers
 
 HELP = """commands: status | peers | files | search PATTERN | fetch NAME OUTPUT |
@@ -31,30 +31,15 @@ HELP = """commands: status | peers | files | search PATTERN | fetch NAME OUTPUT 
 (each waits for the first reply; duplicates and late replies are ignored)"""
 
 
-def parse_replicas(text: str | None) -> list[tuple[str, int]] | None:
-    if not text:
-        return None
-    out = []
-    for r in text.split(","):
-        host, _, port = r.rpartition(":")
-        if not host or not port.isdigit():
-            raise UsageError(f"replica {r!r} is not host:port")
-        out.append((host, int(port)))
-    return out
-
-
 def client(args: argparse.Namespace) -> IndexClient:
     if not 1024 <= args.port <= 65535:
         raise UsageError(f"port {args.port} is outside 1024-65535")
-    return IndexClient(args.group, args.port, parse_replicas(args.replicas))
+    replicas = parse_address_list(args.replicas, "replica") if args.replicas else None
+    return IndexClient(args.group, args.port, replicas)
 
 
-async def _peer_call(addr: str, type_: int, body: dict[str, Any], timeout: float = 30.0):
-    conn = await Connection.open(0, parse_address(addr), 3.0)
-    try:
-        return await asyncio.wait_for(conn.request(type_, body), timeout)
-    finally:
-        conn.close()
+def _peer_call(addr: str, type_: int, body: dict[str, Any]) -> Frame:
+    return asyncio.run(request_once(parse_address(addr), type_, body, 30.0))
 
 
 class Index:
@@ -72,9 +57,10 @@ class Index:
     def from_peer(self, why: MirrorfsError) -> tuple[dict[str, Any], dict[str, str]]:
         if self.cached is not None:
             return self.cached
-        for addr in self.local_peers():
+        addrs = self.local_peers()
+        for addr in addrs:
             try:
-                frame = asyncio.run(_peer_call(addr, Msg.PEER_INDEX, {}))
+                frame = _peer_call(addr, Msg.PEER_INDEX, {})
             except MirrorfsError:
                 continue
             files = msgpack.unpackb(frame.payload, raw=False)
@@ -84,7 +70,7 @@ class Index:
             )
             self.cached = (files, dict(frame.body.get("peers", {})))
             return self.cached
-        hint = "" if self.local_peers() else " (and no peer to ask: give --peer HOST:PORT)"
+        hint = "" if addrs else " (and no peer to ask: give --peer HOST:PORT)"
         raise MirrorfsError(f"{why}{hint}")
 
     def files(self, pattern: str | None = None) -> dict[str, Any]:
@@ -115,7 +101,7 @@ class Index:
         if len(addrs) > 1:
             raise UsageError(f"several peers run here ({', '.join(addrs)}): choose with --peer")
         try:
-            return asyncio.run(_peer_call(addrs[0], type_, body)).body
+            return _peer_call(addrs[0], type_, body).body
         except ServerError as exc:
             return {"ok": False, "error": exc.body.get("msg", str(exc))}
 

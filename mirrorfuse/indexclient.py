@@ -19,7 +19,7 @@ from typing import Any
 
 import msgpack
 
-from .blobs import fetch_blob
+from .blobs import fetch_blob, offered_at
 from .errors import MirrorfsError
 from .group import IndexState
 
@@ -130,10 +130,7 @@ class IndexClient:
             raise MirrorfsError(f"the index refused: {offer.get('error')}")
         if "blob" in offer:
             return IndexState.from_snapshot(bytes(offer["blob"]))
-        host = str(offer["host"])
-        if host in ("0.0.0.0", ""):
-            host = self.last_sender
-        blob = asyncio.run(fetch_blob(host, int(offer["port"]), str(offer["token"])))
+        blob = asyncio.run(fetch_blob(*offered_at(offer, self.last_sender)))
         return IndexState.from_snapshot(blob)
 
     def query_all(self, q: str, wait: float = 1.0, **kw: Any) -> list[dict[str, Any]]:

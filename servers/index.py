@@ -30,8 +30,9 @@ from typing import Any
 
 import msgpack
 
-from mirrorfuse.blobs import BlobServer, BlobStore, fetch_blob
-from mirrorfuse.errors import MirrorfsError
+from mirrorfuse.blobs import BlobServer, BlobStore, fetch_blob, offered_at
+from mirrorfuse.cluster import parse_address_list
+from mirrorfuse.errors import MirrorfsError, UsageError
 from mirrorfuse.group import (
     LOG_KEEP,
     AskFor,
@@ -120,10 +121,7 @@ class IndexReplica(asyncio.DatagramProtocol):
         state: IndexState | None = None,
         log_keep: int = LOG_KEEP,
     ) -> None:
-        self.replica = Replica(rid, time.time(), log_keep=log_keep)
-        if state is not None:
-            self.replica.state = state
-            self.replica.next_seq = state.seq + 1
+        self.replica = Replica(rid, time.time(), log_keep=log_keep, state=state)
         self.targets = targets  # the group address, or every replica's (unicast)
         self.transport: asyncio.DatagramTransport | None = None
         self.clients: dict[tuple[str, int], tuple[str, int]] = {}  # request -> its sender
@@ -204,10 +202,7 @@ class IndexReplica(asyncio.DatagramProtocol):
             self.route(self.replica.on_snapshot(seq, bytes(m["blob"]), time.time()))
         elif seq > self.replica.state.seq and not self.fetching:
             self.fetching = True
-            host = str(m["host"])
-            if host in ("0.0.0.0", ""):
-                host = addr[0]
-            asyncio.ensure_future(self.fetch_snapshot(seq, host, int(m["port"]), str(m["token"])))
+            asyncio.ensure_future(self.fetch_snapshot(seq, *offered_at(m, addr[0])))
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         msg = unpack(data)
@@ -349,7 +344,7 @@ def save_state(path: Path, state: IndexState) -> None:
 async def serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     if args.replicas:
-        targets = [(h, int(p)) for h, _, p in (r.rpartition(":") for r in args.replicas.split(","))]
+        targets = args.targets
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((args.host, args.port))
     else:
@@ -438,6 +433,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"{args.group} is not a multicast address (224.0.0.0-239.255.255.255)")
     except OSError:
         p.error(f"{args.group!r} is not an IPv4 address")
+    try:  # every replica's address, for unicast
+        args.targets = parse_address_list(args.replicas, "--replicas") if args.replicas else []
+    except UsageError as exc:
+        p.error(str(exc))
     if args.log_keep < 1:
         p.error("--log-keep must be at least 1")
     if not 1024 <= args.port <= 65535:

@@ -31,9 +31,9 @@ from typing import Any
 
 import msgpack
 
-from mirrorfuse.cluster import Address
-from mirrorfuse.connection import Connection
-from mirrorfuse.errors import MirrorfsError
+from mirrorfuse.cluster import parse_address, parse_address_list
+from mirrorfuse.connection import request_once
+from mirrorfuse.errors import MirrorfsError, UsageError
 from mirrorfuse.fileserver import VirtualServer, file_checksum
 from mirrorfuse.group import IndexState
 from mirrorfuse.indexclient import IndexClient
@@ -113,7 +113,9 @@ class PeerServer(FrameServer):
 
 
 class Peer:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(
+        self, args: argparse.Namespace, replicas: list[tuple[str, int]] | None = None
+    ) -> None:
         self.args = args
         self.id: str = args.id
         self.share = Path(args.share).resolve()
@@ -121,11 +123,6 @@ class Peer:
         self.known: dict[str, tuple[int, float]] = {}  # name -> size, mtime advertised
         self.extra: dict[str, Path] = {}  # single files shared by name (index share)
         group, _, port = args.index.rpartition(":")
-        replicas = None
-        if args.replicas:
-            replicas = [
-                (h, int(p)) for h, _, p in (r.rpartition(":") for r in args.replicas.split(","))
-            ]
         self.index = IndexClient(group, int(port), replicas, client_id=f"peer-{self.id}")
         self.index.timeout, self.index.tries = 1.0, 4  # notice soon (2.75 s) that it is gone
         self.lock = threading.Lock()  # one user of the index client at a time
@@ -355,12 +352,7 @@ class Peer:
         self.peers.pop(peer, None)
         self.misses.pop(peer, None)
         for name in [n for n, f in self.cache.files.items() if peer in f["holders"]]:
-            held = self.cache.files[name]
-            held["holders"].remove(peer)
-            if not held["holders"]:
-                del self.cache.files[name]
-            elif held["owner"] == peer:
-                held["owner"] = held["holders"][0]
+            self.cache.drop_holder(name, peer)
         self.say(f"forgot peer {peer}: it did not answer {GOSSIP_MISSES} times")
 
     async def gossip(self) -> None:
@@ -375,7 +367,7 @@ class Peer:
             if peer == self.id:
                 continue
             try:
-                reply = await ask_peer(addr, body)
+                reply = await request_once(parse_address(addr), Msg.PEER_INDEX, body, 3.0)
             except (MirrorfsError, ValueError, OSError):
                 self.misses[peer] = self.misses.get(peer, 0) + 1
                 if self.misses[peer] >= GOSSIP_MISSES:
@@ -395,16 +387,6 @@ class Peer:
         rec = {"id": self.id, "addr": self.addr, "pid": os.getpid(), "index": self.args.index}
         path.write_text(json.dumps(rec))
         return path
-
-
-async def ask_peer(addr: str, body: dict[str, Any], timeout: float = 3.0) -> Frame:
-    """One PEER_INDEX exchange with the peer at host:port."""
-    host, _, port = addr.rpartition(":")
-    conn = await Connection.open(0, Address(host, int(port)), timeout)
-    try:
-        return await asyncio.wait_for(conn.request(Msg.PEER_INDEX, body), timeout)
-    finally:
-        conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,14 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.port == 0 or 1024 <= args.port <= 65535):
         p.error(f"--port {args.port} is outside 1024-65535")
     for addr in filter(None, (args.peers or "").split(",")):
-        host, sep, port = addr.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        try:
+            parse_address(addr)
+        except UsageError:
             p.error(f"--peers: {addr!r} is not HOST:PORT")
+    try:
+        replicas = parse_address_list(args.replicas, "--replicas") if args.replicas else None
+    except UsageError as exc:
+        p.error(str(exc))
     if not 0.2 <= args.interval <= 3600:
         p.error(f"--interval {args.interval:g} is outside 0.2-3600 seconds")
     if "/" in args.id or not args.id:
         p.error(f"--id {args.id!r} cannot be used as a peer name")
-    peer = Peer(args)
+    peer = Peer(args, replicas)
     loop = asyncio.new_event_loop()
     try:
         server = loop.run_until_complete(

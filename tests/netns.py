@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,3 +33,26 @@ def stop(p: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+def start(cmd: list[str], marker: str) -> tuple[subprocess.Popen, str]:
+    """Start a daemon and wait for its first line, which must hold ``marker``."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    if marker not in line:
+        stop(p)
+        raise AssertionError(f"{cmd[0]} did not start: {line!r} {p.stderr.read()}")
+    return p, line
+
+
+def wait(pred, timeout: float = 30.0) -> bool:
+    """Poll until ``pred()`` holds; an error from it (a group in transition) counts as no."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if pred():
+                return True
+        except Exception:  # noqa: BLE001
+            pass
+        time.sleep(0.3)
+    return False

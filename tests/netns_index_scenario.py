@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from netns import setup_lo
+import netns
+from netns import setup_lo, stop
 
 from mirrorfuse.indexclient import IndexClient
 
@@ -20,11 +21,7 @@ INDEX = str(Path(sys.executable).parent / "mirrorfs-index")
 
 
 def start(rid: int) -> subprocess.Popen:
-    p = subprocess.Popen(
-        [INDEX, GROUP, str(PORT), "--id", str(rid)], stdout=subprocess.PIPE, text=True
-    )
-    assert "mirrorfs-index replica" in p.stdout.readline()
-    return p
+    return netns.start([INDEX, GROUP, str(PORT), "--id", str(rid)], "mirrorfs-index replica")[0]
 
 
 def main() -> None:
@@ -107,9 +104,7 @@ def main() -> None:
         )
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                p.wait(10)
+            stop(p)
     print(json.dumps(out))
 
 

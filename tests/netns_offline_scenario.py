@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from netns import setup_lo, stop
+from netns import setup_lo, start, stop, wait
 
 from mirrorfuse.indexclient import IndexClient
 
@@ -32,10 +32,7 @@ class Procs:
         self.all: dict[str, subprocess.Popen] = {}
 
     def start(self, key: str, cmd: list[str], marker: str) -> str:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = p.stdout.readline()
-        assert marker in line, (line, p.stderr.read() if p.poll() is not None else "")
-        self.all[key] = p
+        self.all[key], line = start(cmd, marker)
         return line
 
     def replica(self, rid: int, *extra: str) -> str:
@@ -55,18 +52,6 @@ class Procs:
     def stop_all(self) -> None:
         for p in self.all.values():
             stop(p)
-
-
-def wait(pred, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        try:
-            if pred():
-                return True
-        except Exception:  # noqa: BLE001 - a group in transition may not answer yet
-            pass
-        time.sleep(0.3)
-    return False
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -10,10 +10,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from netns import setup_lo, stop
+from netns import setup_lo, start, stop, wait
 
 from mirrorfuse.cluster import Address
 from mirrorfuse.connection import Connection
@@ -23,22 +22,6 @@ from mirrorfuse.protocol import Msg
 
 GROUP, PORT = "235.1.1.2", 55556
 BIN = Path(sys.executable).parent
-
-
-def started(cmd: list[str], marker: str) -> subprocess.Popen:
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    line = p.stdout.readline()
-    assert marker in line, line
-    return p
-
-
-def wait(pred, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 async def escape(addr: str) -> str:
@@ -65,17 +48,17 @@ def main() -> None:
     (a / "only-a.txt").write_text("a")
     (b / "only-b.txt").write_text("b")
     procs = [
-        started(
+        start(
             [str(BIN / "mirrorfs-index"), GROUP, str(PORT), "--id", str(i)],
             "mirrorfs-index replica",
-        )
+        )[0]
         for i in (1, 2)
     ]
     out: dict = {}
     try:
         for name, d in (("pa", a), ("pb", b)):
             procs.append(
-                started(
+                start(
                     [
                         str(BIN / "mirrorfs-peer"),
                         "--index",
@@ -88,10 +71,10 @@ def main() -> None:
                         "0.5",
                     ],
                     "serving",
-                )
+                )[0]
             )
         c = IndexClient(GROUP, PORT)
-        assert wait(lambda: len(c.query("files")["files"]) == 3), c.query("files")
+        assert wait(lambda: len(c.query("files")["files"]) == 3, 20), c.query("files")
         files = c.query("files")["files"]
         out["holders"] = files["shared.bin"]["holders"]
         peers = c.query("peers")["peers"]
@@ -117,7 +100,7 @@ def main() -> None:
         ).digest() == hashlib.sha256(shared).digest()
         out["escape"] = asyncio.run(escape(peers["pa"]))
         (a / "only-a.txt").unlink()
-        out["revoked"] = wait(lambda: "only-a.txt" not in c.query("files")["files"])
+        out["revoked"] = wait(lambda: "only-a.txt" not in c.query("files")["files"], 20)
     finally:
         for p in procs:
             stop(p)

@@ -152,6 +152,7 @@ def test_help_is_not_an_error():
         (["235.1.1.1", "80"], "outside 1024-65535"),
         (["nonsense", "55555"], "is not an IPv4 address"),
         (["235.1.1.1", "55555", "--log-keep", "0"], "--log-keep must be at least 1"),
+        (["127.0.0.1", "55555", "--replicas", "foo:bar"], "port 'bar' is not a number"),
     ],
 )
 def test_index_replica_refuses_bad_arguments(args, fragment):
@@ -165,6 +166,7 @@ def test_index_replica_refuses_bad_arguments(args, fragment):
         (["--index", "235.1.1.1:5555", "--interval", "0"], "outside 0.2-3600"),
         (["--index", "235.1.1.1:5555", "--peers", "127.0.0.1:x"], "is not HOST:PORT"),
         (["--index", "235.1.1.1:5555", "--port", "80"], "outside 1024-65535"),
+        (["--index", "235.1.1.1:5555", "--replicas", "x"], "--replicas 'x' is not host:port"),
     ],
 )
 def test_peer_refuses_bad_arguments(tmp_path, args, fragment):

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from helpers import cli, sha, wait_for
-from netns import stop
+from netns import start, stop
 
 from mirrorfuse.indexclient import IndexClient
 
@@ -34,15 +34,12 @@ def free_udp_ports(n: int) -> list[int]:
 def procs():
     started: list[subprocess.Popen] = []
 
-    def start(cmd: list[str], marker: str) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def run(cmd: list[str], marker: str) -> subprocess.Popen:
+        p = start(cmd, marker)[0]
         started.append(p)
-        line = p.stdout.readline()
-        assert marker in line, line + (p.stderr.read() if p.poll() is not None else "")
-        p.first_line = line
         return p
 
-    yield start
+    yield run
     for p in started:
         stop(p)
 
