@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=/dev/null
-source scripts/bootstrap.sh
+source mirrorfuse/tools/bootstrap.sh
 ensure_fuse
 bootstrap_venv ""
-exec "$VENV/bin/python" -m mirrorfuse.up "$@"
+exec "$VENV/bin/python" -m mirrorfuse.tools.up "$@"

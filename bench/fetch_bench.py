@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirrorfuse.localcluster import free_base_port  # noqa: E402
-from mirrorfuse.sizes import human, parse_size  # noqa: E402
+from mirrorfuse.tools.spawn import free_base_port  # noqa: E402
+from mirrorfuse.wire.sizes import human, parse_size  # noqa: E402
 
 CLI = str(Path(sys.executable).parent / "mirrorfs-cli")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirrorfuse.localcluster import LocalCluster  # noqa: E402
-from mirrorfuse.sizes import human, parse_size  # noqa: E402
+from mirrorfuse.tools.spawn import LocalCluster  # noqa: E402
+from mirrorfuse.wire.sizes import human, parse_size  # noqa: E402
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parent.parent

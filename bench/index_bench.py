@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # netns
 
 import msgpack  # noqa: E402
+from netns import setup_lo  # noqa: E402
 
-from mirrorfuse.group import IndexState, Order, Request  # noqa: E402
-from mirrorfuse.indexclient import IndexClient  # noqa: E402
-from mirrorfuse.netns import setup_lo  # noqa: E402
+from mirrorfuse.core.group import IndexState, Order, Request  # noqa: E402
+from mirrorfuse.index.client import IndexClient  # noqa: E402
 
 GROUP, PORT = "235.1.1.9", 55599
 INDEX = str(Path(sys.executable).parent / "mirrorfs-index")

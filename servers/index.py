@@ -30,10 +30,7 @@ from typing import Any
 
 import msgpack
 
-from mirrorfuse.blobs import BlobServer, BlobStore, fetch_blob, offered_at
-from mirrorfuse.cluster import parse_address_list
-from mirrorfuse.errors import MirrorfsError, UsageError
-from mirrorfuse.group import (
+from mirrorfuse.core.group import (
     LOG_KEEP,
     AskFor,
     Heartbeat,
@@ -45,6 +42,9 @@ from mirrorfuse.group import (
     SendReply,
     SendSnapshot,
 )
+from mirrorfuse.index.blobs import BlobServer, BlobStore, fetch_blob, offered_at
+from mirrorfuse.wire.addresses import parse_address_list
+from mirrorfuse.wire.errors import MirrorfsError, UsageError
 
 MAX_DATAGRAM = 60_000
 PAGE_BYTES = 40_000  # a page of a paged reply stays well inside one datagram

@@ -31,13 +31,13 @@ from typing import Any
 
 import msgpack
 
-from mirrorfuse.cluster import parse_address, parse_address_list
-from mirrorfuse.connection import request_once
-from mirrorfuse.errors import MirrorfsError, UsageError
-from mirrorfuse.fileserver import VirtualServer, file_checksum
-from mirrorfuse.group import IndexState
-from mirrorfuse.indexclient import IndexClient
-from mirrorfuse.protocol import (
+from mirrorfuse.client.connection import request_once
+from mirrorfuse.core.group import IndexState
+from mirrorfuse.index.client import IndexClient
+from mirrorfuse.tools.registry import peer_dir
+from mirrorfuse.wire.addresses import parse_address, parse_address_list
+from mirrorfuse.wire.errors import MirrorfsError, UsageError
+from mirrorfuse.wire.frames import (
     MAX_PAYLOAD,
     BadRequest,
     Flag,
@@ -48,7 +48,7 @@ from mirrorfuse.protocol import (
     encode_error,
     need,
 )
-from mirrorfuse.registry import peer_dir
+from servers.fileserver import VirtualServer, file_checksum
 
 CACHE_EVERY = 5.0  # at most this often, a changed index is copied again
 GOSSIP_MISSES = 3  # a peer that misses this many exchanges in a row is forgotten

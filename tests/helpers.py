@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from mirrorfuse.localcluster import LocalCluster, ServerProc, free_base_port
+from mirrorfuse.tools.spawn import LocalCluster, ServerProc, free_base_port
 
 __all__ = [
     "Cluster",

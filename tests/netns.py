@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,15 +11,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mirrorfuse.netns import setup_lo  # noqa: F401 - the scenarios import it from here
+
+def setup_lo() -> None:
+    """Inside ``unshare -n``: loopback up, with multicast and a route for 224.0.0.0/4."""
+    for cmd in (
+        ["ip", "link", "set", "lo", "up"],
+        ["ip", "link", "set", "lo", "multicast", "on"],
+        ["ip", "route", "add", "224.0.0.0/4", "dev", "lo"],
+    ):
+        subprocess.run(cmd, check=True)
 
 
 def run_scenario(script: Path) -> dict[str, Any]:
     """Run a scenario script under 'unshare -n'; its last output line is its JSON result."""
     if shutil.which("unshare") is None:
         raise AssertionError("unshare (util-linux) is needed to test multicast in a namespace")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     res = subprocess.run(
-        ["unshare", "-n", sys.executable, str(script)], capture_output=True, text=True, timeout=180
+        ["unshare", "-n", sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
     )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=/dev/null
-source scripts/bootstrap.sh
+source mirrorfuse/tools/bootstrap.sh
 ensure_fuse
 # tools the mount tests drive, as a user would: rsync, setfattr/getfattr, git
 need=()

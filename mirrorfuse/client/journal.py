@@ -1,0 +1,166 @@
+"""The metadata journal: numbered records, group commit, checkpoints.
+
+The file system applies a record to its in-memory namespace and hands it to
+``add`` under its own lock, so journal order is apply order. A committer task
+on the volume's event loop sends whatever has accumulated as one batch to
+every writable server; while that batch is on the wire the next one collects
+(group commit). ``wait`` blocks until a record is on every live server.
+
+A checkpoint is queued like a record, at the sequence number it was taken at,
+so it reaches each server exactly when that server's journal ends there. The
+last checkpoint and the batches since are kept to heal a server that missed
+them (a rebuild target says GAP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mirrorfuse.client.metastore import Batch, MetaStore
+from mirrorfuse.client.volume import BlockingVolume
+
+CHECKPOINT_RECORDS = 50_000
+CHECKPOINT_BYTES = 32 << 20
+MAX_BATCH_BYTES = 4 << 20
+
+
+@dataclass
+class _Checkpoint:
+    seq: int
+    blob: bytes
+
+
+class JournalBroken(Exception):
+    """The journal could not be written: the file system must stop changing things."""
+
+
+class Journal:
+    def __init__(
+        self,
+        bvol: BlockingVolume,
+        meta: MetaStore,
+        seq: int,
+        checkpoint: bytes,
+        on_committed: Callable[[int], None] | None = None,
+    ) -> None:
+        self._bvol = bvol
+        self._meta = meta
+        self.seq = seq  # last record handed in
+        self.committed = seq  # last record on every writable server
+        self._ckpt = _Checkpoint(seq, checkpoint)
+        self._tail: list[Batch] = []
+        self._tail_bytes = 0
+        self._queue: list[bytes | _Checkpoint] = []
+        self._cond = threading.Condition()
+        self._on_committed = on_committed
+        self.error: BaseException | None = None
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._task = asyncio.run_coroutine_threadsafe(self._run(), bvol.loop)
+
+    # -- called by the file system (any thread) -----------------------------------------
+
+    def add(self, record: bytes) -> int:
+        """Queue one encoded record; the caller holds the lock that orders records."""
+        with self._cond:
+            if self.error is not None:
+                raise JournalBroken(str(self.error))
+            self.seq += 1
+            self._queue.append(record)
+        self._bvol.loop.call_soon_threadsafe(self._wake.set)
+        return self.seq
+
+    def needs_checkpoint(self) -> bool:
+        return (
+            self.seq - self._ckpt.seq >= CHECKPOINT_RECORDS or self._tail_bytes >= CHECKPOINT_BYTES
+        )
+
+    def add_checkpoint(self, seq: int, blob: bytes) -> None:
+        """Queue a checkpoint of the namespace as it is after record ``seq`` (== self.seq)."""
+        with self._cond:
+            assert seq == self.seq
+            self._queue.append(_Checkpoint(seq, blob))
+        self._bvol.loop.call_soon_threadsafe(self._wake.set)
+
+    def wait(self, upto: int | None = None, timeout: float | None = None) -> None:
+        """Block until every record up to ``upto`` (default: all so far) is committed."""
+        with self._cond:
+            target = self.seq if upto is None else upto
+            ok = self._cond.wait_for(
+                lambda: self.committed >= target or self.error is not None, timeout
+            )
+            if self.error is not None:
+                raise JournalBroken(str(self.error))
+            if not ok:
+                raise TimeoutError(f"journal did not commit record {target} in time")
+
+    def close(self, timeout: float = 60) -> None:
+        self.wait(timeout=timeout)
+        with self._cond:
+            self._closing = True
+        self._bvol.loop.call_soon_threadsafe(self._wake.set)
+        self._task.result(timeout)
+
+    # -- the committer (event loop) ------------------------------------------------------
+
+    def _take(self) -> tuple[list[bytes], _Checkpoint | None]:
+        """Records up to the next checkpoint marker (and that marker)."""
+        with self._cond:
+            records: list[bytes] = []
+            size = 0
+            while self._queue:
+                item = self._queue[0]
+                if isinstance(item, _Checkpoint):
+                    if records:
+                        break
+                    self._queue.pop(0)
+                    return [], item
+                if records and size + len(item) > MAX_BATCH_BYTES:
+                    break
+                records.append(item)
+                size += len(item)
+                self._queue.pop(0)
+            return records, None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                while True:
+                    records, ckpt = self._take()
+                    if ckpt is not None:
+                        await self._meta.put_checkpoint(ckpt.seq, ckpt.blob)
+                        self._ckpt = ckpt
+                        self._tail, self._tail_bytes = [], 0
+                        continue
+                    if not records:
+                        break
+                    batch = Batch(self.committed + 1, len(records), b"".join(records))
+                    await self._meta.append(batch, self._heal)
+                    self._tail.append(batch)
+                    self._tail_bytes += len(batch.data)
+                    with self._cond:
+                        self.committed = batch.last
+                        self._cond.notify_all()
+                    if self._on_committed is not None:
+                        self._on_committed(batch.last)
+            except Exception as exc:  # every waiter must learn of it
+                with self._cond:
+                    self.error = exc
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                if self._closing and not self._queue:
+                    return
+
+    async def _heal(self, server: int, last: int) -> None:
+        """Bring a server whose journal ends at ``last`` up to our last committed batch."""
+        starts = {b.first for b in self._tail}
+        if last < self._ckpt.seq or (last > self._ckpt.seq and last + 1 not in starts):
+            await self._meta.put_checkpoint(self._ckpt.seq, self._ckpt.blob, server)
+            last = self._ckpt.seq
+        await self._meta.send_batches(server, [b for b in self._tail if b.first > last])

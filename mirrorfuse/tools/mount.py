@@ -1,0 +1,212 @@
+"""mirrorfs-mount: open the volume, take the lease, replay the journal, serve FUSE.
+
+Without -f the command starts itself in the background and returns once the
+mount is up, or prints why it could not be, so every failure is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mirrorfuse.client.journal import Journal
+from mirrorfuse.client.metastore import MetaStore, holder_info
+from mirrorfuse.client.volume import ALIVE, BlockingVolume, Volume
+from mirrorfuse.core.namespace import Namespace, decode_records
+from mirrorfuse.fs.filesystem import FileSystem
+from mirrorfuse.tools import registry
+from mirrorfuse.wire.addresses import ClusterSpec, add_cluster_args, cluster_from_args
+from mirrorfuse.wire.errors import MirrorfsError, UsageError
+from mirrorfuse.wire.frames import Msg
+
+PROG = "mirrorfs-mount"
+
+
+async def capacity_blocks(vol: Volume) -> int:
+    """Logical blocks the volume can hold: every pair as large as its smallest live server."""
+    replies = await asyncio.gather(
+        *(vol._send(s, Msg.STAT, {}) for s in range(vol.spec.count) if vol.states[s] == ALIVE),
+        return_exceptions=True,
+    )
+    slots = [r.body["capacity_slots"] for r in replies if not isinstance(r, BaseException)]
+    if not slots:
+        raise MirrorfsError("no live server reports its capacity")
+    return min(slots) * vol.layout.pairs
+
+
+def replay(block_size: int, checkpoint: bytes | None, batches) -> Namespace:
+    """The namespace from a checkpoint and the journal batches after it."""
+    ns = (
+        Namespace.from_snapshot(checkpoint)
+        if checkpoint
+        else Namespace.fresh(block_size, os.getuid(), os.getgid(), time.time_ns())
+    )
+    for batch in batches:
+        if batch.first != ns.seq + 1:
+            raise MirrorfsError(f"journal batch {batch.first} does not follow record {ns.seq}")
+        for rec in decode_records(batch.data):
+            ns.apply(rec)
+    return ns
+
+
+async def read_namespace(vol: Volume) -> Namespace:
+    """The committed namespace, read like a mount reads it (no lease: nothing is changed)."""
+    _seq, blob, batches = await MetaStore(vol).load()
+    return replay(vol.block_size, blob, batches)
+
+
+def open_filesystem(
+    spec: ClusterSpec, mountpoint: str, force: bool = False, timeout: float = 3.0
+) -> FileSystem:
+    bvol = BlockingVolume(spec, timeout)
+    try:
+        meta = MetaStore(bvol.volume)
+        bvol.call(meta.take_lease(holder_info(mountpoint), force))
+        _seq, blob, batches = bvol.call(meta.load())
+        ns = replay(bvol.volume.block_size, blob, batches)
+        for ino in ns.orphans():  # unlinked while open when the last mount ended
+            ns.apply(["free", ino])
+        snapshot = ns.snapshot()
+        bvol.call(meta.put_checkpoint(ns.seq, snapshot))
+        limit = bvol.call(capacity_blocks(bvol.volume))
+        seq = ns.seq
+
+        def journal(on_committed):
+            return Journal(bvol, meta, seq, snapshot, on_committed)
+
+        return FileSystem(bvol, ns, journal, limit)
+    except BaseException:
+        bvol.close()
+        raise
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description="Mount a mirrorfs volume.")
+    add_cluster_args(p)
+    p.add_argument("mountpoint", help="an empty directory")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take the volume over from another mount (which is then fenced)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        help="seconds before a silent server is marked failed (3)",
+    )
+    p.add_argument("--log", help="log file of the background mount")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def check_mountpoint(path: str) -> None:
+    if not os.path.isdir(path):
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if registry.is_mounted(path):
+        raise UsageError(f"{path} is already a mount point (unmount it first)")
+    if os.listdir(path):
+        raise UsageError(f"mountpoint {path} is not empty")
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing: this machine cannot mount FUSE file systems")
+
+
+def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
+    """Foreground: mount and serve until unmounted."""
+    from mirrorfuse.fs.fuse_driver import run
+
+    ready_fd = args.ready_fd
+
+    def report(msg: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            os.write(ready_fd, msg.encode())
+            os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        fs = open_filesystem(spec, args.mountpoint, args.force, args.timeout)
+    except MirrorfsError as exc:
+        report(f"error: {exc}")
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    volume = fs.bvol.volume.volume_id
+
+    def ready() -> None:
+        registry.write(
+            args.mountpoint,
+            {
+                "servers": [str(a) for a in spec.addresses],
+                "mount_pid": os.getpid(),
+                "volume": volume,
+            },
+        )
+        report(f"ok {volume}")
+
+    try:
+        run(fs, args.mountpoint, f"mirrorfs:{volume}", ready)
+    except RuntimeError as exc:
+        report(f"error: FUSE could not mount {args.mountpoint}: {exc}")
+        return 1
+    finally:
+        fs.bvol.close()
+        rec = registry.read(args.mountpoint)
+        if rec is not None and rec.get("mount_pid") == os.getpid():
+            registry.remove(args.mountpoint)
+    return 0
+
+
+def background(args: argparse.Namespace, argv: list[str]) -> int:
+    """Start the foreground mount as a detached child; wait until it is up or has failed."""
+    log = args.log or str(registry.state_dir() / "mount.log")
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    r, w = os.pipe()
+    with open(log, "ab") as logf:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "mirrorfuse.tools.mount", *argv, "-f", "--ready-fd", str(w)],
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            pass_fds=(w,),
+            start_new_session=True,
+        )
+    os.close(w)
+    with os.fdopen(r) as pipe:
+        answer = pipe.read()
+    if answer.startswith("ok"):
+        print(
+            f"mounted volume {answer.split()[1]} at {args.mountpoint} (pid {child.pid}, log {log})"
+        )
+        return 0
+    child.wait(timeout=30)
+    msg = answer.removeprefix("error: ") or f"the mount process exited; see {log}"
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        spec = cluster_from_args(args)
+        if args.ready_fd is None:
+            check_mountpoint(args.mountpoint)
+        args.mountpoint = os.path.realpath(args.mountpoint)
+    except MirrorfsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    if args.foreground:
+        return serve(args, spec)
+    return background(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""mirrorfs-cli shell: the interactive client window of seed 000.
+
+It works on the same volume and file system library as the mount (not
+through FUSE), so the two always agree, and it makes the RAID-1 behaviour
+visible: which servers hold a block, each replica written in turn after a
+programmable delay, which server served each read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import time
+from collections.abc import Callable, Iterator
+
+from mirrorfuse.client.connection import ServerDown
+from mirrorfuse.core.layout import check_count
+from mirrorfuse.fs.filesystem import Context, FileSystem, FsError
+from mirrorfuse.tools import admin
+from mirrorfuse.tools.mount import open_filesystem
+from mirrorfuse.wire.addresses import ClusterSpec, from_base_port
+from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError, VolumeIOError
+from mirrorfuse.wire.frames import Msg
+
+HELP = """commands (paths are absolute):
+  mkdir /A/B            make a directory (and missing parents)
+  create /a.txt         make an empty file
+  write /a.txt TEXT     replace the file's content with TEXT (creates it if needed)
+  read /a.txt           show the file's content and the server that served each block
+  mv /a.txt /B/a.txt    rename or move
+  rm /a.txt             remove a file or an empty directory
+  status                servers, mirror pairs, alive/failed, reads and writes
+  help                  this text
+  exit                  leave (end of input too)"""
+
+
+class Quit(Exception):
+    pass
+
+
+def parse_delay(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value <= 3600:
+        raise UsageError("the waiting time must be between 0 and 3600 seconds")
+    return value
+
+
+def parse_start_port(text: str) -> int:
+    text = text.strip()
+    if len(text) != 4 or not text.isdigit():
+        raise UsageError(f"{text!r} is not a 4-digit port number (like 1111)")
+    port = int(text)
+    if port < 1024:
+        raise UsageError(f"port {port} is reserved for the system: use 1024-9999")
+    return port
+
+
+class Shell:
+    def __init__(
+        self,
+        fs: FileSystem,
+        spec: ClusterSpec,
+        delay: float,
+        read_delay: float,
+        say: Callable[[str], None] = print,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.fs = fs
+        self.spec = spec
+        self.delay = delay
+        self.read_delay = read_delay
+        self.say = say
+        self.sleep = sleep
+        self.ctx = Context(os.getuid(), os.getgid())
+        self.vol = fs.bvol.volume
+
+    def name(self, server: int) -> str:
+        return f"server {server} ({self.spec.addresses[server]})"
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, lines: Iterator[str]) -> None:
+        for line in lines:
+            try:
+                self.execute(line)
+            except Quit:
+                return
+            except (MirrorfsError, OSError, ValueError) as exc:
+                words = line.split()
+                self.say(f"error: {' '.join(words[:2])}: {describe(exc)}")
+
+    def execute(self, line: str) -> None:
+        line = line.strip()
+        if not line:
+            return
+        cmd, _, rest = line.partition(" ")
+        handler = getattr(self, f"do_{cmd}", None)
+        if handler is None:
+            raise UsageError(f"unknown command {cmd!r} (type help)")
+        handler(rest.strip())
+
+    @staticmethod
+    def _args(rest: str, names: tuple[str, ...]) -> list[str]:
+        args = shlex.split(rest)
+        if len(args) != len(names):
+            raise UsageError(f"expected {len(names)} argument(s): {' '.join(names)}")
+        for a in args:
+            if not a.startswith("/"):
+                raise UsageError(f"{a!r}: paths are absolute (start with /)")
+        return args
+
+    # -- commands ---------------------------------------------------------------------------
+
+    def do_help(self, rest: str) -> None:
+        self.say(HELP)
+
+    def do_exit(self, rest: str) -> None:
+        raise Quit
+
+    def do_mkdir(self, rest: str) -> None:
+        (path,) = self._args(rest, ("PATH",))
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts)):
+            sub = "/" + "/".join(parts[:i])
+            try:
+                self.fs.getattr(sub)
+            except FsError:
+                self.fs.mkdir(sub, 0o755, self.ctx)
+                self.say(f"made directory {sub}")
+        self.fs.mkdir(path, 0o755, self.ctx)
+        self.say(f"made directory {path}")
+
+    def do_create(self, rest: str) -> None:
+        (path,) = self._args(rest, ("PATH",))
+        fh = self.fs.create(path, 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.ctx)
+        self.fs.release(fh)
+        self.say(f"created {path}")
+
+    def do_mv(self, rest: str) -> None:
+        src, dst = self._args(rest, ("FROM", "TO"))
+        self.fs.rename(src, dst)
+        self.say(f"moved {src} to {dst}")
+
+    def do_rm(self, rest: str) -> None:
+        (path,) = self._args(rest, ("PATH",))
+        if self.fs.getattr(path)["st_mode"] & 0o040000:
+            self.fs.rmdir(path)
+        else:
+            self.fs.unlink(path)
+        self.say(f"removed {path}")
+
+    def do_status(self, rest: str) -> None:
+        st = self.fs.bvol.call(admin.status(self.spec))
+        self.say(admin.format_status(st))
+
+    def do_write(self, rest: str) -> None:
+        path, _, text = rest.partition(" ")
+        if not path.startswith("/"):
+            raise UsageError("usage: write /path TEXT")
+        data = text.encode()
+        self.fs.replace_content(path, data, self.ctx, self._write_blocks)
+        self.say(f"wrote {len(data)} bytes to {path}")
+
+    def _write_blocks(self, items: list[tuple[int, bytes]]) -> list[int]:
+        """Each block to each replica in turn, with the delays of seed 000."""
+        plans = []
+        for block, _ in items:
+            pair = self.vol.layout.pair_of(block)
+            targets = self.vol.writable(pair)
+            holders = " and ".join(self.name(s) for s in targets)
+            gone = [s for s in self.vol.layout.replicas(pair) if s not in targets]
+            note = "".join(f"; {self.name(s)} is failed, so not written" for s in gone)
+            self.say(f"block {block} (mirror pair {pair}) will be written to {holders}{note}")
+            plans.append(targets)
+        self.say(f"waiting {self.delay:g} s before writing")
+        self.sleep(self.delay)
+        sums = []
+        for (block, data), targets in zip(items, plans, strict=True):
+            csum = None
+            for k, server in enumerate(targets):
+                if k:
+                    self.say(f"next replica: {self.name(server)}")
+                    self.say(
+                        f"waiting to write in another replica: {self.name(server)} "
+                        f"({self.delay:g} s)"
+                    )
+                    self.sleep(self.delay)
+                if server not in self.vol.writable(self.vol.layout.pair_of(block)):
+                    # found dead meanwhile (by this client's other traffic)
+                    self.say(
+                        f"{self.name(server)} is down: marked failed; the other replica carries on"
+                    )
+                    continue
+                csum = self._write_one(block, data, server) or csum
+            if csum is None:
+                raise VolumeIOError(f"block {block}: no replica took the write")
+            sums.append(csum)
+        return sums
+
+    def _write_one(self, block: int, data: bytes, server: int) -> int | None:
+        for _ in range(3):
+            try:
+                csum = self.fs.bvol.call(self.vol.write_replica(block, data, server))
+                self.say(f"written to {self.name(server)}")
+                return csum
+            except (ServerDown, ServerError) as exc:
+                if not self.fs.bvol.call(self.vol.handle_error(server, exc)):
+                    self.say(
+                        f"{self.name(server)} is down ({exc}): marked failed; "
+                        "the other replica carries on"
+                    )
+                    return None
+        return None
+
+    def do_read(self, rest: str) -> None:
+        (path,) = self._args(rest, ("PATH",))
+        size, blocks = self.fs.block_map(path)
+        if not blocks:
+            self.say(f"{path} is empty")
+            return
+        for index, block, _ in blocks:
+            pair = self.vol.layout.pair_of(block)
+            holders = " and ".join(self.name(s) for s in self.vol.readable(pair))
+            self.say(f"block {index} of {path} is on {holders}")
+        self.say(f"waiting {self.read_delay:g} s before reading")
+        self.sleep(self.read_delay)
+        content = bytearray(size)
+        for index, block, csum in blocks:
+            data, server = self.fs.bvol.call(self.vol.read_from(block, csum))
+            self.say(f"block {index} read from {self.name(server)}")
+            start = index * self.fs.bs
+            content[start : start + len(data)] = data
+        self.say(content.decode("utf-8", "replace"))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno) + (
+            f" ({exc.strerror})" if exc.strerror and exc.strerror != os.strerror(exc.errno) else ""
+        )
+    return str(exc)
+
+
+def ask(prompt: str, parse: Callable[[str], object]) -> object:
+    while True:
+        try:
+            text = input(prompt)
+        except EOFError:
+            raise Quit from None
+        try:
+            return parse(text)
+        except UsageError as exc:
+            print(f"error: {exc}; try again")
+
+
+async def _missing(spec: ClusterSpec) -> list[int]:
+    from mirrorfuse.client.connection import Connection
+
+    async def one(i: int) -> bool:
+        try:
+            conn = await Connection.open(i, spec.addresses[i], 2.0)
+        except ServerDown:
+            return False
+        try:
+            await conn.request(Msg.HELLO)
+            return True
+        except MirrorfsError:
+            return False
+        finally:
+            conn.close()
+
+    ok = await asyncio.gather(*(one(i) for i in range(spec.count)))
+    return [i for i, up in enumerate(ok) if not up]
+
+
+def wait_for_servers(spec: ClusterSpec, poll: float = 1.0) -> None:
+    shown: list[int] | None = None
+    while missing := asyncio.run(_missing(spec)):
+        if missing != shown:
+            names = ", ".join(f"server {i} (port {spec.addresses[i].port})" for i in missing)
+            print(f"waiting for {names} to answer...", flush=True)
+            shown = missing
+        time.sleep(poll)
+    for i, addr in enumerate(spec.addresses):
+        print(f"connection established from server {i} at {addr}")
+
+
+def lines(prompt: str) -> Iterator[str]:
+    while True:
+        try:
+            yield input(prompt)
+        except EOFError:
+            print()
+            return
+
+
+def main(args: argparse.Namespace) -> int:
+    check_count(args.count)
+    print(f"mirrorfs shell: {args.count} servers")
+    try:
+        delay = (
+            args.delay
+            if args.delay is not None
+            else ask("waiting time t in seconds (delay between replicas): ", parse_delay)
+        )
+        base = (
+            args.base_port
+            if args.base_port is not None
+            else ask("starting port (4 digits, e.g. 1111): ", parse_start_port)
+        )
+    except Quit:
+        return 1
+    if args.base_port is not None:
+        parse_start_port(str(base))
+    spec = from_base_port(int(base), args.count)
+    ports = ", ".join(str(a.port) for a in spec.addresses)
+    print(f"servers 0-{args.count - 1} on ports {ports}")
+    if not args.yes:
+        try:
+            input("start the servers, then press Enter ")
+        except EOFError:
+            return 1
+    wait_for_servers(spec)
+    probe = asyncio.run(admin.status(spec))
+    if probe["volume"] is None:
+        volume = asyncio.run(admin.format_volume(spec))
+        print(f"formatted a new volume {volume}")
+    fs = open_filesystem(spec, "mirrorfs-cli shell", timeout=args.timeout)
+    print(f"file system ready (volume {fs.bvol.volume.volume_id}); type help for commands")
+    shell = Shell(fs, spec, float(delay), args.read_delay, lambda m: print(m, flush=True))
+    try:
+        shell.run(lines("$ "))
+    finally:
+        fs.shutdown()
+        fs.bvol.close()
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--count", type=int, default=4, help="number of servers (4)")
+    p.add_argument("--delay", type=parse_delay_arg, help="waiting time t between replicas, s")
+    p.add_argument("--base-port", type=int, help="4-digit starting port (server i on B+i)")
+    p.add_argument(
+        "--read-delay", type=parse_delay_arg, default=5.0, help="wait before a read, s (5)"
+    )
+    p.add_argument("--yes", action="store_true", help="do not wait for Enter")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3.0,
+        help="seconds before a silent server is marked failed (3)",
+    )
+
+
+def parse_delay_arg(text: str) -> float:
+    try:
+        return parse_delay(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -1,0 +1,157 @@
+"""Block servers started on this machine: by mount.sh, the benchmarks and the tests.
+
+Each server is a separate ``mirrorfs-server`` process; it is ready when it has
+printed its "listening" line, and it is ended by its pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from mirrorfuse.wire.addresses import ClusterSpec, from_base_port
+
+SERVER = str(Path(sys.executable).parent / "mirrorfs-server")
+
+
+def free_base_port(count: int, low: int = 20000, high: int = 60000) -> int:
+    """A base port with ``count`` consecutive free loopback ports after it."""
+    for _ in range(200):
+        base = random.randrange(low, high - count)
+        socks = []
+        try:
+            for i in range(count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free range of ports on 127.0.0.1")
+
+
+class ServerProc:
+    """One mirrorfs-server process, its log beside its data directory."""
+
+    def __init__(
+        self,
+        server_id: int,
+        port: int,
+        data: Path,
+        host: str = "127.0.0.1",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.id = server_id
+        self.port = port
+        self.data = data
+        self.log = data.parent / f"server{server_id}.log"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    SERVER,
+                    "--id",
+                    str(server_id),
+                    "--port",
+                    str(port),
+                    "--data",
+                    str(data),
+                    "--host",
+                    host,
+                    *extra,
+                ],  # fmt: skip
+                stdout=subprocess.PIPE,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                text=True,
+                start_new_session=True,
+            )
+        self.ready_line = self.proc.stdout.readline()
+        if "listening" not in self.ready_line:
+            self.proc.wait(timeout=10)
+            why = self.log.read_text().strip().splitlines()
+            raise RuntimeError(why[-1] if why else f"server {server_id} did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def terminate(self, timeout: float = 10) -> None:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+
+class LocalCluster:
+    """N servers with data directories ``root/d<i>``; server i on ``base + i``."""
+
+    def __init__(
+        self, root: Path, count: int, base: int | None = None, server_args: tuple[str, ...] = ()
+    ) -> None:
+        self.root = root
+        self.server_args = server_args
+        self.count = count
+        self.base = base if base is not None else free_base_port(count)
+        self.servers: list[ServerProc | None] = [None] * count
+        try:
+            for i in range(count):
+                self.start(i)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def spec(self) -> ClusterSpec:
+        return from_base_port(self.base, self.count)
+
+    @property
+    def args(self) -> list[str]:
+        return ["--base-port", str(self.base), "--count", str(self.count)]
+
+    def data_dir(self, i: int) -> Path:
+        return self.root / f"d{i}"
+
+    def start(self, i: int, data: Path | None = None) -> ServerProc:
+        old = self.servers[i]
+        if old is not None and old.running:
+            old.kill()
+        self.servers[i] = ServerProc(
+            i, self.base + i, data or self.data_dir(i), extra=self.server_args
+        )
+        return self.servers[i]
+
+    def kill(self, i: int) -> None:
+        self.servers[i].kill()
+
+    def stop(self, i: int) -> None:
+        self.servers[i].signal(signal.SIGSTOP)
+
+    def close(self) -> None:
+        for s in self.servers:
+            if s is not None and s.running:
+                s.kill()

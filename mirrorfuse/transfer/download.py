@@ -1,0 +1,455 @@
+"""Segmented parallel download: sources, workers, progress, resume (the I/O around fetch.py).
+
+A source serves byte ranges of one object: a mirrorfs file server, an HTTP
+mirror (Range requests), or one server of a mirrorfs volume. Each source
+runs a few worker tasks that ask the scheduler for segments, fetch them,
+check them and write them at their offset into OUTPUT.mfs-partial. The
+finished-segment bitmap is saved to OUTPUT.mfs-state every second and on
+exit, so a download killed at any point resumes with -r. The whole file is
+checked against its checksum (when a source knows it) before it is renamed
+into place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from mirrorfuse.client.connection import Connection, ServerDown
+from mirrorfuse.core.scheduler import ALIVE, DEAD, PAUSED, Scheduler, Segment, split
+from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.errors import MirrorfsError, ServerError
+from mirrorfuse.wire.frames import Msg
+from mirrorfuse.wire.sizes import human
+
+WORKERS_PER_SOURCE = 2
+READ_TIMEOUT = 10.0
+SEGMENT = 1 << 20
+
+
+class SourcePaused(Exception):
+    pass
+
+
+class SourceFailed(Exception):
+    pass
+
+
+@dataclass
+class Info:
+    size: int
+    checksum: int | None  # xxh3-64 of the whole object, when the source knows it
+    state: str = ALIVE
+
+
+class Source:
+    """A place that serves byte ranges of one object."""
+
+    name: str
+
+    async def info(self) -> Info:
+        raise NotImplementedError
+
+    async def read(self, seg: Segment) -> bytes:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class FileServerSource(Source):
+    def __init__(self, address: Address, file: str | None = None) -> None:
+        self.address = address
+        self.file = file  # a peer serves many files: which one
+        self.name = str(address)
+        self._conn: Connection | None = None
+
+    async def _c(self) -> Connection:
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = await Connection.open(0, self.address, READ_TIMEOUT)
+            except ServerDown as exc:
+                raise SourceFailed(exc.reason) from None
+        return self._conn
+
+    async def _request(self, type_: int, body: dict[str, Any]):
+        if self.file is not None:
+            body = {**body, "name": self.file}
+        try:
+            return await (await self._c()).request(type_, body)
+        except ServerDown as exc:
+            raise SourceFailed(exc.reason) from None
+        except ServerError as exc:
+            if exc.code == "PAUSED":
+                raise SourcePaused(str(exc)) from None
+            raise SourceFailed(str(exc)) from None
+
+    async def info(self) -> Info:
+        b = (await self._request(Msg.FILE_INFO, {})).body
+        return Info(int(b["size"]), int(b["checksum"]), str(b.get("state", ALIVE)))
+
+    async def read(self, seg: Segment) -> bytes:
+        reply = await self._request(Msg.FILE_READ, {"offset": seg.start, "length": seg.length})
+        data = reply.payload
+        if len(data) != seg.length or xxhash.xxh3_64_intdigest(data) != reply.body["checksum"]:
+            raise SourceFailed(f"segment {seg.index} arrived damaged")
+        return data
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
+
+class HttpSource(Source):
+    """An HTTP mirror, read with Range requests (aiohttp: its parser is in C)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.name = url
+        self._session = None
+
+    def _s(self):
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT),
+                connector=aiohttp.TCPConnector(limit=WORKERS_PER_SOURCE),
+            )
+        return self._session
+
+    async def _get(self, start: int, end: int) -> tuple[int, dict[str, str], bytes]:
+        import aiohttp
+
+        try:
+            async with self._s().get(self.url, headers={"Range": f"bytes={start}-{end}"}) as r:
+                if r.status != 206:  # not a range: do not read a whole file to learn that
+                    return r.status, dict(r.headers), b""
+                return r.status, dict(r.headers), await r.read()
+        except (aiohttp.ClientError, OSError) as exc:
+            raise SourceFailed(f"{type(exc).__name__}: {exc}") from None
+
+    async def info(self) -> Info:
+        status, headers, _ = await self._get(0, 0)
+        rng = headers.get("Content-Range", "")
+        if status != 206 or "/" not in rng:
+            raise SourceFailed(f"does not serve byte ranges (HTTP {status})")
+        return Info(int(rng.rpartition("/")[2]), None)
+
+    async def read(self, seg: Segment) -> bytes:
+        status, _, data = await self._get(seg.start, seg.end - 1)
+        if status != 206 or len(data) != seg.length:
+            raise SourceFailed(f"HTTP {status}, {len(data)} bytes for {seg.length}")
+        return data
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class Progress:
+    """Per source: bytes and speed; total and average. Live on a terminal, lines otherwise."""
+
+    def __init__(self, sched: Scheduler, total: int, out=sys.stdout) -> None:
+        self.sched = sched
+        self.total = total
+        self.out = out
+        self.live = out.isatty()
+        self.start = time.monotonic()
+        self.last = dict.fromkeys(sched.sources, 0)
+        self.last_t = self.start
+        self.lines = 0
+
+    def show(self, final: bool = False) -> None:
+        now = time.monotonic()
+        dt = max(now - self.last_t, 1e-6)
+        rows = []
+        for name, st in self.sched.sources.items():
+            speed = (st.bytes - self.last[name]) / dt
+            self.last[name] = st.bytes
+            rows.append(f"  {name:28} {st.state:7} {human(st.bytes):>10} {human(speed):>10}/s")
+        done = self.total - self.sched.remaining()
+        elapsed = max(now - self.start, 1e-6)
+        rows.append(
+            f"  total {human(done)} of {human(self.total)} "
+            f"({100 * done / max(self.total, 1):.0f}%), average {human(done / elapsed)}/s"
+        )
+        self.last_t = now
+        if self.live and self.lines and not final:
+            self.out.write(f"\x1b[{self.lines}F")
+        self.out.write("\n".join(rows) + "\n")
+        self.out.flush()
+        self.lines = len(rows)
+
+
+class Download:
+    def __init__(
+        self,
+        sources: list[Source],
+        output: Path,
+        interval: float,
+        resume: bool,
+        segments: Callable[[int], list[Segment]] | None = None,
+        eligible: dict[int, set[str]] | None = None,
+        check: Callable[[Segment, bytes], bool] | None = None,
+        say: Callable[[str], None] = lambda m: print(m, flush=True),
+    ) -> None:
+        self.sources = {s.name: s for s in sources}
+        self.output = output
+        self.partial = output.with_name(output.name + ".mfs-partial")
+        self.state_path = output.with_name(output.name + ".mfs-state")
+        self.interval = interval
+        self.resume = resume
+        self.make_segments = segments or (lambda size: split(size, SEGMENT))
+        self.eligible = eligible
+        self.check = check
+        self.say = say
+        self.tasks: dict[tuple[str, int], asyncio.Task[Any]] = {}
+        self.holes: set[int] = set()  # segments that are zeros already (a sparse file's holes)
+        self.wake = asyncio.Event()
+
+    # -- the state file ------------------------------------------------------------------
+
+    def save(self, sched: Scheduler, size: int, checksum: int | None) -> None:
+        state = {
+            "size": size,
+            "checksum": checksum,
+            "segments": len(sched.segments),
+            "done": sched.bitmap(),
+            "sources": list(self.sources),
+        }
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        os.replace(tmp, self.state_path)
+
+    def load(self, size: int, checksum: int | None, count: int) -> set[int]:
+        if not self.resume:
+            return set()
+        if not self.state_path.exists() or not self.partial.exists():
+            raise MirrorfsError(f"nothing to resume: {self.state_path} is missing")
+        st = json.loads(self.state_path.read_text())
+        if (
+            st["size"] != size
+            or st["segments"] != count
+            or (checksum is not None and st["checksum"] not in (None, checksum))
+        ):
+            raise MirrorfsError("the saved download is of another file: start again without -r")
+        return Scheduler.done_from_bitmap(st["done"], count)
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        infos = await asyncio.gather(
+            *(s.info() for s in self.sources.values()), return_exceptions=True
+        )
+        good = {n: i for n, i in zip(self.sources, infos, strict=True) if isinstance(i, Info)}
+        for n, i in zip(self.sources, infos, strict=True):
+            if not isinstance(i, Info):
+                self.say(f"source {n} is not available: {i}")
+        if not good:
+            raise MirrorfsError("no source answers")
+        sizes = {i.size for i in good.values()}
+        if len(sizes) != 1:
+            raise MirrorfsError(f"the sources disagree on the size: {sorted(sizes)}")
+        size = sizes.pop()
+        sums = {i.checksum for i in good.values() if i.checksum is not None}
+        if len(sums) > 1:
+            raise MirrorfsError("the sources hold different files (checksums differ)")
+        checksum = sums.pop() if sums else None
+        segments = self.make_segments(size)
+        done = self.load(size, checksum, len(segments)) | self.holes
+        sched = Scheduler(segments, list(self.sources), done, self.eligible)
+        for n in self.sources:
+            if n not in good:
+                sched.kill(n)
+            elif good[n].state == PAUSED:
+                sched.pause(n)
+        self.say(
+            f"downloading {human(size)} in {len(segments)} segments from "
+            f"{len(good)} source(s)" + (f", {len(done)} already here" if done else "")
+        )
+        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, size)
+            ok = await self._transfer(sched, fd, size, checksum)
+        finally:
+            os.close(fd)
+            self.save(sched, size, checksum)
+            for s in self.sources.values():
+                with contextlib.suppress(Exception):
+                    await s.close()
+        if not ok:
+            why = "every source failed" if not sched.live() else "no live source holds the rest"
+            self.say(
+                f"download incomplete ({why}); {human(sched.remaining())} missing. "
+                f"Run again with -r to resume ({self.state_path})"
+            )
+            return 1
+        return self.finish(checksum)
+
+    def finish(self, checksum: int | None) -> int:
+        if checksum is not None:
+            self.say("verifying the checksum...")
+            h = xxhash.xxh3_64()
+            with open(self.partial, "rb") as f:
+                while chunk := f.read(8 << 20):
+                    h.update(chunk)
+            if h.intdigest() != checksum:
+                raise MirrorfsError(
+                    f"the downloaded file does not match its checksum; kept as {self.partial}"
+                )
+        os.replace(self.partial, self.output)
+        self.state_path.unlink(missing_ok=True)
+        verified = "verified" if checksum is not None else "no checksum to verify against"
+        self.say(f"saved {self.output} ({verified})")
+        return 0
+
+    async def _transfer(self, sched: Scheduler, fd: int, size: int, checksum: int | None) -> bool:
+        progress = Progress(sched, size)
+
+        async def ticker() -> None:
+            while True:
+                await asyncio.sleep(self.interval)
+                progress.show()
+
+        async def saver() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                self.save(sched, size, checksum)
+
+        workers = [
+            asyncio.ensure_future(self._worker(sched, name, fd))
+            for name in self.sources
+            for _ in range(WORKERS_PER_SOURCE)
+        ]
+        pollers = [asyncio.ensure_future(self._poll_paused(sched, name)) for name in self.sources]
+        helpers = [asyncio.ensure_future(ticker()), asyncio.ensure_future(saver())]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for t in pollers + helpers:
+                t.cancel()
+            await asyncio.gather(*pollers, *helpers, return_exceptions=True)
+        progress.show(final=True)
+        return sched.finished
+
+    def _kick(self) -> None:
+        self.wake.set()
+        self.wake = asyncio.Event()
+
+    async def _worker(self, sched: Scheduler, name: str, fd: int) -> None:
+        src = self.sources[name]
+        while not sched.finished and sched.sources[name].state != DEAD:
+            if sched.stuck:
+                return
+            seg = sched.next(name)
+            if seg is None:
+                if sched.finished or not sched.live():
+                    return
+                # the rest is in flight elsewhere, or this source (or all) is paused
+                await self._wait(0.5)
+                continue
+            task = asyncio.ensure_future(self._fetch(src, seg))
+            self.tasks[(name, seg.index)] = task
+            t0 = time.monotonic()
+            try:
+                data = await task
+            except asyncio.CancelledError:
+                if not task.cancelled():
+                    raise
+                sched.cancelled(name, seg.index)  # lost an end-game race
+                continue
+            except SourcePaused:
+                sched.pause(name)
+                sched.return_unstarted(name, seg.index)
+                self.say(f"source {name} is paused: others take over its segments")
+                self._kick()
+                continue
+            except (SourceFailed, OSError, MirrorfsError) as exc:
+                if sched.failed(name, seg.index):
+                    self.say(
+                        f"source {name} failed ({exc}); its segments are divided among "
+                        f"{len(sched.live())} others"
+                    )
+                self._kick()
+                continue
+            finally:
+                self.tasks.pop((name, seg.index), None)
+            if self.check is not None and not self.check(seg, data):
+                sched.failed(name, seg.index)
+                continue
+            os.pwrite(fd, data, seg.start)
+            for loser in sched.completed(name, seg.index, time.monotonic() - t0):
+                other = self.tasks.get((loser, seg.index))
+                if other is not None:
+                    other.cancel()
+            self._kick()
+
+    async def _fetch(self, src: Source, seg: Segment) -> bytes:
+        try:
+            return await asyncio.wait_for(src.read(seg), READ_TIMEOUT)
+        except TimeoutError:
+            raise SourceFailed(f"no answer in {READ_TIMEOUT:g}s") from None
+
+    async def _wait(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.wake.wait(), seconds)
+
+    async def _poll_paused(self, sched: Scheduler, name: str) -> None:
+        """A paused source is asked now and then whether it is back."""
+        while True:
+            await asyncio.sleep(0.5)
+            st = sched.sources[name]
+            if st.state != PAUSED:
+                continue
+            try:
+                info = await self.sources[name].info()
+            except (SourceFailed, SourcePaused, MirrorfsError):
+                continue
+            if info.state == ALIVE:
+                sched.resume(name)
+                self.say(f"source {name} resumed")
+                self._kick()
+            elif info.state == DEAD:
+                sched.kill(name)
+
+
+class VolumeServerSource(Source):
+    """One server of a mirrorfs volume; a segment is one block, checked against the block map."""
+
+    def __init__(self, vol: Any, server: int, blocks: dict[int, tuple[int, int]], size: int):
+        self.vol = vol
+        self.server = server
+        self.blocks = blocks
+        self.size = size
+        self.name = f"server {server} ({vol.spec.addresses[server]})"
+
+    async def info(self) -> Info:
+        return Info(self.size, None)
+
+    async def read(self, seg: Segment) -> bytes:
+        block, csum = self.blocks[seg.index]
+        try:
+            reply = await self.vol._send(
+                self.server, Msg.READ, {"slot": self.vol.layout.slot_of(block)}
+            )
+        except (ServerDown, ServerError) as exc:
+            raise SourceFailed(str(exc)) from None
+        data = reply.payload
+        if xxhash.xxh3_64_intdigest(data) != csum:
+            raise SourceFailed(f"block {seg.index} is damaged on this server")
+        return bytes(data) + bytes(seg.length - len(data))  # a short last block: zeros follow
+
+
+def run(download: Download) -> int:
+    return asyncio.run(download.run())

@@ -1,0 +1,217 @@
+"""A server's copy of the metadata: journal, checkpoint and mount lease.
+
+The journal is an append-only file of entries, each a batch of records the
+client numbered ``first .. first+count-1`` and checksummed (CRC-32). Appends
+must be contiguous, so a server that missed a batch says so (GAP) instead of
+silently holding a journal with a hole. A checkpoint at sequence S replaces
+the journal: the namespace as it was after record S. The server never
+interprets records; replaying them is the client's job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from servers.files import write_json_atomic
+
+ENTRY = struct.Struct("<QIIQI")  # first seq, count, length, epoch, crc32
+CKPT = struct.Struct("<QQI")  # seq, length, crc32
+
+
+class MetaError(Exception):
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.extra = extra
+
+
+@dataclass
+class Entry:
+    first: int
+    count: int
+    offset: int  # of the header in journal.log
+    length: int  # of the data
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+
+@dataclass
+class Lease:
+    epoch: int = 0
+    holder: dict[str, Any] = field(default_factory=dict)
+
+
+class Meta:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lease = Lease()
+        self.checkpoint_seq = 0
+        self.entries: list[Entry] = []
+        self._fd = -1
+        self._ckpt_tmp: Path = path / "checkpoint.tmp"
+        self.load()
+
+    # -- loading --------------------------------------------------------------------
+
+    def load(self) -> None:
+        lease = self.path / "lease.json"
+        if lease.exists():
+            raw = json.loads(lease.read_text())
+            self.lease = Lease(int(raw["epoch"]), dict(raw.get("holder") or {}))
+        ckpt = self.path / "checkpoint.bin"
+        self.checkpoint_seq = 0
+        if ckpt.exists():
+            with open(ckpt, "rb") as f:
+                head = f.read(CKPT.size)
+            if len(head) == CKPT.size:
+                self.checkpoint_seq = CKPT.unpack(head)[0]
+        self._open_journal()
+
+    def _open_journal(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path / "journal.log", os.O_RDWR | os.O_CREAT, 0o644)
+        self.entries = []
+        size = os.fstat(self._fd).st_size
+        pos = 0
+        expect = self.checkpoint_seq + 1
+        while pos + ENTRY.size <= size:
+            first, count, length, _epoch, crc = ENTRY.unpack(os.pread(self._fd, ENTRY.size, pos))
+            data = os.pread(self._fd, length, pos + ENTRY.size)
+            if len(data) < length or zlib.crc32(data) != crc or count == 0:
+                break  # a torn tail: the append never completed
+            if first + count - 1 >= expect:
+                if first != expect:
+                    break
+                self.entries.append(Entry(first, count, pos, length))
+                expect = first + count
+            pos += ENTRY.size + length
+        if pos != size:
+            os.ftruncate(self._fd, pos)
+
+    @property
+    def last_seq(self) -> int:
+        return self.entries[-1].last if self.entries else self.checkpoint_seq
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "epoch": self.lease.epoch,
+            "holder": self.lease.holder,
+            "checkpoint_seq": self.checkpoint_seq,
+            "last_seq": self.last_seq,
+        }
+
+    # -- lease ----------------------------------------------------------------------
+
+    def check_epoch(self, epoch: int) -> None:
+        if epoch < self.lease.epoch:
+            raise MetaError(
+                "FENCED",
+                f"mount epoch {epoch} is older than {self.lease.epoch}: another client "
+                "took over the volume",
+            )
+
+    def take_lease(self, epoch: int, holder: dict[str, Any]) -> None:
+        if epoch < self.lease.epoch or (
+            epoch == self.lease.epoch and holder.get("id") != self.lease.holder.get("id")
+        ):
+            raise MetaError("FENCED", f"lease epoch {epoch} is not newer than {self.lease.epoch}")
+        if epoch != self.lease.epoch:
+            self.lease = Lease(epoch, holder)
+            write_json_atomic(self.path / "lease.json", {"epoch": epoch, "holder": holder})
+
+    # -- journal --------------------------------------------------------------------
+
+    def append(self, first: int, count: int, epoch: int, data: bytes) -> bool:
+        """Append a batch; False when it is already held (a retry). Raises GAP on a hole."""
+        if count <= 0:
+            raise MetaError("BAD_REQUEST", "a journal batch holds at least one record")
+        last = self.last_seq
+        if first + count - 1 <= last:
+            return False
+        if first != last + 1:
+            raise MetaError("GAP", f"journal ends at {last}, batch starts at {first}", last=last)
+        offset = os.lseek(self._fd, 0, os.SEEK_END)
+        head = ENTRY.pack(first, count, len(data), epoch, zlib.crc32(data))
+        os.pwrite(self._fd, head + data, offset)
+        self.entries.append(Entry(first, count, offset, len(data)))
+        return True
+
+    def read(self, from_seq: int, max_bytes: int) -> tuple[bytes, int | None]:
+        """Whole entries holding records >= from_seq, up to max_bytes (at least one entry)."""
+        out = bytearray()
+        for i, e in enumerate(self.entries):
+            if e.last < from_seq:
+                continue
+            if out and len(out) + ENTRY.size + e.length > max_bytes:
+                return bytes(out), e.first
+            out += os.pread(self._fd, ENTRY.size + e.length, e.offset)
+            if i == len(self.entries) - 1:
+                return bytes(out), None
+        return bytes(out), None
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    # -- checkpoints ----------------------------------------------------------------
+
+    def put_checkpoint(self, seq: int, offset: int, total: int, data: bytes, final: bool) -> bool:
+        """Receive a chunk of a checkpoint; on the final one it replaces journal and old one."""
+        if seq < self.last_seq:
+            raise MetaError(
+                "STALE_CHECKPOINT", f"checkpoint {seq} is older than journal end {self.last_seq}"
+            )
+        mode = "r+b" if offset and self._ckpt_tmp.exists() else "wb"
+        with open(self._ckpt_tmp, mode) as f:
+            if offset == 0:
+                f.write(CKPT.pack(seq, total, 0))
+            f.seek(CKPT.size + offset)
+            f.write(data)
+        if not final:
+            return False
+        with open(self._ckpt_tmp, "r+b") as f:
+            f.seek(CKPT.size)
+            body = f.read()
+            if len(body) != total:
+                raise MetaError("BAD_REQUEST", f"checkpoint has {len(body)} bytes, not {total}")
+            f.seek(0)
+            f.write(CKPT.pack(seq, total, zlib.crc32(body)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._ckpt_tmp, self.path / "checkpoint.bin")
+        self.checkpoint_seq = seq
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+        self.entries = []
+        return True
+
+    def get_checkpoint(self, offset: int, length: int) -> tuple[int, int, int, bytes]:
+        """(seq, total length, crc32, chunk) of the current checkpoint; seq 0 when none."""
+        path = self.path / "checkpoint.bin"
+        if not path.exists():
+            return 0, 0, 0, b""
+        with open(path, "rb") as f:
+            seq, total, crc = CKPT.unpack(f.read(CKPT.size))
+            f.seek(CKPT.size + offset)
+            return seq, total, crc, f.read(min(length, max(total - offset, 0)))
+
+    def wipe(self) -> None:
+        """Forget journal and checkpoint (a rebuild target gets them anew)."""
+        (self.path / "checkpoint.bin").unlink(missing_ok=True)
+        self.checkpoint_seq = 0
+        os.ftruncate(self._fd, 0)
+        self.entries = []
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1

@@ -1,0 +1,326 @@
+"""One block server's store: a superblock, a sparse slot file and a slot index.
+
+The slot file holds block data at ``slot * block_size`` (holes where nothing
+was written, so a large block size costs no disk for small blocks). The index
+holds a fixed 16-byte entry per slot (checksum, length, flags) and is kept in
+memory; it is what ``LIST`` walks during a rebuild. The failure table lives
+beside them so every client can learn which servers were marked failed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from servers.block.meta import Meta
+from servers.files import write_json_atomic
+
+FORMAT_NAME = "mirrorfs-1"
+ENTRY = struct.Struct("<QII")  # checksum, length, flags
+USED = 0x1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+class StoreError(Exception):
+    """A store that cannot be used as asked; the message is shown to the user."""
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Give a trimmed slot's space back to the file system (best effort)."""
+    _libc.fallocate(fd, _FALLOC_PUNCH, ctypes.c_longlong(offset), ctypes.c_longlong(length))
+
+
+@dataclass
+class Counters:
+    reads: int = 0
+    writes: int = 0
+    trims: int = 0
+    repairs: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class Table:
+    """The failure table: one state per server id, versioned by a generation."""
+
+    gen: int = 0
+    states: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"gen": self.gen, "states": list(self.states)}
+
+
+class Store:
+    def __init__(
+        self, path: Path, server_id: int, volume: str | None = None, capacity: int | None = None
+    ) -> None:
+        self.path = path
+        self.server_id = server_id
+        self.capacity = capacity
+        self.superblock: dict[str, Any] | None = None
+        self.table = Table()
+        self.counters = Counters()
+        self.rebuilding = False
+        self._fresh: set[int] = set()
+        self._index = bytearray()
+        self._used = 0
+        self._data_fd = -1
+        self._index_fd = -1
+        self._lock_fd = -1
+        self.meta: Meta | None = None
+        self._open(volume)
+
+    # -- opening and formatting -------------------------------------------------
+
+    def _open(self, volume: str | None) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create data directory {self.path}: {exc.strerror}") from None
+        if not os.access(self.path, os.W_OK):
+            raise StoreError(f"data directory {self.path} is not writable")
+        self._lock()
+        sb_path = self.path / "superblock.json"
+        if not sb_path.exists():
+            return
+        try:
+            sb = json.loads(sb_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"superblock {sb_path} is unreadable: {exc}") from None
+        if not isinstance(sb, dict) or sb.get("format") != FORMAT_NAME:
+            raise StoreError(f"{self.path} is not a mirrorfs data directory")
+        if sb["server"] != self.server_id:
+            raise StoreError(
+                f"data directory {self.path} belongs to server {sb['server']} of volume "
+                f"{sb['volume']}, not to server {self.server_id}"
+            )
+        if volume is not None and sb["volume"] != volume:
+            raise StoreError(
+                f"data directory {self.path} belongs to volume {sb['volume']}, not {volume}"
+            )
+        self.superblock = sb
+        self._load()
+
+    def _lock(self) -> None:
+        self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(self._lock_fd)
+            raise StoreError(
+                f"data directory {self.path} is in use by another mirrorfs-server (pid {holder})"
+            ) from None
+        os.ftruncate(self._lock_fd, 0)
+        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+
+    def _load(self) -> None:
+        flags = os.O_RDWR | os.O_CREAT
+        self._data_fd = os.open(self.path / "slots.dat", flags, 0o644)
+        self._index_fd = os.open(self.path / "slots.idx", flags, 0o644)
+        size = os.fstat(self._index_fd).st_size
+        size -= size % ENTRY.size
+        self._index = bytearray(os.pread(self._index_fd, size, 0)) if size else bytearray()
+        self._used = sum(
+            1 for off in range(0, len(self._index), ENTRY.size) if self._index[off + 12] & USED
+        )
+        self.meta = Meta(self.path)
+        table_path = self.path / "table.json"
+        if table_path.exists():
+            raw = json.loads(table_path.read_text())
+            self.table = Table(int(raw["gen"]), list(raw["states"]))
+        else:
+            self.table = Table(1, ["alive"] * self.superblock["count"])
+
+    def _close_files(self) -> None:
+        for fd in (self._data_fd, self._index_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._data_fd = self._index_fd = -1
+        if self.meta is not None:
+            self.meta.close()
+            self.meta = None
+
+    def format(self, volume: str, count: int, block_size: int) -> None:
+        """Make this directory a fresh, empty member of ``volume`` (erases everything)."""
+        self._close_files()
+        for name in (
+            "slots.dat",
+            "slots.idx",
+            "table.json",
+            "superblock.json",
+            "journal.log",
+            "checkpoint.bin",
+            "checkpoint.tmp",
+            "lease.json",
+        ):
+            (self.path / name).unlink(missing_ok=True)
+        sb = {
+            "format": FORMAT_NAME,
+            "volume": volume,
+            "server": self.server_id,
+            "count": count,
+            "block_size": block_size,
+            "epoch": 0,
+        }
+        self.table = Table(1, ["alive"] * count)
+        write_json_atomic(self.path / "table.json", self.table.as_dict())
+        write_json_atomic(self.path / "superblock.json", sb)
+        self.superblock = sb
+        self._index = bytearray()
+        self._used = 0
+        self.rebuilding = False
+        self._fresh.clear()
+        self._load()
+
+    @property
+    def formatted(self) -> bool:
+        return self.superblock is not None
+
+    @property
+    def block_size(self) -> int:
+        assert self.superblock is not None
+        return int(self.superblock["block_size"])
+
+    @property
+    def blocks_used(self) -> int:
+        return self._used
+
+    @property
+    def bytes_on_disk(self) -> int:
+        if self._data_fd < 0:
+            return 0
+        return os.fstat(self._data_fd).st_blocks * 512
+
+    # -- the failure table --------------------------------------------------------
+
+    def set_table(self, gen: int, states: list[str]) -> bool:
+        """Adopt a newer table; an older or equal generation is ignored."""
+        if gen <= self.table.gen:
+            return False
+        self.table = Table(gen, list(states))
+        write_json_atomic(self.path / "table.json", self.table.as_dict())
+        if self.rebuilding and states[self.server_id] == "alive":
+            self.rebuilding = False
+            self._fresh.clear()
+        return True
+
+    def begin_rebuild(self) -> None:
+        """From now on, a normal write or trim of a slot wins over any rebuild copy of it.
+
+        The metadata is dropped too: the rebuild or the mounted client sends it anew.
+        """
+        self.rebuilding = True
+        self._fresh.clear()
+        assert self.meta is not None
+        self.meta.wipe()
+
+    # -- slots --------------------------------------------------------------------
+
+    def _entry(self, slot: int) -> tuple[int, int, int]:
+        off = slot * ENTRY.size
+        if off + ENTRY.size > len(self._index):
+            return 0, 0, 0
+        return ENTRY.unpack_from(self._index, off)
+
+    def _set_entry(self, slot: int, checksum: int, length: int, flags: int) -> None:
+        off = slot * ENTRY.size
+        if off + ENTRY.size > len(self._index):
+            self._index.extend(bytes(off + ENTRY.size - len(self._index)))
+        was_used = self._index[off + 12] & USED
+        ENTRY.pack_into(self._index, off, checksum, length, flags)
+        os.pwrite(self._index_fd, self._index[off : off + ENTRY.size], off)
+        self._used += bool(flags & USED) - bool(was_used)
+
+    def _skip_copy(self, slot: int, copy: bool) -> bool:
+        """During a rebuild, decide whether this write is stale (a copy of an overwritten slot)."""
+        if not self.rebuilding:
+            return False
+        if copy:
+            return slot in self._fresh
+        self._fresh.add(slot)
+        return False
+
+    def space(self) -> dict[str, int]:
+        """How many slots this server can hold: its --capacity, else what its disk allows."""
+        if not self.formatted:
+            return {"capacity_slots": 0}
+        if self.capacity is not None:
+            return {"capacity_slots": self.capacity // self.block_size}
+        vfs = os.statvfs(self.path)
+        free = vfs.f_bavail * vfs.f_frsize
+        return {"capacity_slots": self._used + free // self.block_size}
+
+    def read(self, slot: int) -> tuple[bytes, int] | None:
+        checksum, length, flags = self._entry(slot)
+        if not flags & USED:
+            return None
+        data = os.pread(self._data_fd, length, slot * self.block_size)
+        if len(data) < length:  # the slot file was cut short behind our back
+            data += bytes(length - len(data))
+        self.counters.reads += 1
+        self.counters.bytes_read += length
+        return data, checksum
+
+    def write(self, slot: int, data: bytes, checksum: int, copy: bool, repair: bool) -> bool:
+        if self.capacity is not None and slot >= self.capacity // self.block_size:
+            raise StoreError(f"slot {slot} is beyond this server's capacity")
+        if self._skip_copy(slot, copy):
+            return False
+        try:
+            os.pwrite(self._data_fd, data, slot * self.block_size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StoreError("no space left on the server's disk") from None
+            raise
+        self._set_entry(slot, checksum, len(data), USED)
+        self.counters.writes += 1
+        self.counters.bytes_written += len(data)
+        self.counters.repairs += repair
+        return True
+
+    def trim(self, slot: int, copy: bool) -> bool:
+        if self._skip_copy(slot, copy):
+            return False
+        if self._entry(slot)[2] & USED:
+            self._set_entry(slot, 0, 0, 0)
+            punch_hole(self._data_fd, slot * self.block_size, self.block_size)
+        self.counters.trims += 1
+        return True
+
+    def list_used(self, start: int, limit: int) -> tuple[list[int], int | None]:
+        """Used slots from ``start``, at most ``limit``, and where to continue (None: done)."""
+        out: list[int] = []
+        total = len(self._index) // ENTRY.size
+        slot = max(start, 0)
+        while slot < total and len(out) < limit:
+            if self._index[slot * ENTRY.size + 12] & USED:
+                out.append(slot)
+            slot += 1
+        return out, (slot if slot < total else None)
+
+    def sync(self) -> None:
+        for fd in (self._data_fd, self._index_fd):
+            if fd >= 0:
+                os.fdatasync(fd)
+        if self.meta is not None:
+            self.meta.sync()
+
+    def close(self) -> None:
+        if self.formatted:
+            self.sync()
+        self._close_files()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1

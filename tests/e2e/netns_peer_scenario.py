@@ -1,0 +1,112 @@
+"""Run inside a private network namespace (see test_peer.py): prints one JSON result."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from netns import setup_lo, start, stop, wait
+
+from mirrorfuse.client.connection import Connection
+from mirrorfuse.index.client import IndexClient
+from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.errors import ServerError
+from mirrorfuse.wire.frames import Msg
+
+GROUP, PORT = "235.1.1.2", 55556
+BIN = Path(sys.executable).parent
+
+
+async def escape(addr: str) -> str:
+    host, _, port = addr.rpartition(":")
+    conn = await Connection.open(0, Address(host, int(port)), 2.0)
+    try:
+        await conn.request(Msg.FILE_READ, {"name": "../../etc/passwd", "offset": 0, "length": 10})
+        return "served"
+    except ServerError as exc:
+        return exc.code
+    finally:
+        conn.close()
+
+
+def main() -> None:
+    setup_lo()
+    tmp = Path(tempfile.mkdtemp())
+    a, b = tmp / "a", tmp / "b"
+    a.mkdir()
+    b.mkdir()
+    shared = os.urandom(3 << 20)
+    (a / "shared.bin").write_bytes(shared)
+    (b / "shared.bin").write_bytes(shared)
+    (a / "only-a.txt").write_text("a")
+    (b / "only-b.txt").write_text("b")
+    procs = [
+        start(
+            [str(BIN / "mirrorfs-index"), GROUP, str(PORT), "--id", str(i)],
+            "mirrorfs-index replica",
+        )[0]
+        for i in (1, 2)
+    ]
+    out: dict = {}
+    try:
+        for name, d in (("pa", a), ("pb", b)):
+            procs.append(
+                start(
+                    [
+                        str(BIN / "mirrorfs-peer"),
+                        "--index",
+                        f"{GROUP}:{PORT}",
+                        "--share",
+                        str(d),
+                        "--id",
+                        name,
+                        "--interval",
+                        "0.5",
+                    ],
+                    "serving",
+                )[0]
+            )
+        c = IndexClient(GROUP, PORT)
+        assert wait(lambda: len(c.query("files")["files"]) == 3, 20), c.query("files")
+        files = c.query("files")["files"]
+        out["holders"] = files["shared.bin"]["holders"]
+        peers = c.query("peers")["peers"]
+        res = subprocess.run(
+            [
+                str(BIN / "mirrorfs-cli"),
+                "index",
+                GROUP,
+                str(PORT),
+                "fetch",
+                "shared.bin",
+                "-o",
+                str(tmp / "got.bin"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        out["fetch_rc"] = res.returncode
+        out["fetch_out"] = res.stdout + res.stderr
+        out["same"] = (tmp / "got.bin").exists() and hashlib.sha256(
+            (tmp / "got.bin").read_bytes()
+        ).digest() == hashlib.sha256(shared).digest()
+        out["escape"] = asyncio.run(escape(peers["pa"]))
+        (a / "only-a.txt").unlink()
+        out["revoked"] = wait(lambda: "only-a.txt" not in c.query("files")["files"], 20)
+    finally:
+        for p in procs:
+            stop(p)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

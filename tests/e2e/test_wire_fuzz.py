@@ -1,0 +1,139 @@
+"""Garbage thrown at a live server: it answers or hangs up, never dies, and others go on."""
+
+from __future__ import annotations
+
+import socket
+
+import msgpack
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mirrorfuse.client.volume import BlockingVolume
+from mirrorfuse.wire.frames import HEADER, MAGIC, VERSION, Flag, FrameDecoder, Msg, encode
+
+ints = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
+fields = st.one_of(
+    ints,
+    st.text(max_size=10),
+    st.binary(max_size=10),
+    st.none(),
+    st.booleans(),
+    st.lists(ints, max_size=3),
+    st.floats(allow_nan=False),
+)
+body_maps = st.dictionaries(
+    st.sampled_from(
+        [
+            "slot",
+            "gen",
+            "checksum",
+            "volume",
+            "server",
+            "count",
+            "block_size",
+            "start",
+            "limit",
+            "states",
+            "force",
+            "x",
+        ]
+    ),
+    fields,
+    max_size=6,
+)
+well_framed = st.builds(
+    lambda t, f, body, payload: b"".join(encode(t, 9, body, payload, f)),
+    st.integers(0, 255),
+    st.sampled_from([0, int(Flag.COPY), int(Flag.REPAIR), int(Flag.REPLY)]),
+    body_maps,
+    st.binary(max_size=70000),
+)
+bad_headers = st.builds(
+    lambda magic, ver, t, blen, plen, tail: HEADER.pack(magic, ver, t, 1, 0, blen, plen) + tail,
+    st.sampled_from([MAGIC, b"XX"]),
+    st.sampled_from([VERSION, 0, 2]),
+    st.integers(0, 255),
+    st.integers(0, 2**32 - 1),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=64),
+)
+bad_bodies = st.builds(
+    lambda t, raw: HEADER.pack(MAGIC, VERSION, t, 3, 0, len(raw), 0) + raw,
+    st.integers(0, 255),
+    st.one_of(st.binary(max_size=40), st.just(msgpack.packb([1, 2]))),
+)
+garbage = st.one_of(st.binary(max_size=300), well_framed, bad_headers, bad_bodies)
+
+
+def exchange(port: int, blob: bytes) -> list:
+    """Send ``blob``, read until the server goes quiet or hangs up; return decoded replies."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(blob)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(0.3)
+        dec = FrameDecoder()
+        try:
+            while chunk := s.recv(65536):
+                dec.feed(chunk)
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return dec.frames()
+
+
+def test_live_server_survives_garbage_and_keeps_serving(cluster4):
+    port = cluster4.base
+    with BlockingVolume(cluster4.spec) as vol:
+        csum = vol.write(0, b"precious")
+        before = [r["blocks"] for r in cluster4.status()["rows"]]
+
+        @settings(
+            max_examples=250,
+            deadline=None,
+            suppress_health_check=[HealthCheck.function_scoped_fixture],
+        )
+        @given(garbage)
+        def throw(blob: bytes) -> None:
+            replies = exchange(port, blob)
+            for frame in replies:
+                assert frame.is_reply
+                # only requests that are well-formed and allowed may succeed
+                if not frame.is_error:
+                    assert frame.type in {m.value for m in Msg}
+            assert cluster4.servers[0].running
+
+        throw()
+        # the persistent client connection was never disturbed
+        assert vol.read(0, csum) == b"precious"
+        assert cluster4.servers[0].running
+    rows = cluster4.status()["rows"]
+    assert rows[0]["state"] == "alive"
+    assert rows[0]["blocks"] >= before[0]
+
+
+def test_malformed_frame_gets_an_error_then_hangup(cluster4):
+    replies = exchange(cluster4.base, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(replies) == 1 and replies[0].is_error
+    assert replies[0].body["code"] == "PROTOCOL"
+    assert "bad magic" in replies[0].body["msg"]
+
+
+def test_unknown_type_and_bad_fields_get_error_replies_on_a_live_connection(cluster4):
+    blob = b"".join(
+        encode(200, 1)
+        + encode(Msg.READ, 2, {"slot": "zero"})
+        + encode(Msg.WRITE, 3, {"slot": 1})
+        + encode(Msg.STAT, 4)
+    )
+    replies = {f.req_id: f for f in exchange(cluster4.base, blob)}
+    assert replies[1].body["code"] == "UNKNOWN_TYPE"
+    assert replies[2].body["code"] == "BAD_REQUEST" and "slot" in replies[2].body["msg"]
+    assert replies[3].body["code"] == "BAD_REQUEST"
+    assert not replies[4].is_error and replies[4].body["server"] == 0
+
+
+def test_a_write_whose_data_does_not_match_its_checksum_is_refused(cluster4):
+    with BlockingVolume(cluster4.spec) as vol:
+        gen = vol.volume.gen
+    blob = b"".join(encode(Msg.WRITE, 5, {"slot": 0, "checksum": 1, "gen": gen}, b"data"))
+    (reply,) = exchange(cluster4.base, blob)
+    assert reply.body["code"] == "CHECKSUM"

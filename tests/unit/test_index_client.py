@@ -1,0 +1,60 @@
+"""The index client against a scripted replica on loopback: first reply wins, duplicates
+and late replies to an earlier request are ignored, silence is an error (seed 002)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import msgpack
+import pytest
+
+from mirrorfuse.index.client import IndexClient
+from mirrorfuse.wire.errors import MirrorfsError
+
+
+def reply(sock: socket.socket, to, m: dict, text: str, replica: int) -> None:
+    body = {"t": "reply", "client": m["client"], "req": m["req"], "replica": replica}
+    sock.sendto(msgpack.packb({**body, "reply": {"ok": True, "text": text}}), to)
+
+
+def scripted_replica(sock: socket.socket) -> None:
+    """Answers request 1 twice (a duplicate), holds a second answer to request 1
+    back until request 2 arrives (a late reply), then answers request 2."""
+    data, who = sock.recvfrom(65536)
+    first = msgpack.unpackb(data)
+    reply(sock, who, first, "one", 1)
+    reply(sock, who, first, "one again", 2)
+    data, who = sock.recvfrom(65536)
+    second = msgpack.unpackb(data)
+    reply(sock, who, first, "late one", 3)  # arrives while the client waits for request 2
+    sock.sendto(b"\xc1 not msgpack", who)
+    reply(sock, who, second, "two", 1)
+
+
+def test_first_reply_shown_duplicates_and_late_replies_ignored():
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    t = threading.Thread(target=scripted_replica, args=(srv,), daemon=True)
+    t.start()
+    c = IndexClient("235.1.1.1", 1, replicas=[srv.getsockname()])
+    try:
+        assert c.request("advertise", {})["text"] == "one"
+        assert c.request("advertise", {})["text"] == "two"
+        assert c.ignored == 2  # the duplicate of 1 and the late reply to 1
+    finally:
+        t.join(5)
+        c.close()
+        srv.close()
+
+
+def test_no_replica_answering_is_a_clear_error():
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    silent.bind(("127.0.0.1", 0))
+    c = IndexClient("235.1.1.1", 1, replicas=[silent.getsockname()])
+    try:
+        with pytest.raises(MirrorfsError, match="no index replica answered"):
+            c.request("advertise", {}, timeout=0.2, tries=2)
+    finally:
+        c.close()
+        silent.close()

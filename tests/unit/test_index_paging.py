@@ -1,0 +1,68 @@
+"""Replies and snapshots larger than a datagram: pages of a listing, blobs by token over TCP."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mirrorfuse.index.blobs import BLOB_PART, BlobServer, BlobStore, fetch_blob
+from mirrorfuse.wire.errors import ServerError
+from servers.index import MAX_DATAGRAM, pack, page
+
+names = st.dictionaries(
+    st.text("abc-.*xyz0123456789", min_size=1, max_size=40),
+    st.fixed_dictionaries({"size": st.integers(0, 2**40), "pad": st.binary(max_size=3000)}),
+    max_size=300,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(names, st.sampled_from([None, "a*", "*1?", "[xy]*"]))
+def test_pages_cover_everything_once_in_order_and_fit_a_datagram(items, pattern):
+    keys = sorted(items)
+    got: list[str] = []
+    after = ""
+    while True:
+        part, after = page(items, keys, after, pattern)
+        assert len(pack({"t": "reply", "reply": {"files": part, "next": after}})) < MAX_DATAGRAM
+        got += list(part)
+        if after is None:
+            break
+    want = [k for k in keys if pattern is None or fnmatch.fnmatchcase(k, pattern)]
+    assert got == want
+
+
+def test_a_blob_is_read_back_whole_in_parts_and_an_unknown_token_is_refused():
+    blob = os.urandom(2 * BLOB_PART + 12345)
+
+    async def go() -> tuple[bytes, str]:
+        store = BlobStore()
+        token = store.put(blob)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: BlobServer(store), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        try:
+            got = await fetch_blob("127.0.0.1", port, token)
+            with pytest.raises(ServerError) as err:
+                await fetch_blob("127.0.0.1", port, "nope")
+            return got, err.value.code
+        finally:
+            server.close()
+
+    got, code = asyncio.run(go())
+    assert got == blob
+    assert code == "NOT_FOUND"
+
+
+def test_blobs_expire():
+    store = BlobStore()
+    token = store.put(b"x", now=0.0)
+    assert store.part(token, 0) == (b"x", 1)
+    store.put(b"y", now=1000.0)  # putting another one sweeps the old
+    assert store.part(token, 0) is None
