@@ -35,7 +35,7 @@ import msgpack  # noqa: E402
 from netns import setup_lo  # noqa: E402
 
 from mirrorfuse.core.group import IndexState, Order, Request  # noqa: E402
-from mirrorfuse.index.client import IndexClient  # noqa: E402
+from mirrorfuse.index.client import BlockingIndexClient as IndexClient  # noqa: E402
 
 GROUP, PORT = "235.1.1.9", 55599
 INDEX = str(Path(sys.executable).parent / "mirrorfs-index")
@@ -80,7 +80,7 @@ def wait_master(c: IndexClient, n: int, timeout: float = 15.0) -> None:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         status = c.query_all("status", wait=0.5)
-        masters = {s["master"] for s in status}
+        masters = {s.master for s in status}
         if len(status) == n and len(masters) == 1 and None not in masters:
             return
         time.sleep(0.2)
@@ -102,7 +102,7 @@ def rates(n: int, requests: int) -> tuple[float, float, float, float]:
             t = time.perf_counter()
             r = c.request("advertise", {"peer": "bench", "name": f"f{i}", "size": i, "checksum": i})
             lat.append(time.perf_counter() - t)
-            if not r.get("ok"):
+            if not r.ok:
                 raise SystemExit(f"advertise refused: {r}")
         adv = requests / (time.perf_counter() - t0)
         slat: list[float] = []
@@ -111,7 +111,7 @@ def rates(n: int, requests: int) -> tuple[float, float, float, float]:
             t = time.perf_counter()
             r = c.query("search", pattern=f"f{i}*")
             slat.append(time.perf_counter() - t)
-            if f"f{i}" not in r["files"]:
+            if f"f{i}" not in r.files:
                 raise SystemExit(f"search f{i}* did not find f{i}: {r}")
         srch = requests / (time.perf_counter() - t0)
         c.close()
@@ -186,16 +186,17 @@ def failover(runs: int) -> list[float]:
         g.stop()
 
 
-def load(c: IndexClient, entries: int, window: int = 64) -> None:
+def load(entries: int, window: int = 64) -> None:
     """Advertise ``entries`` names with ``window`` requests in flight (first reply each)."""
-    sock = c.sock
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", 0))
     sent = 0
     acked: set[int] = set()
     base = 1000
     while len(acked) < entries:
         while sent < entries and sent - len(acked) < window:
             args = {"peer": "bench", "name": f"e{sent:06}", "size": sent, "checksum": sent}
-            msg = {"t": "req", "client": c.client, "req": base + sent, "op": "advertise"}
+            msg = {"t": "req", "client": "bench-loader", "req": base + sent, "op": "advertise"}
             sock.sendto(msgpack.packb({**msg, "args": args}), (GROUP, PORT))
             sent += 1
         sock.settimeout(2.0)
@@ -205,6 +206,7 @@ def load(c: IndexClient, entries: int, window: int = 64) -> None:
             raise SystemExit(f"loading stalled at {len(acked)} of {entries}") from None
         m = msgpack.unpackb(data, strict_map_key=False)
         acked.add(m["req"] - base)
+    sock.close()
 
 
 def catch_up(entries: int) -> tuple[float, int, float]:
@@ -216,14 +218,14 @@ def catch_up(entries: int) -> tuple[float, int, float]:
         wait_master(c, 1)
         c.request("register", {"peer": "bench", "addr": "127.0.0.1:9", "interval": 36000})
         t0 = time.perf_counter()
-        load(c, entries)
+        load(entries)
         loaded = time.perf_counter() - t0
         status = c.query_all("status", wait=0.5)[0]
         t0 = time.perf_counter()
         g.start(2)
         while True:
-            got = {s["replica"]: s for s in c.query_all("status", wait=0.2)}
-            if 2 in got and (got[2]["seq"], got[2]["digest"]) == (status["seq"], status["digest"]):
+            got = {s.replica: s for s in c.query_all("status", wait=0.2)}
+            if 2 in got and (got[2].seq, got[2].digest) == (status.seq, status.digest):
                 break
             if time.perf_counter() - t0 > 120:
                 raise SystemExit("the new replica did not catch up in 120 s")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mirrorfuse.client.volume import BlockingVolume  # noqa: E402
+from mirrorfuse.client.blocking import BlockingVolume  # noqa: E402
 from mirrorfuse.tools.spawn import LocalCluster  # noqa: E402
 from mirrorfuse.wire.sizes import human, parse_size  # noqa: E402
 

@@ -1,37 +1,32 @@
-"""mirrorfs-cli serve-file: N virtual file servers, one per port, each serving one file.
+"""Virtual file servers: N of them, one per port, each serving one file (serve-file), and
+the same server for each file a peer shares.
 
-The console controls them as seed 003 says: ``1`` pauses server 1, ``r1``
-resumes it, ``e1`` ends a paused server. A paused server answers reads with
-PAUSED, so a downloader knows to wait or hand its segments to others; an
-ended one closes its port and its connections.
+A console controls them: ``1`` pauses server 1, ``r1`` resumes it, ``e1``
+ends a paused server. A paused server answers reads with PAUSED, so a
+downloader knows to wait or hand its segments to others; an ended one closes
+its port and its connections.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
-import sys
 import time
 from pathlib import Path
 
 import xxhash
 
 from mirrorfuse.core.scheduler import ALIVE, DEAD, PAUSED
-from mirrorfuse.wire.addresses import check_port
-from mirrorfuse.wire.errors import UsageError
-from mirrorfuse.wire.frames import (
-    MAX_PAYLOAD,
-    BadRequest,
-    Flag,
-    Frame,
-    FrameServer,
-    Msg,
-    encode,
-    encode_error,
-    need,
+from mirrorfuse.wire.frames import MAX_PAYLOAD, Frame, Msg
+from mirrorfuse.wire.messages import (
+    BadMessage,
+    FileInfo,
+    FileInfoReply,
+    FileRead,
+    FileReadReply,
 )
-from mirrorfuse.wire.sizes import human
+
+from .net import Answer, FrameServer, Handler, Out, Refused, dispatch
 
 READ_LIMIT = 8 << 20
 assert READ_LIMIT <= MAX_PAYLOAD  # a read must fit in one frame
@@ -60,38 +55,26 @@ class VirtualServer:
         self.sent = 0
         self.fd = os.open(path, os.O_RDONLY)
         self.listener: asyncio.AbstractServer | None = None
-        self.conns: set[_Conn] = set()
+        self.conns: set[FileConnection] = set()
+        self.handlers: dict[type, Handler] = {FileInfo: self.info, FileRead: self.read}
 
-    def handle(self, frame: Frame) -> list[bytes]:
-        if frame.defect or frame.is_reply:
-            return encode_error(frame.req_id, frame.type, "BAD_REQUEST", frame.defect or "reply")
-        try:
-            if frame.type == Msg.FILE_INFO:
-                body = {
-                    "size": self.size,
-                    "checksum": self.checksum,
-                    "state": self.state,
-                    "name": self.path.name,
-                }
-                return encode(Msg.FILE_INFO, frame.req_id, body, flags=Flag.REPLY)
-            if frame.type != Msg.FILE_READ:
-                return encode_error(
-                    frame.req_id, frame.type, "UNKNOWN_TYPE", f"unknown message type {frame.type}"
-                )
-            if self.state == PAUSED:
-                return encode_error(
-                    frame.req_id, frame.type, "PAUSED", f"server {self.number} is paused"
-                )
-            offset = need(frame.body, "offset", int)
-            length = need(frame.body, "length", int)
-            if offset < 0 or length < 0 or length > READ_LIMIT or offset + length > self.size:
-                raise BadRequest(f"range {offset}+{length} is outside the file")
-        except BadRequest as exc:
-            return encode_error(frame.req_id, frame.type, "BAD_REQUEST", str(exc))
-        data = os.pread(self.fd, length, offset)
+    def info(self, req: FileInfo, payload: bytes | bytearray, flags: int) -> Answer:
+        reply = FileInfoReply(
+            size=self.size, checksum=self.checksum, state=self.state, name=self.path.name
+        )
+        return reply, b""
+
+    def read(self, req: FileRead, payload: bytes | bytearray, flags: int) -> Answer:
+        if self.state == PAUSED:
+            raise Refused("PAUSED", f"server {self.number} is paused")
+        if req.length > READ_LIMIT or req.offset + req.length > self.size:
+            raise BadMessage(f"range {req.offset}+{req.length} is outside the file")
+        data = os.pread(self.fd, req.length, req.offset)
         self.sent += len(data)
-        body = {"checksum": xxhash.xxh3_64_intdigest(data)}
-        return encode(Msg.FILE_READ, frame.req_id, body, data, Flag.REPLY)
+        return FileReadReply(checksum=xxhash.xxh3_64_intdigest(data)), data
+
+    def handle(self, frame: Frame) -> Out:
+        return dispatch(frame, self.handlers)
 
     def delay_for(self, nbytes: int) -> float:
         """Seconds to hold a reply so this server sends at most ``rate`` bytes a second."""
@@ -110,8 +93,11 @@ class VirtualServer:
             if conn.transport is not None:
                 conn.transport.abort()
 
+    def close(self) -> None:
+        os.close(self.fd)
 
-class _Conn(FrameServer):
+
+class FileConnection(FrameServer):
     def __init__(self, server: VirtualServer) -> None:
         super().__init__()
         self.server = server
@@ -157,100 +143,20 @@ def console_command(servers: list[VirtualServer], line: str) -> str:
     return f"unknown command {line!r}: N pauses server N, rN resumes it, eN ends a paused one"
 
 
-async def serve(args: argparse.Namespace) -> int:
-    path = Path(args.file)
-    size = path.stat().st_size
-    print(f"computing the checksum of {path} ({human(size)})...", flush=True)
-    checksum = await asyncio.get_running_loop().run_in_executor(None, file_checksum, path)
-    rate = (args.rate or 0) * (1 << 20)
-    servers = [
-        VirtualServer(i + 1, p, path, size, checksum, rate) for i, p in enumerate(args.ports)
-    ]
+class ListenError(Exception):
+    """A virtual server cannot listen on its port."""
+
+
+async def listen(servers: list[VirtualServer], host: str) -> None:
+    """Every virtual server on its port; ListenError (closing the ones opened) if one cannot."""
     loop = asyncio.get_running_loop()
     for srv in servers:
         try:
             srv.listener = await loop.create_server(
-                lambda srv=srv: _Conn(srv), args.address, srv.port, reuse_address=True
+                lambda srv=srv: FileConnection(srv), host, srv.port, reuse_address=True
             )
         except OSError as exc:
             for s in servers:
                 if s.listener is not None:
                     s.listener.close()
-            print(
-                f"mirrorfs-cli: error: cannot listen on {args.address}:{srv.port}: {exc.strerror}",
-                file=sys.stderr,
-            )
-            return 1
-    print(
-        f"serving {path.name} ({human(size)}) from {len(servers)} servers on "
-        f"{args.address}:{','.join(map(str, args.ports))} (pid {os.getpid()})",
-        flush=True,
-    )
-    print("console: N pauses server N, rN resumes it, eN ends a paused server", flush=True)
-
-    async def report() -> None:
-        while True:
-            await asyncio.sleep(args.interval)
-            line = "; ".join(
-                f"server {s.number} ({s.port}): {s.state}, {human(s.sent)} sent" for s in servers
-            )
-            print(line, flush=True)
-
-    reporter = asyncio.ensure_future(report())
-    reader = asyncio.StreamReader()
-    try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := await reader.readline():
-            msg = console_command(servers, line.decode(errors="replace"))
-            if msg:
-                print(msg, flush=True)
-        # console closed: keep serving until killed
-        await asyncio.Event().wait()
-    finally:
-        reporter.cancel()
-    return 0
-
-
-def check_args(args: argparse.Namespace) -> None:
-    for p in args.ports:
-        check_port(p)
-    if len(set(args.ports)) != len(args.ports):
-        raise UsageError("a port is listed twice")
-    if args.count is not None and args.count != len(args.ports):
-        raise UsageError(f"-n {args.count} but {len(args.ports)} ports were given")
-    if args.interval <= 0:
-        raise UsageError("-i must be a positive number of seconds")
-    if not Path(args.file).is_file():
-        raise UsageError(f"file {args.file} does not exist (or is not a regular file)")
-    if Path(args.file).stat().st_size > (1 << 48):
-        raise UsageError(f"file {args.file} is too large")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-i", dest="interval", type=float, required=True, help="seconds between status lines"
-    )
-    p.add_argument("-f", dest="file", required=True, help="the file to serve")
-    p.add_argument("-n", dest="count", type=int, help="number of servers (must match -p)")
-    p.add_argument("-a", dest="address", default="127.0.0.1", help="address to listen on")
-    p.add_argument(
-        "-p",
-        dest="ports",
-        type=int,
-        nargs="+",
-        required=True,
-        help="one port per server (1024-65535)",
-    )
-    p.add_argument(
-        "--rate",
-        type=float,
-        help="limit each server to this many MiB/s (to watch a transfer, pause and resume it)",
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    check_args(args)
-    try:
-        return asyncio.run(serve(args))
-    except KeyboardInterrupt:
-        return 0
+            raise ListenError(f"cannot listen on {host}:{srv.port}: {exc.strerror}") from None

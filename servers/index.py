@@ -1,38 +1,40 @@
-"""mirrorfs-index GROUP PORT: one replica of the P2P index group, reached by UDP multicast.
+"""One replica of the P2P index group, reached by UDP multicast (or unicast).
 
-Datagrams are msgpack maps with a kind ``t``: client requests (``req``) and
-read-only queries (``query``) from clients; ``order``, ``hb`` (heartbeat),
-``ask`` and ``snap`` between replicas. The ordering logic is
-mirrorfuse.group.Replica; this module only moves datagrams and keeps time.
-A malformed or oversized datagram is dropped and counted, never fatal.
+Datagrams are the typed kinds of ``wire.datagrams``: client requests and
+queries; ``order``, ``hb``, ``ask`` and ``snap`` between replicas. The
+ordering logic is ``core.group.Replica``; this module only moves datagrams,
+keeps time and saves the state. A datagram that does not decode is dropped
+and counted, never fatal.
 
-A snapshot larger than a datagram is offered by token (``snapoffer``) and
-read over TCP (mirrorfuse.blobs). Replies that would not fit in a datagram
+A snapshot larger than a datagram is offered by token and read over TCP
+(``servers.blobs``; the reading side is given to ``serve`` by the command
+that starts the replica). Replies that would not fit in a datagram
 (``files``, ``search``, ``peers`` of a large index) come in pages: each
 carries ``next``, the cursor to ask with for the next page.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import bisect
 import fnmatch
-import os
+import logging
 import re
 import signal
 import socket
 import struct
-import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
-import msgpack
+import msgspec
 
 from mirrorfuse.core.group import (
     LOG_KEEP,
     AskFor,
+    BadSnapshot,
     Heartbeat,
     IndexState,
     Order,
@@ -42,59 +44,41 @@ from mirrorfuse.core.group import (
     SendReply,
     SendSnapshot,
 )
-from mirrorfuse.index.blobs import BlobServer, BlobStore, fetch_blob, offered_at
-from mirrorfuse.wire.addresses import parse_address_list
-from mirrorfuse.wire.errors import MirrorfsError, UsageError
+from mirrorfuse.wire import datagrams as dg
+from mirrorfuse.wire.datagrams import MAX_DATAGRAM, BadDatagram, Result, pack, unpack
+from mirrorfuse.wire.errors import MirrorfsError
 
-MAX_DATAGRAM = 60_000
+from .blobs import BlobServer, BlobStore
+from .files import atomic_write
+
+log = logging.getLogger("mirrorfs-index")
+
 PAGE_BYTES = 40_000  # a page of a paged reply stays well inside one datagram
 INLINE_SNAPSHOT = 40_000  # larger snapshots go by TCP
 HEARTBEAT = 1.0
 PEER_INTERVAL = 3.0  # a peer's heartbeat interval, unless it registered with its own
 
-
-def pack(msg: dict[str, Any]) -> bytes:
-    return msgpack.packb(msg, use_bin_type=True)
-
-
-def unpack(data: bytes) -> dict[str, Any] | None:
-    if len(data) > MAX_DATAGRAM:
-        return None
-    try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
-    except Exception:  # garbage of any kind is dropped
-        return None
-    return msg if isinstance(msg, dict) and isinstance(msg.get("t"), str) else None
+V = TypeVar("V")
+_encoder = msgspec.msgpack.Encoder()
+FetchBlob = Callable[[str, int, str], Awaitable[bytes]]
 
 
-def order_to_wire(o: Order) -> dict[str, Any]:
+def order_to_wire(o: Order) -> dg.Order:
     r = o.request
-    return {
-        "t": "order",
-        "seq": o.seq,
-        "master": o.master,
-        "time": o.t,
-        "client": r.client,
-        "req": r.req,
-        "op": r.op,
-        "args": r.args,
-    }
-
-
-def order_from_wire(m: dict[str, Any]) -> Order:
-    return Order(
-        int(m["seq"]),
-        int(m["master"]),
-        Request(str(m["client"]), int(m["req"]), str(m["op"]), dict(m["args"])),
-        float(m["time"]),
+    return dg.Order(
+        seq=o.seq, master=o.master, time=o.t, client=r.client, req=r.req, op=r.op, args=r.args
     )
 
 
+def order_from_wire(m: dg.Order) -> Order:
+    return Order(m.seq, m.master, Request(m.client, m.req, m.op, m.args), m.time)
+
+
 def page(
-    items: dict[str, Any], keys: list[str], after: str, pattern: str | None = None
-) -> tuple[dict[str, Any], str | None]:
+    items: dict[str, V], keys: list[str], after: str, pattern: str | None = None
+) -> tuple[dict[str, V], str | None]:
     """The entries after the cursor ``after`` (sorted keys) that fit in PAGE_BYTES."""
-    out: dict[str, Any] = {}
+    out: dict[str, V] = {}
     size = 0
     # names that match start with the pattern's literal prefix: begin there, stop past it
     prefix = re.split(r"[*?\[]", pattern, maxsplit=1)[0] if pattern is not None else ""
@@ -105,7 +89,7 @@ def page(
             break
         if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
             continue
-        size += len(pack({key: items[key]}))
+        size += len(key) + len(_encoder.encode(items[key])) + 8
         if size > PAGE_BYTES and out:
             return out, keys[i - 1]
         out[key] = items[key]
@@ -117,12 +101,14 @@ class IndexReplica(asyncio.DatagramProtocol):
         self,
         rid: int,
         targets: list[tuple[str, int]],
+        fetch_blob: FetchBlob,
         tcp: tuple[str, int] = ("127.0.0.1", 0),
         state: IndexState | None = None,
         log_keep: int = LOG_KEEP,
     ) -> None:
         self.replica = Replica(rid, time.time(), log_keep=log_keep, state=state)
         self.targets = targets  # the group address, or every replica's (unicast)
+        self.fetch_blob = fetch_blob
         self.transport: asyncio.DatagramTransport | None = None
         self.clients: dict[tuple[str, int], tuple[str, int]] = {}  # request -> its sender
         self.dropped = 0
@@ -133,126 +119,122 @@ class IndexReplica(asyncio.DatagramProtocol):
         self._sorted: dict[str, tuple[int, list[str]]] = {}  # what -> (seq, sorted keys)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's are not subclasses
 
-    def send_group(self, msg: dict[str, Any]) -> None:
+    def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, addr)
+
+    def send_group(self, msg: dg.Datagram) -> None:
         data = pack(msg)
         if len(data) > MAX_DATAGRAM:
-            print(
-                f"mirrorfs-index: {msg['t']} of {len(data)} bytes is too large to send",
-                file=sys.stderr,
-                flush=True,
-            )
+            log.warning("a %s of %d bytes is too large to send", type(msg).__name__, len(data))
             return
         for target in self.targets:
-            self.transport.sendto(data, target)
+            self._sendto(data, target)
 
     def route(self, actions: list[Any]) -> None:
+        rid = self.replica.id
         for act in actions:
             if isinstance(act, SendOrder):
                 self.send_group(order_to_wire(act.order))
             elif isinstance(act, SendReply):
                 addr = self.clients.pop((act.client, act.req), None)
                 if addr is not None:
-                    self.transport.sendto(
-                        pack(
-                            {
-                                "t": "reply",
-                                "client": act.client,
-                                "req": act.req,
-                                "reply": act.reply,
-                                "replica": self.replica.id,
-                            }
-                        ),
-                        addr,
-                    )
+                    self._sendto(pack(dg.answer(act.client, act.req, rid, act.reply)), addr)
             elif isinstance(act, AskFor):
                 if not self.fetching:
-                    self.send_group({"t": "ask", "replica": self.replica.id, "first": act.first})
+                    self.send_group(dg.Ask(replica=rid, first=act.first))
             elif isinstance(act, SendSnapshot):
-                self.send_group({"t": "snap", "to": act.to, **self.offer(act.seq, act.blob)})
+                offer = self.offer(act.seq, act.blob)
+                self.send_group(
+                    dg.Snap(
+                        to=act.to,
+                        seq=act.seq,
+                        blob=offer.blob,
+                        host=offer.host,
+                        port=offer.port,
+                        token=offer.token,
+                    )
+                )
             elif isinstance(act, Heartbeat):
-                self.send_group({"t": "hb", "replica": act.replica, "seq": act.seq})
+                self.send_group(dg.Hb(replica=act.replica, seq=act.seq))
 
-    def offer(self, seq: int, blob: bytes) -> dict[str, Any]:
+    def offer(self, seq: int, blob: bytes) -> dg.SnapshotOffer:
         """A snapshot in the datagram itself, or a token to read it by over TCP."""
         if len(blob) <= INLINE_SNAPSHOT:
-            return {"seq": seq, "blob": blob}
+            return dg.SnapshotOffer(seq=seq, blob=blob)
         host, port = self.tcp
-        return {"seq": seq, "host": host, "port": port, "token": self.blobs.put(blob)}
+        return dg.SnapshotOffer(seq=seq, host=host, port=port, token=self.blobs.put(blob))
 
     async def fetch_snapshot(self, seq: int, host: str, port: int, token: str) -> None:
         try:
-            blob = await fetch_blob(host, port, token)
+            blob = await self.fetch_blob(host, port, token)
             self.tcp_snapshots += 1
             self.route(self.replica.on_snapshot(seq, blob, time.time()))
         except (MirrorfsError, ValueError, OSError) as exc:
-            print(
-                f"mirrorfs-index: cannot read a snapshot from {host}:{port}: {exc} "
+            log.warning(
+                "cannot read a snapshot from %s:%d: %s "
                 "(on a LAN, start replicas with --host set to their own address)",
-                file=sys.stderr,
-                flush=True,
+                host,
+                port,
+                exc,
             )
         finally:
             self.fetching = False
 
-    def on_snap(self, m: dict[str, Any], addr: tuple[str, int]) -> None:
-        seq = int(m["seq"])
-        if "blob" in m:
-            self.route(self.replica.on_snapshot(seq, bytes(m["blob"]), time.time()))
-        elif seq > self.replica.state.seq and not self.fetching:
+    def on_snap(self, m: dg.Snap, sender: str) -> None:
+        if m.blob is not None:
+            self.route(self.replica.on_snapshot(m.seq, m.blob, time.time()))
+        elif m.seq > self.replica.state.seq and not self.fetching:
             self.fetching = True
-            asyncio.ensure_future(self.fetch_snapshot(seq, *offered_at(m, addr[0])))
+            where = dg.offered_at(m.host, m.port, m.token, sender)
+            asyncio.ensure_future(self.fetch_snapshot(m.seq, *where))
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        msg = unpack(data)
-        if msg is None:
-            self.drop(f"a malformed or oversized datagram of {len(data)} bytes", addr)
-            return
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        sender = (str(addr[0]), int(addr[1]))
         try:
-            if not self.handle(msg, addr):
-                self.drop(f"an unknown message kind {str(msg['t'])[:20]!r}", addr)
-        except (KeyError, TypeError, ValueError, AssertionError) as exc:
-            self.drop(f"a {str(msg.get('t'))[:20]!r} message lacking {exc}", addr)
+            msg = unpack(data)
+        except BadDatagram as exc:
+            self.drop(f"a datagram that is not the group's ({exc})", sender)
+            return
+        self.handle(msg, sender)
 
     def drop(self, what: str, addr: tuple[str, int]) -> None:
         """Count it; say so for the first and then every hundredth (no log flood)."""
         self.dropped += 1
         if self.dropped % 100 == 1:
-            print(
-                f"mirrorfs-index {self.replica.id}: dropped {what} from {addr[0]}:{addr[1]} "
-                f"({self.dropped} dropped so far)",
-                file=sys.stderr,
-                flush=True,
+            log.warning(
+                "replica %d dropped %s from %s:%d (%d dropped so far)",
+                self.replica.id,
+                what,
+                addr[0],
+                addr[1],
+                self.dropped,
             )
 
-    def handle(self, m: dict[str, Any], addr: tuple[str, int]) -> bool:
-        """Act on one message; False for a kind this replica does not know."""
+    def handle(self, m: dg.AnyDatagram, addr: tuple[str, int]) -> None:
         now = time.time()
         rep = self.replica
-        kind = m["t"]
-        if kind == "req":
-            req = Request(str(m["client"]), int(m["req"]), str(m["op"]), dict(m["args"]))
-            self.clients[(req.client, req.req)] = addr
-            self.route(rep.on_request(req, now))
-        elif kind == "query":
-            reply = {"t": "reply", "client": m["client"], "req": m["req"], "replica": rep.id}
-            data = pack({**reply, "reply": self.answer(m)})
-            if len(data) > MAX_DATAGRAM:
-                data = pack({**reply, "reply": {"ok": False, "error": "reply too large"}})
-            self.transport.sendto(data, addr)
-        elif kind == "order" and int(m["master"]) != rep.id:
-            self.route(rep.on_order(order_from_wire(m), now))
-        elif kind == "hb" and int(m["replica"]) != rep.id:
-            self.route(rep.on_heartbeat(Heartbeat(int(m["replica"]), int(m["seq"])), now))
-        elif kind == "ask" and int(m["replica"]) != rep.id:
-            self.route(rep.on_ask(int(m["replica"]), int(m["first"])))
-        elif kind == "snap":
-            if int(m["to"]) == rep.id:
-                self.on_snap(m, addr)
-        elif kind not in ("order", "hb", "ask", "reply"):
-            return False
-        return True
+        match m:
+            case dg.Req():
+                req = Request(m.client, m.req, m.op, m.args)
+                self.clients[(req.client, req.req)] = addr
+                self.route(rep.on_request(req, now))
+            case dg.Query():
+                data = pack(dg.answer(m.client, m.req, rep.id, self.answer(m)))
+                if len(data) > MAX_DATAGRAM:
+                    too_large = Result(ok=False, error="reply too large")
+                    data = pack(dg.answer(m.client, m.req, rep.id, too_large))
+                self._sendto(data, addr)
+            case dg.Order() if m.master != rep.id:
+                self.route(rep.on_order(order_from_wire(m), now))
+            case dg.Hb() if m.replica != rep.id:
+                self.route(rep.on_heartbeat(Heartbeat(m.replica, m.seq), now))
+            case dg.Ask() if m.replica != rep.id:
+                self.route(rep.on_ask(m.replica, m.first))
+            case dg.Snap() if m.to == rep.id:
+                self.on_snap(m, addr[0])
 
     def keys(self, what: str, items: dict[str, Any]) -> list[str]:
         """Sorted names, kept while the state does not change (pages of a large index)."""
@@ -262,47 +244,36 @@ class IndexReplica(asyncio.DatagramProtocol):
             held = self._sorted[what] = (seq, sorted(items))
         return held[1]
 
-    def answer(self, m: dict[str, Any]) -> dict[str, Any]:
+    def answer(self, m: dg.Query) -> Result:
         st = self.replica.state
-        q = m.get("q")
-        after = str(m.get("after") or "")
-        if q == "peers":
-            peers = {p: i["addr"] for p, i in st.peers.items()}
-            got, nxt = page(peers, self.keys("peers", peers), after)
-            return {"ok": True, "peers": got, "next": nxt, "seq": st.seq}
-        if q in ("files", "search"):
-            pattern = str(m.get("pattern", "*")) if q == "search" else None
-            got, nxt = page(st.files, self.keys("files", st.files), after, pattern)
-            return {"ok": True, "files": got, "next": nxt, "seq": st.seq}
-        if q == "held":  # what the index lists for one peer (it reconciles after a restart)
-            peer = m.get("peer")
-            held = {n: f for n, f in st.files.items() if peer in f["holders"]}
-            got, nxt = page(held, sorted(held), after)
-            return {"ok": True, "files": got, "next": nxt, "seq": st.seq}
-        if q == "snapshot":  # a peer caching the whole index
-            return {"ok": True, **self.offer(st.seq, st.snapshot())}
-        if q == "status":
-            now = time.time()
-            return {
-                "ok": True,
-                "replica": self.replica.id,
-                "seq": st.seq,
-                "master": self.replica.master(now),
-                "digest": st.digest(),
-                "dropped": self.dropped,
-                "tcp_snapshots": self.tcp_snapshots,
-                "peers": len(st.peers),
-                "files": len(st.files),
-            }
-        if q == "state":  # the whole replicated state, to compare replicas
-            return {
-                "ok": True,
-                "seq": st.seq,
-                "peers": st.peers,
-                "files": st.files,
-                "clients": st.clients,
-            }
-        return {"ok": False, "error": f"unknown query {q!r}"}
+        if m.q == "peers":
+            peers = {p: i.addr for p, i in st.peers.items()}
+            got, nxt = page(peers, self.keys("peers", peers), m.after)
+            return dg.PeersPage(peers=got, next=nxt, seq=st.seq)
+        if m.q in ("files", "search"):
+            pattern = m.pattern if m.q == "search" else None
+            got_files, nxt = page(st.files, self.keys("files", st.files), m.after, pattern)
+            return dg.FilesPage(files=got_files, next=nxt, seq=st.seq)
+        if m.q == "held":  # what the index lists for one peer (it reconciles after a restart)
+            held = {n: f for n, f in st.files.items() if m.peer in f.holders}
+            got_files, nxt = page(held, sorted(held), m.after)
+            return dg.FilesPage(files=got_files, next=nxt, seq=st.seq)
+        if m.q == "snapshot":  # a peer caching the whole index
+            return self.offer(st.seq, st.snapshot())
+        if m.q == "status":
+            return dg.ReplicaStatus(
+                replica=self.replica.id,
+                seq=st.seq,
+                master=self.replica.master(time.time()),
+                digest=st.digest(),
+                dropped=self.dropped,
+                tcp_snapshots=self.tcp_snapshots,
+                peers=len(st.peers),
+                files=len(st.files),
+            )
+        if m.q == "state":  # the whole replicated state, to compare replicas
+            return dg.StateDump(seq=st.seq, peers=st.peers, files=st.files, clients=st.clients)
+        return Result(ok=False, error=f"unknown query {m.q!r}")
 
 
 def multicast_socket(group: str, port: int) -> socket.socket:
@@ -317,58 +288,55 @@ def multicast_socket(group: str, port: int) -> socket.socket:
     return sock
 
 
-def snapshot_path(args: argparse.Namespace) -> Path | None:
-    return Path(args.data) / f"replica-{args.id}.snapshot" if args.data else None
-
-
 def load_state(path: Path | None) -> IndexState | None:
     """The state this replica saved before it stopped, if any (it catches up from there)."""
     if path is None or not path.exists():
         return None
     try:
         return IndexState.from_snapshot(path.read_bytes())
-    except Exception as exc:  # a torn or foreign file: start empty, the group fills us in
-        print(f"mirrorfs-index: ignoring {path}: {exc}", file=sys.stderr, flush=True)
+    except (OSError, BadSnapshot) as exc:  # a torn or foreign file: start empty
+        log.warning("ignoring %s: %s", path, exc)
         return None
 
 
-def save_state(path: Path, state: IndexState) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(state.snapshot())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+@dataclass
+class Options:
+    group: str
+    port: int
+    id: int
+    host: str
+    targets: list[tuple[str, int]]  # every replica (unicast); empty: multicast
+    data: Path | None
+    log_keep: int
 
 
-async def serve(args: argparse.Namespace) -> int:
+async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], None]) -> int:
+    """Run one replica until SIGTERM or SIGINT; ``ready`` is told the start line."""
     loop = asyncio.get_running_loop()
-    if args.replicas:
-        targets = args.targets
+    if opts.targets:
+        targets = opts.targets
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((args.host, args.port))
+        sock.bind((opts.host, opts.port))
     else:
-        targets = [(args.group, args.port)]
-        sock = multicast_socket(args.group, args.port)
-    store_path = snapshot_path(args)
+        targets = [(opts.group, opts.port)]
+        sock = multicast_socket(opts.group, opts.port)
+    store_path = opts.data / f"replica-{opts.id}.snapshot" if opts.data else None
     if store_path is not None:
         store_path.parent.mkdir(parents=True, exist_ok=True)
     state = load_state(store_path)
     blobs: list[BlobStore] = []
-    tcp = await loop.create_server(lambda: BlobServer(blobs[0]), args.host, 0)
-    tcp_addr = (args.host, tcp.sockets[0].getsockname()[1])
+    tcp = await loop.create_server(lambda: BlobServer(blobs[0]), opts.host, 0)
+    tcp_addr = (opts.host, tcp.sockets[0].getsockname()[1])
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: IndexReplica(args.id, targets, tcp_addr, state, args.log_keep), sock=sock
+        lambda: IndexReplica(opts.id, targets, fetch_blob, tcp_addr, state, opts.log_keep),
+        sock=sock,
     )
     blobs.append(proto.blobs)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loaded = f", state from {store_path} at sequence {state.seq}" if state else ""
-    print(
-        f"mirrorfs-index replica {args.id} on {args.group}:{args.port} (pid {os.getpid()}{loaded})",
-        flush=True,
-    )
+    ready(loaded)
     saved = state.seq if state else 0
     proto.route(proto.replica.tick(time.time()))
     while not stop.is_set():
@@ -377,81 +345,13 @@ async def serve(args: argparse.Namespace) -> int:
         except TimeoutError:
             proto.route(proto.replica.tick(time.time(), PEER_INTERVAL))
         if store_path is not None and proto.replica.state.seq != saved:
+            seq = proto.replica.state.seq  # what this save holds (the state moves on meanwhile)
+            snapshot = proto.replica.state.snapshot()
             try:
-                await loop.run_in_executor(None, save_state, store_path, proto.replica.state)
-                saved = proto.replica.state.seq
+                await loop.run_in_executor(None, atomic_write, store_path, snapshot)
+                saved = seq
             except OSError as exc:  # a full disk: go on serving from memory, say so
-                print(
-                    f"mirrorfs-index: cannot save state to {store_path}: {exc.strerror}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                log.error("cannot save state to %s: %s", store_path, exc.strerror)
     transport.close()
     tcp.close()
     return 0
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="mirrorfs-index", description="One replica of the mirrorfs P2P index group."
-    )
-    p.add_argument("group", help="multicast group address, e.g. 235.1.1.1")
-    p.add_argument("port", type=int, help="UDP port of the group")
-    p.add_argument(
-        "--id",
-        type=int,
-        default=os.getpid() % 1_000_000,
-        help="replica id; the lowest live id is the master (default: from the pid)",
-    )
-    p.add_argument(
-        "--log-keep",
-        type=int,
-        default=LOG_KEEP,
-        metavar="N",
-        help=f"recent updates kept to fill other replicas' gaps ({LOG_KEEP}); "
-        "a replica further behind gets a snapshot",
-    )
-    p.add_argument(
-        "--data",
-        metavar="DIR",
-        help="keep this replica's state in DIR (saved every second), to restart from it",
-    )
-    p.add_argument(
-        "--host",
-        default="127.0.0.1",
-        help="address for unicast and for handing large snapshots to other replicas "
-        "(127.0.0.1; on a LAN give this machine's address)",
-    )
-    p.add_argument(
-        "--replicas",
-        help="host:port,... of every replica (unicast instead of "
-        "multicast); this one listens on HOST:PORT",
-    )
-    args = p.parse_args(argv)
-    try:
-        if socket.inet_aton(args.group)[0] not in range(224, 240) and not args.replicas:
-            p.error(f"{args.group} is not a multicast address (224.0.0.0-239.255.255.255)")
-    except OSError:
-        p.error(f"{args.group!r} is not an IPv4 address")
-    try:  # every replica's address, for unicast
-        args.targets = parse_address_list(args.replicas, "--replicas") if args.replicas else []
-    except UsageError as exc:
-        p.error(str(exc))
-    if args.log_keep < 1:
-        p.error("--log-keep must be at least 1")
-    if not 1024 <= args.port <= 65535:
-        p.error(f"port {args.port} is outside 1024-65535")
-    return args
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        return asyncio.run(serve(args))
-    except OSError as exc:
-        print(f"mirrorfs-index: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

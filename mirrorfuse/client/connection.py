@@ -14,11 +14,22 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import MirrorfsError, ServerError
-from mirrorfuse.wire.frames import Frame, FrameDecoder, ProtocolError, encode
+from mirrorfuse.wire.frames import Frame, FrameDecoder, ProtocolError
+from mirrorfuse.wire.messages import (
+    BadMessage,
+    Message,
+    Reply,
+    Request,
+    decode,
+    decode_error,
+    encode_request,
+)
+
+R = TypeVar("R", bound=Message)
 
 MAX_IN_FLIGHT = 32
 
@@ -42,7 +53,7 @@ class _Protocol(asyncio.BufferedProtocol):
         self.writable.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.decoder.get_buffer(sizehint)
@@ -81,7 +92,7 @@ class Connection:
         self.server = server
         self.address = address
         self.timeout = timeout
-        self.on_gen = on_gen
+        self.on_gen = on_gen  # told the table generation every reply carries
         self.last_rx = time.monotonic()
         self._busy_since = 0.0
         self._ids = itertools.count(1)
@@ -122,10 +133,27 @@ class Connection:
     def closed(self) -> bool:
         return self._closed is not None
 
-    async def request(
-        self, type_: int, body: dict[str, Any] | None = None, payload: bytes = b"", flags: int = 0
+    async def call(
+        self, req: Request[R], payload: bytes | bytearray | memoryview = b"", flags: int = 0
+    ) -> Reply[R]:
+        """Send one request and wait for its typed reply; error replies raise ServerError."""
+        frame = await self._roundtrip(req, payload, flags)
+        if frame.is_error:
+            err = decode_error(frame.body)
+            raise ServerError(err.code, err.msg, self.server, err.last)
+        try:
+            body: Any = decode(type(req).REPLY, frame.body)
+        except BadMessage as exc:
+            self._abort(f"sent a reply this client cannot read ({exc})")
+            raise ServerDown(self.server, self.address, str(self._closed)) from None
+        gen = getattr(body, "gen", None)
+        if self.on_gen is not None and isinstance(gen, int):
+            self.on_gen(self.server, gen)
+        return Reply(body, frame.payload)
+
+    async def _roundtrip(
+        self, req: Request[Any], payload: bytes | bytearray | memoryview, flags: int
     ) -> Frame:
-        """Send one request and wait for its reply; error replies raise ServerError."""
         async with self._slots:
             if self._closed is not None:
                 raise ServerDown(self.server, self.address, self._closed)
@@ -138,32 +166,18 @@ class Connection:
             if not self._pending:
                 self._busy_since = time.monotonic()
             self._pending[req_id] = fut
-            proto.transport.writelines(encode(type_, req_id, body, payload, flags))
+            proto.transport.writelines(encode_request(req_id, req, payload, flags))
             try:
-                frame = await fut
+                return await fut
             finally:
                 self._pending.pop(req_id, None)
-        if frame.is_error:
-            raise ServerError(
-                str(frame.body.get("code", "ERROR")),
-                str(frame.body.get("msg", "")),
-                self.server,
-                frame.body,
-            )
-        return frame
 
     def _deliver(self, frame: Frame) -> None:
         if not frame.is_reply:
             return
-        if frame.defect:
-            self._abort(f"sent a malformed reply ({frame.defect})")
-            return
         if frame.req_id == 0 and frame.is_error:  # the server gave up on this connection
-            self._abort(f"refused the connection: {frame.body.get('msg')}")
+            self._abort(f"refused the connection: {decode_error(frame.body).msg}")
             return
-        gen = frame.body.get("gen")
-        if self.on_gen is not None and isinstance(gen, int):
-            self.on_gen(self.server, gen)
         fut = self._pending.pop(frame.req_id, None)
         if fut is not None and not fut.done():
             fut.set_result(frame)
@@ -177,7 +191,8 @@ class Connection:
         self._pending.clear()
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.abort()
-        self._proto and self._proto.writable.set()
+        if self._proto is not None:
+            self._proto.writable.set()
         if self._watchdog is not None and self._watchdog is not asyncio.current_task():
             self._watchdog.cancel()
 
@@ -195,11 +210,15 @@ class Connection:
 
 
 async def request_once(
-    address: Address, type_: int, body: dict[str, Any], timeout: float, connect: float = 3.0
-) -> Frame:
+    address: Address,
+    req: Request[R],
+    timeout: float,
+    connect: float = 3.0,
+    payload: bytes = b"",
+) -> Reply[R]:
     """Connect, ask one question, close: for peers asked now and then, not kept open."""
     conn = await Connection.open(0, address, connect)
     try:
-        return await asyncio.wait_for(conn.request(type_, body), timeout)
+        return await asyncio.wait_for(conn.call(req, payload), timeout)
     finally:
         conn.close()

@@ -19,8 +19,11 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mirrorfuse.client.metastore import Batch, MetaStore
-from mirrorfuse.client.volume import BlockingVolume
+from mirrorfuse.core.replay import Batch
+from mirrorfuse.wire.records import encode_batch
+
+from .blocking import BlockingVolume
+from .metastore import MetaStore
 
 CHECKPOINT_RECORDS = 50_000
 CHECKPOINT_BYTES = 32 << 20
@@ -139,7 +142,7 @@ class Journal:
                         continue
                     if not records:
                         break
-                    batch = Batch(self.committed + 1, len(records), b"".join(records))
+                    batch = Batch(self.committed + 1, len(records), encode_batch(records))
                     await self._meta.append(batch, self._heal)
                     self._tail.append(batch)
                     self._tail_bytes += len(batch.data)

@@ -1,10 +1,10 @@
 """The metadata on the servers: lease, journal batches and checkpoints.
 
-Write-all, read-any: every batch and checkpoint goes to every writable server
-(alive or being rebuilt), so the metadata survives as long as one server of
-the volume does. A server that answers GAP missed earlier batches (a rebuild
-target); it is healed from the last checkpoint and the batches since, which
-the caller keeps.
+Write-all, read-any: every batch and checkpoint goes to every server that
+takes writes (alive or being rebuilt), so the metadata survives as long as
+one server of the volume does. A server that answers GAP missed earlier
+batches (a rebuild target); it is healed from the last checkpoint and the
+batches since, which the caller keeps.
 """
 
 from __future__ import annotations
@@ -12,19 +12,34 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import struct
+import time
 import uuid
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from mirrorfuse.client.connection import ServerDown
-from mirrorfuse.client.volume import ALIVE, Fenced, Volume
+from mirrorfuse.core.namespace import Namespace
+from mirrorfuse.core.replay import Batch, replay
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, VolumeIOError
-from mirrorfuse.wire.frames import Frame, Msg
+from mirrorfuse.wire.messages import (
+    CheckpointGet,
+    CheckpointPut,
+    Holder,
+    JournalAppend,
+    JournalRead,
+    Lease,
+    MetaInfo,
+    MetaInfoReply,
+    Request,
+    State,
+)
+from mirrorfuse.wire.records import journal_entries
 
-ENTRY = struct.Struct("<QIIQI")  # as stored by the server: first, count, length, epoch, crc
+from .connection import ServerDown
+from .retry import TryAgain, retry
+from .table import Fenced
+from .volume import Volume
+
 CHUNK = 4 << 20
 
 
@@ -32,165 +47,142 @@ class Leased(MirrorfsError):
     """The volume is mounted read-write elsewhere."""
 
 
-@dataclass
-class Batch:
-    first: int
-    count: int
-    data: bytes
-
-    @property
-    def last(self) -> int:
-        return self.first + self.count - 1
+def holder_info(mountpoint: str) -> Holder:
+    return Holder(
+        id=str(uuid.uuid4()), host=socket.gethostname(), pid=os.getpid(), mountpoint=mountpoint
+    )
 
 
-def holder_info(mountpoint: str) -> dict[str, Any]:
-    return {
-        "id": str(uuid.uuid4()),
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "mountpoint": mountpoint,
-    }
-
-
-def describe_holder(holder: dict[str, Any]) -> str:
-    if not holder:
+def describe_holder(holder: Holder) -> str:
+    if not holder.id:
         return "another client"
-    where = f" at {holder['mountpoint']}" if holder.get("mountpoint") else ""
-    return f"pid {holder.get('pid')} on host {holder.get('host')}{where}"
-
-
-def _raise_meta(exc: ServerError) -> None:
-    if exc.code == "FENCED":
-        raise Fenced(f"this client was fenced: {exc}") from None
+    where = f" at {holder.mountpoint}" if holder.mountpoint else ""
+    return f"pid {holder.pid} on host {holder.host}{where}"
 
 
 class MetaStore:
     def __init__(self, volume: Volume) -> None:
         self.vol = volume
         self.epoch = 0
-        self.holder: dict[str, Any] = {}
 
     # -- lease --------------------------------------------------------------------------
 
-    async def infos(self) -> dict[int, dict[str, Any]]:
-        """META_INFO of every writable server that answers."""
-        targets = [s for s in range(self.vol.spec.count) if self.vol.states[s] != "failed"]
+    async def infos(self) -> dict[int, MetaInfoReply]:
+        """META_INFO of every server not failed that answers."""
+        targets = [s for s in range(self.vol.spec.count) if self.vol.states[s] != State.FAILED]
         replies = await asyncio.gather(
-            *(self.vol._send(s, Msg.META_INFO, {}) for s in targets), return_exceptions=True
+            *(self.vol.call(s, MetaInfo()) for s in targets), return_exceptions=True
         )
-        return {s: r.body for s, r in zip(targets, replies, strict=True) if isinstance(r, Frame)}
+        return {
+            s: r.body
+            for s, r in zip(targets, replies, strict=True)
+            if not isinstance(r, BaseException)
+        }
 
-    async def take_lease(self, holder: dict[str, Any], force: bool) -> None:
+    async def take_lease(self, holder: Holder, force: bool) -> None:
         infos = await self.infos()
         if not force:
             for info in infos.values():
-                if info["holder_active"]:
-                    who = describe_holder(info["holder"])
+                if info.holder_active:
                     raise Leased(
-                        f"the volume is already mounted read-write by {who}; "
+                        f"the volume is already mounted read-write by "
+                        f"{describe_holder(info.holder)}; "
                         "unmount it there, or take it over with --force"
                     )
-        self.epoch = max((i["epoch"] for i in infos.values()), default=0) + 1
-        self.holder = holder
-        body = {"epoch": self.epoch, "holder": holder, "force": force}
-        await self._all(Msg.LEASE, body)
-        self.vol.lease = {"epoch": self.epoch, "holder": holder}
+        self.epoch = max((i.epoch for i in infos.values()), default=0) + 1
+        lease = Lease(epoch=self.epoch, holder=holder, force=force)
+        await self._all(lambda s: self.vol.call(s, lease))
+        self.vol.hold_lease(lease)
 
-    # -- sending to every writable server ---------------------------------------------------
+    # -- sending to every server taking writes ----------------------------------------------
 
     async def _all(
         self,
-        type_: int,
-        body: dict[str, Any],
-        payload: bytes = b"",
-        on_error: Callable[[int, ServerError], Any] | None = None,
+        send: Callable[[int], Awaitable[Any]],
+        on_error: Callable[[int, ServerError], Awaitable[bool]] | None = None,
     ) -> None:
-        """Send to every writable server; fail the silent ones, retry on a newer table."""
-        for _ in range(20):
-            targets = [
-                s
-                for s in range(self.vol.spec.count)
-                if self.vol.states[s] in ("alive", "rebuilding")
-            ]
+        """Send to every server taking writes; fail the silent ones, again on a newer table.
+
+        ``on_error`` may deal with a server's error reply itself (True: dealt with).
+        """
+
+        async def attempt() -> None:
+            targets = self.vol.table.holders()
             if not targets:
                 raise VolumeIOError("no server is left to hold the metadata")
-            if "gen" in body:
-                body["gen"] = self.vol.gen
-            results = await asyncio.gather(
-                *(self.vol._send(s, type_, body, payload) for s in targets), return_exceptions=True
-            )
-            retry = False
+            results = await asyncio.gather(*(send(s) for s in targets), return_exceptions=True)
+            stale = False
             for s, res in zip(targets, results, strict=True):
                 if not isinstance(res, BaseException):
                     continue
                 if isinstance(res, ServerError):
-                    _raise_meta(res)
+                    if res.code == "FENCED":
+                        raise Fenced(f"this client was fenced: {res}") from None
                     if res.code == "LEASED":
                         raise Leased(f"server {s} reports the volume mounted elsewhere")
                     if on_error is not None and await on_error(s, res):
                         continue
                 if isinstance(res, ServerError | ServerDown):
-                    retry |= await self.vol._handle(s, res)
+                    stale |= await self.vol.handle_error(s, res)
                 else:
                     raise res
-            if not retry:
-                return
-        raise MirrorfsError("the failure table keeps changing")
+            if stale:
+                raise TryAgain
+
+        await retry(attempt, "writing the metadata: the failure table kept changing")
+
+    def _append(self, batch: Batch) -> JournalAppend:
+        return JournalAppend(
+            first=batch.first, count=batch.count, epoch=self.epoch, gen=self.vol.gen
+        )
 
     # -- journal --------------------------------------------------------------------------
 
-    async def append(self, batch: Batch, heal: Callable[[int, int], Any]) -> None:
-        body = {
-            "first": batch.first,
-            "count": batch.count,
-            "epoch": self.epoch,
-            "gen": self.vol.gen,
-        }
-
+    async def append(self, batch: Batch, heal: Callable[[int, int], Awaitable[None]]) -> None:
         async def on_error(server: int, exc: ServerError) -> bool:
             if exc.code != "GAP":
                 return False
-            await heal(server, int(exc.body.get("last", 0)))
-            await self.vol._send(
-                server, Msg.JOURNAL_APPEND, {**body, "gen": self.vol.gen}, batch.data
-            )
+            await heal(server, exc.last or 0)
+            await self.vol.call(server, self._append(batch), batch.data)
             return True
 
-        await self._all(Msg.JOURNAL_APPEND, body, batch.data, on_error)
+        await self._all(lambda s: self.vol.call(s, self._append(batch), batch.data), on_error)
 
     async def send_batches(self, server: int, batches: list[Batch]) -> None:
         for b in batches:
-            body = {"first": b.first, "count": b.count, "epoch": self.epoch, "gen": self.vol.gen}
-            await self.vol._send(server, Msg.JOURNAL_APPEND, body, b.data)
+            await self.vol.call(server, self._append(b), b.data)
 
     async def put_checkpoint(self, seq: int, blob: bytes, server: int | None = None) -> None:
-        """Store a checkpoint on one server, or on every writable one."""
+        """Store a checkpoint on one server, or on every server taking writes."""
         total = len(blob)
         offsets = list(range(0, total, CHUNK)) or [0]
         for off in offsets:
-            body = {
-                "seq": seq,
-                "offset": off,
-                "total": total,
-                "final": off == offsets[-1],
-                "epoch": self.epoch,
-                "gen": self.vol.gen,
-            }
             chunk = blob[off : off + CHUNK]
+
+            def req(off: int = off) -> Request[Any]:
+                return CheckpointPut(
+                    seq=seq,
+                    offset=off,
+                    total=total,
+                    final=off == offsets[-1],
+                    epoch=self.epoch,
+                    gen=self.vol.gen,
+                )
+
             if server is None:
-                await self._all(Msg.CHECKPOINT_PUT, body, chunk)
+                await self._all(lambda s, chunk=chunk, req=req: self.vol.call(s, req(), chunk))
             else:
-                await self.vol._send(server, Msg.CHECKPOINT_PUT, body, chunk)
+                await self.vol.call(server, req(), chunk)
 
     # -- reading it back ------------------------------------------------------------------
 
     async def load(self) -> tuple[int, bytes | None, list[Batch]]:
         """Checkpoint and journal from the live server holding the longest journal."""
         infos = await self.infos()
-        live = {s: i for s, i in infos.items() if self.vol.states[s] == ALIVE}
+        live = {s: i for s, i in infos.items() if self.vol.states[s] == State.ALIVE}
         if not live:
             raise VolumeIOError("no live server answers for the metadata")
-        source = max(live, key=lambda s: (live[s]["last_seq"], -s))
+        source = max(live, key=lambda s: (live[s].last_seq, -s))
         seq, blob = await self._get_checkpoint(source)
         batches = await self._read_journal(source, seq + 1)
         return seq, blob, batches
@@ -199,13 +191,11 @@ class MetaStore:
         parts: list[bytes] = []
         offset = 0
         while True:
-            reply = await self.vol._send(
-                server, Msg.CHECKPOINT_GET, {"offset": offset, "length": CHUNK}
-            )
-            seq, total, crc = reply.body["seq"], reply.body["total"], reply.body["crc"]
+            reply = await self.vol.call(server, CheckpointGet(offset=offset, length=CHUNK))
+            seq, total, crc = reply.body.seq, reply.body.total, reply.body.crc
             if seq == 0:
                 return 0, None
-            parts.append(reply.payload)
+            parts.append(bytes(reply.payload))
             offset += len(reply.payload)
             if offset >= total or not reply.payload:
                 break
@@ -218,17 +208,16 @@ class MetaStore:
         batches: list[Batch] = []
         nxt: int | None = start
         while nxt is not None:
-            reply = await self.vol._send(
-                server, Msg.JOURNAL_READ, {"from": nxt, "max_bytes": CHUNK}
-            )
-            raw = reply.payload
-            pos = 0
-            while pos + ENTRY.size <= len(raw):
-                first, count, length, _epoch, crc = ENTRY.unpack_from(raw, pos)
-                data = bytes(raw[pos + ENTRY.size : pos + ENTRY.size + length])
+            reply = await self.vol.call(server, JournalRead(start=nxt, max_bytes=CHUNK))
+            for first, count, _epoch, crc, data in journal_entries(reply.payload):
                 if zlib.crc32(data) != crc:
                     raise MirrorfsError(f"journal entry {first} on server {server} is damaged")
                 batches.append(Batch(first, count, data))
-                pos += ENTRY.size + length
-            nxt = reply.body["next"]
+            nxt = reply.body.next
         return batches
+
+
+async def read_namespace(vol: Volume) -> Namespace:
+    """The committed namespace, read as a mount reads it (no lease: nothing is changed)."""
+    _seq, blob, batches = await MetaStore(vol).load()
+    return replay(vol.block_size, blob, batches, os.getuid(), os.getgid(), time.time_ns())

@@ -1,4 +1,4 @@
-"""The P2P index as a replicated group: state and ordering, with no I/O (issue 6 core).
+"""The P2P index as a replicated group: state and ordering, with no I/O.
 
 Every replica holds the whole index. The live replica with the lowest id is
 the master: it gives each client request the next sequence number and sends
@@ -20,40 +20,44 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
+import msgspec
 import xxhash
+
+from mirrorfuse.wire.datagrams import (
+    UPDATES,
+    AdvertiseArgs,
+    ExpireArgs,
+    FileEntry,
+    HeartbeatArgs,
+    PeerEntry,
+    RegisterArgs,
+    RevokeArgs,
+    UpdateResult,
+)
 
 SILENCE = 3.0  # seconds without a heartbeat before a replica counts as gone
 LOG_KEEP = 10_000  # recent orders kept to fill other replicas' gaps
 MISSED_BEATS = 3  # a peer silent for this many of its heartbeat intervals is dropped
 
 
-# what each update must carry; a request that does not is refused alike on every replica
-SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "register": {"peer": str, "addr": str},
-    "heartbeat": {"peer": str},
-    "advertise": {"peer": str, "name": str, "size": int, "checksum": (int, str)},
-    "revoke": {"peer": str, "name": str},
-    "expire": {"interval": (int, float)},
-}
-
-
-def malformed(op: str, a: dict[str, Any]) -> str | None:
-    """Why the arguments of ``op`` are unusable, or None."""
-    for key, kind in SCHEMA.get(op, {}).items():
-        if not isinstance(a.get(key), kind) or isinstance(a.get(key), bool):
-            return f"{op} needs {key!r}"
-    if op == "advertise" and a["size"] < 0:
-        return "advertise needs a size of 0 or more"
-    name = a.get("name")
+def parse_update(op: str, args: dict[str, Any]) -> msgspec.Struct | str:
+    """The typed arguments of an update, or why they are unusable (the same on every replica)."""
+    kind = UPDATES.get(op)
+    if kind is None:
+        return f"unknown request {op!r}"
+    try:
+        parsed = msgspec.convert(args, kind)
+    except msgspec.ValidationError as exc:
+        return f"bad {op} request: {exc}"
+    name = getattr(parsed, "name", None)
     if op == "advertise" and (not name or "/" in name or "\0" in name or len(name) > 255):
         return f"{name!r} is not a file name (1-255 characters, no '/')"
-    return None
+    return parsed
 
 
-def peer_limit(info: dict[str, Any], default_interval: float) -> float:
+def peer_limit(info: PeerEntry, default_interval: float) -> float:
     """How long a peer may stay silent: three of the intervals it registered with."""
-    return MISSED_BEATS * float(info.get("interval") or default_interval)
+    return MISSED_BEATS * (info.interval or default_interval)
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class SendOrder:
 class SendReply:
     client: str
     req: int
-    reply: dict[str, Any]
+    reply: UpdateResult
 
 
 @dataclass(frozen=True)
@@ -108,106 +112,123 @@ class Heartbeat:
 # -- the index itself -----------------------------------------------------------------------
 
 
+# -- the index itself -----------------------------------------------------------------------
+
+
+class Snapshot(msgspec.Struct, array_like=True):
+    seq: int
+    peers: dict[str, PeerEntry]
+    files: dict[str, FileEntry]
+    clients: dict[str, tuple[int, UpdateResult]]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_snapshots = msgspec.msgpack.Decoder(Snapshot)
+
+
+class BadSnapshot(ValueError):
+    """A snapshot that does not decode: never adopted."""
+
+
 @dataclass
 class IndexState:
     seq: int = 0
-    peers: dict[str, dict[str, Any]] = field(default_factory=dict)  # id -> addr, seen
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> owner, size, ...
-    clients: dict[str, list[Any]] = field(default_factory=dict)  # client -> [req, reply]
+    peers: dict[str, PeerEntry] = field(default_factory=dict)
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    # client -> its last applied request id and the reply it got (retries get it again)
+    clients: dict[str, tuple[int, UpdateResult]] = field(default_factory=dict)
 
-    def apply(self, order: Order) -> dict[str, Any]:
+    def apply(self, order: Order) -> UpdateResult:
         """Apply the next order; the reply every replica gives its client."""
         assert order.seq == self.seq + 1, (order.seq, self.seq)
         self.seq = order.seq
         r = order.request
         last = self.clients.get(r.client)
         if last is not None and r.req <= last[0]:
-            return last[1] if r.req == last[0] else {"ok": False, "error": "stale request"}
-        handler = getattr(self, f"_op_{r.op}", None) if r.op in SCHEMA else None
-        problem = malformed(r.op, r.args) if handler else f"unknown request {r.op!r}"
-        reply = {"ok": False, "error": problem} if problem else handler(r.args, order.t)
-        self.clients[r.client] = [r.req, reply]
+            return last[1] if r.req == last[0] else UpdateResult(ok=False, error="stale request")
+        args = parse_update(r.op, r.args)
+        if isinstance(args, str):
+            reply = UpdateResult(ok=False, error=args)
+        else:
+            reply = self._apply(args, order.t)
+        self.clients[r.client] = (r.req, reply)
         return reply
 
-    def _op_register(self, a: dict[str, Any], t: float) -> dict[str, Any]:
-        info: dict[str, Any] = {"addr": a["addr"], "seen": t}
-        if isinstance(a.get("interval"), int | float) and a["interval"] > 0:
-            info["interval"] = a["interval"]
-        self.peers[a["peer"]] = info
-        return {"ok": True}
+    def _apply(self, a: msgspec.Struct, t: float) -> UpdateResult:
+        match a:
+            case RegisterArgs():
+                self.peers[a.peer] = PeerEntry(a.addr, t, a.interval)
+                return UpdateResult()
+            case HeartbeatArgs():
+                if a.peer not in self.peers:
+                    return UpdateResult(ok=False, error="unknown peer: register first")
+                self.peers[a.peer].seen = t
+                return UpdateResult()
+            case AdvertiseArgs():
+                return self._advertise(a)
+            case RevokeArgs():
+                held = self.files.get(a.name)
+                if held is None or a.peer not in held.holders:
+                    return UpdateResult(ok=False, error=f"{a.peer} does not share {a.name!r}")
+                self.drop_holder(a.name, a.peer)
+                return UpdateResult()
+            case ExpireArgs():
+                return UpdateResult(dropped=self._expire(a.interval, t))
+        raise AssertionError(f"no handler for {a!r}")
 
-    def _op_heartbeat(self, a: dict[str, Any], t: float) -> dict[str, Any]:
-        if a["peer"] not in self.peers:
-            return {"ok": False, "error": "unknown peer: register first"}
-        self.peers[a["peer"]]["seen"] = t
-        return {"ok": True}
-
-    def _op_advertise(self, a: dict[str, Any], t: float) -> dict[str, Any]:
-        peer, name = a["peer"], a["name"]
-        if peer not in self.peers:
-            return {"ok": False, "error": "unknown peer: register first"}
-        held = self.files.get(name)
+    def _advertise(self, a: AdvertiseArgs) -> UpdateResult:
+        if a.peer not in self.peers:
+            return UpdateResult(ok=False, error="unknown peer: register first")
+        held = self.files.get(a.name)
         if held is None:
-            self.files[name] = {
-                "owner": peer,
-                "size": a["size"],
-                "checksum": a["checksum"],
-                "holders": [peer],
-            }
-            return {"ok": True}
-        if held["owner"] == peer:
-            return {"ok": True}
-        if (held["size"], held["checksum"]) == (a["size"], a["checksum"]):
-            if peer not in held["holders"]:
-                held["holders"].append(peer)
-            return {"ok": True, "holder": True}
-        return {"ok": False, "error": f"the name {name!r} is taken by peer {held['owner']}"}
+            self.files[a.name] = FileEntry(a.peer, a.size, a.checksum, [a.peer])
+            return UpdateResult()
+        if held.owner == a.peer:
+            return UpdateResult()
+        if (held.size, held.checksum) == (a.size, a.checksum):
+            if a.peer not in held.holders:
+                held.holders.append(a.peer)
+            return UpdateResult(holder=True)
+        return UpdateResult(ok=False, error=f"the name {a.name!r} is taken by peer {held.owner}")
 
-    def _op_revoke(self, a: dict[str, Any], t: float) -> dict[str, Any]:
-        held = self.files.get(a["name"])
-        if held is None or a["peer"] not in held["holders"]:
-            return {"ok": False, "error": f"{a['peer']} does not share {a['name']!r}"}
-        self.drop_holder(a["name"], a["peer"])
-        return {"ok": True}
-
-    def _op_expire(self, a: dict[str, Any], t: float) -> dict[str, Any]:
+    def _expire(self, interval: float, t: float) -> list[str]:
         """Drop peers silent for three of their heartbeat intervals, and their files."""
         gone = sorted(
-            p
-            for p, info in self.peers.items()
-            if t - info["seen"] > peer_limit(info, a["interval"])
+            p for p, info in self.peers.items() if t - info.seen > peer_limit(info, interval)
         )
         for p in gone:
             del self.peers[p]
-            for name in [n for n, f in self.files.items() if p in f["holders"]]:
+            for name in [n for n, f in self.files.items() if p in f.holders]:
                 self.drop_holder(name, p)
-        return {"ok": True, "dropped": gone}
+        return gone
 
     def drop_holder(self, name: str, peer: str) -> None:
         held = self.files[name]
-        held["holders"].remove(peer)
-        if not held["holders"]:
+        held.holders.remove(peer)
+        if not held.holders:
             del self.files[name]
-        elif held["owner"] == peer:
-            held["owner"] = held["holders"][0]
+        elif held.owner == peer:
+            held.owner = held.holders[0]
 
     def snapshot(self) -> bytes:
-        return msgpack.packb([self.seq, self.peers, self.files, self.clients], use_bin_type=True)
+        return _encoder.encode(Snapshot(self.seq, self.peers, self.files, self.clients))
 
     @classmethod
     def from_snapshot(cls, blob: bytes) -> IndexState:
-        seq, peers, files, clients = msgpack.unpackb(blob, raw=False)
-        return cls(seq, peers, files, clients)
+        try:
+            snap = _snapshots.decode(blob)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise BadSnapshot(f"not an index snapshot ({exc})") from None
+        return cls(snap.seq, snap.peers, snap.files, snap.clients)
 
     def digest(self) -> str:
-        canon = msgpack.packb(
+        canon = _encoder.encode(
             [
                 self.seq,
                 sorted(self.peers.items()),
                 sorted(self.files.items()),
                 sorted(self.clients.items()),
-            ],
-            use_bin_type=True,
+            ]
         )
         return xxhash.xxh3_64_hexdigest(canon)
 
@@ -308,7 +329,10 @@ class Replica:
         self.known_seq = max(self.known_seq, seq)
         if seq <= self.state.seq:
             return []
-        self.state = IndexState.from_snapshot(blob)
+        try:
+            self.state = IndexState.from_snapshot(blob)
+        except BadSnapshot:
+            return []  # never adopt what does not decode: ask again later
         self.ahead = {s: o for s, o in self.ahead.items() if s > seq}
         self.unordered = {k: r for k, r in self.unordered.items() if not self._applied(r)}
         out: list[Any] = []
@@ -329,8 +353,7 @@ class Replica:
         if self.is_master(now):
             if peer_interval is not None and self.state.peers:
                 stale = any(
-                    now - p["seen"] > peer_limit(p, peer_interval)
-                    for p in self.state.peers.values()
+                    now - p.seen > peer_limit(p, peer_interval) for p in self.state.peers.values()
                 )
                 if stale:
                     key = (f"master-{self.id}", int(now * 1000))

@@ -9,23 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MIN_SERVERS = 4
-MAX_SERVERS = 16
-
-
-def check_count(count: int) -> None:
-    """Reject a server count the layout cannot use, with the reason."""
-    from mirrorfuse.wire.errors import UsageError
-
-    if count % 2:
-        raise UsageError(
-            f"{count} servers is an odd number: servers work in mirror pairs (2k, 2k+1)"
-        )
-    if not MIN_SERVERS <= count <= MAX_SERVERS:
-        raise UsageError(
-            f"{count} servers: mirrorfs needs between 4 and 16 servers (an even number)"
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class Layout:

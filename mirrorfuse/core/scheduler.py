@@ -21,7 +21,9 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-ALIVE, PAUSED, DEAD = "alive", "paused", "dead"
+from mirrorfuse.wire.messages import Availability
+
+ALIVE, PAUSED, DEAD = Availability.ALIVE, Availability.PAUSED, Availability.DEAD
 MAX_FAILURES = 3
 
 
@@ -39,7 +41,7 @@ class Segment:
 @dataclass
 class SourceState:
     name: str
-    state: str = ALIVE
+    state: Availability = ALIVE
     queue: deque[int] = field(default_factory=deque)
     in_flight: set[int] = field(default_factory=set)
     failures: int = 0

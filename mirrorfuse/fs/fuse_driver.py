@@ -13,7 +13,8 @@ from typing import Any
 
 import mfusepy
 
-from mirrorfuse.fs.filesystem import Context, FileSystem
+from .base import Context
+from .filesystem import FileSystem
 
 log = logging.getLogger("mirrorfs")
 

@@ -1,9 +1,11 @@
-"""A client of the index group (seed 002): ask the group, show the first reply.
+"""A client of the index group: ask the group, take the first reply.
 
 Every replica answers every request. The client takes the first reply to
-its current request id and ignores the rest: duplicates, and late replies
+each of its request ids and ignores the rest: duplicates, and late replies
 to earlier requests. A request that gets no reply in time is sent again
-with the same id, which the group applies only once.
+with the same id, which the group applies only once. ``IndexClient`` runs on
+the caller's event loop; ``BlockingIndexClient`` gives the same calls to
+code without one (the command line, tests).
 """
 
 from __future__ import annotations
@@ -15,13 +17,44 @@ import socket
 import struct
 import time
 import uuid
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
-import msgpack
-
-from mirrorfuse.core.group import IndexState
-from mirrorfuse.index.blobs import fetch_blob, offered_at
+from mirrorfuse.client.retry import TryAgain, retry
+from mirrorfuse.core.group import BadSnapshot, IndexState
+from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.datagrams import (
+    Answer,
+    BadDatagram,
+    FilesPage,
+    PeersPage,
+    Query,
+    ReplicaStatus,
+    Req,
+    Result,
+    SnapshotOffer,
+    StateDump,
+    UpdateResult,
+    offered_at,
+    pack,
+    result_of,
+    unpack,
+)
 from mirrorfuse.wire.errors import MirrorfsError
+
+from .blobs import fetch_blob
+
+T = TypeVar("T")
+
+QUERY_REPLIES: dict[str, type[Result]] = {
+    "peers": PeersPage,
+    "files": FilesPage,
+    "search": FilesPage,
+    "held": FilesPage,
+    "snapshot": SnapshotOffer,
+    "status": ReplicaStatus,
+    "state": StateDump,
+}
 
 
 def backoff(attempt: int, limit: float) -> float:
@@ -30,114 +63,204 @@ def backoff(attempt: int, limit: float) -> float:
     return min(0.25 * 2**attempt, limit)
 
 
+class _Endpoint(asyncio.DatagramProtocol):
+    def __init__(self, client: IndexClient) -> None:
+        self.client = client
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.client._received(data, str(addr[0]))
+
+
 class IndexClient:
     def __init__(
         self,
         group: str,
         port: int,
-        replicas: list[tuple[str, int]] | None = None,
+        replicas: list[Address] | None = None,
         client_id: str | None = None,
     ) -> None:
-        self.targets = replicas or [(group, port)]
+        self.targets = [(a.host, a.port) for a in replicas] if replicas else [(group, port)]
         self.client = client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ids = itertools.count(1)
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-        self.sock.setsockopt(
-            socket.IPPROTO_IP,
-            socket.IP_MULTICAST_IF,
-            struct.pack("4s", socket.inet_aton("0.0.0.0")),
-        )
-        self.sock.bind(("0.0.0.0", 0))
-        self.ignored = 0  # duplicate and late replies seen
+        self.ignored = 0  # duplicate, late and foreign replies seen
         self.timeout, self.tries = 2.0, 5  # per try; updates are retried more than queries
         self.last_sender = "127.0.0.1"  # who sent the last reply taken
+        self._transport: asyncio.DatagramTransport | None = None
+        self._waiting: dict[int, asyncio.Queue[tuple[Answer, str]]] = {}
 
-    def _send(self, msg: dict[str, Any]) -> None:
-        data = msgpack.packb(msg, use_bin_type=True)
+    async def _open(self) -> asyncio.DatagramTransport:
+        if self._transport is None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+            sock.setsockopt(
+                socket.IPPROTO_IP,
+                socket.IP_MULTICAST_IF,
+                struct.pack("4s", socket.inet_aton("0.0.0.0")),
+            )
+            sock.bind(("0.0.0.0", 0))
+            loop = asyncio.get_running_loop()
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Endpoint(self), sock=sock
+            )
+        return self._transport
+
+    def _received(self, data: bytes, sender: str) -> None:
+        try:
+            msg = unpack(data)
+        except BadDatagram:
+            return  # not a reply of the group at all
+        queue = self._waiting.get(msg.req) if isinstance(msg, Answer) else None
+        if queue is None or not isinstance(msg, Answer) or msg.client != self.client:
+            self.ignored += 1  # a late reply to an earlier request, or not ours
+            return
+        queue.put_nowait((msg, sender))
+
+    async def send_raw(self, data: bytes) -> None:
+        """Send bytes as they are to every target (tests send garbage with it)."""
+        transport = await self._open()
         for target in self.targets:
-            self.sock.sendto(data, target)
+            transport.sendto(data, target)
 
-    def _collect(self, req: int, until: float, first_only: bool) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        while True:
-            left = until - time.monotonic()
-            if left <= 0:
-                return out
-            self.sock.settimeout(left)
+    async def _ask(self, make: Any, timeout: float, tries: int) -> Answer:
+        """Send ``make(req_id)`` until the first reply to it arrives."""
+        req = next(self.ids)
+        data = pack(make(req))
+        queue: asyncio.Queue[tuple[Answer, str]] = asyncio.Queue()
+        self._waiting[req] = queue
+        n = itertools.count()
+
+        async def attempt() -> Answer:
+            await self.send_raw(data)
             try:
-                data, sender = self.sock.recvfrom(65536)
+                msg, sender = await asyncio.wait_for(queue.get(), backoff(next(n), timeout))
             except TimeoutError:
-                return out
-            try:
-                m = msgpack.unpackb(data, raw=False, strict_map_key=False)
-            except Exception:
-                continue
-            if not isinstance(m, dict) or m.get("client") != self.client or m.get("req") != req:
-                self.ignored += 1  # a late reply to an earlier request, or not ours
-                continue
-            out.append(m)
-            self.last_sender = sender[0]
-            if first_only:
-                return out
+                raise TryAgain from None
+            self.last_sender = sender
+            return msg
 
-    def request(
+        try:
+            return await retry(attempt, "no index replica answered", tries)
+        finally:
+            del self._waiting[req]
+            self.ignored += queue.qsize()  # duplicates that came in meanwhile
+
+    async def request(
         self, op: str, args: dict[str, Any], timeout: float | None = None, tries: int | None = None
-    ) -> dict[str, Any]:
+    ) -> UpdateResult:
         """An update, ordered by the group; the first reply."""
-        timeout = timeout or self.timeout
-        tries = tries or self.tries
-        req = next(self.ids)
-        msg = {"t": "req", "client": self.client, "req": req, "op": op, "args": args}
-        for i in range(tries):
-            self._send(msg)
-            got = self._collect(req, time.monotonic() + backoff(i, timeout), True)
-            if got:
-                return got[0]["reply"]
-        raise MirrorfsError(f"no index replica answered ({tries} tries)")
 
-    def query(
+        def make(req: int) -> Req:
+            return Req(client=self.client, req=req, op=op, args=args)
+
+        msg = await self._ask(make, timeout or self.timeout, tries or self.tries)
+        return self._result(msg, UpdateResult)
+
+    async def query(
         self, q: str, timeout: float | None = None, tries: int | None = None, **kw: Any
-    ) -> dict[str, Any]:
-        """A read-only question; any replica answers from its copy."""
-        timeout = timeout or self.timeout
-        tries = tries or max(1, self.tries - 2)
-        req = next(self.ids)
-        for i in range(tries):
-            self._send({"t": "query", "client": self.client, "req": req, "q": q, **kw})
-            got = self._collect(req, time.monotonic() + backoff(i, timeout), True)
-            if got:
-                return got[0]["reply"]
-        raise MirrorfsError(f"no index replica answered ({tries} tries)")
+    ) -> Any:
+        """A read-only question, any replica answers from its copy: the reply of its kind."""
 
-    def query_pages(self, q: str, key: str, **kw: Any) -> dict[str, Any]:
-        """A paged question (files, search, peers): every page, merged under ``key``."""
+        def make(req: int) -> Query:
+            return Query(client=self.client, req=req, q=q, **kw)
+
+        msg = await self._ask(make, timeout or self.timeout, tries or max(1, self.tries - 2))
+        return self._result(msg, QUERY_REPLIES.get(q, Result))
+
+    @staticmethod
+    def _result(msg: Answer, kind: type[T]) -> T:
+        try:
+            return result_of(msg.reply, kind)
+        except BadDatagram as exc:
+            raise MirrorfsError(f"replica {msg.replica} sent {exc}") from None
+
+    async def query_pages(self, q: str, **kw: Any) -> dict[str, Any]:
+        """A paged question (files, search, peers, held): every page, merged."""
         merged: dict[str, Any] = {}
         after = ""
         while True:
-            reply = self.query(q, after=after, **kw)
-            if not reply.get("ok"):
-                raise MirrorfsError(f"the index refused: {reply.get('error')}")
-            merged.update(reply[key])
-            if not reply.get("next"):
+            reply = await self.query(q, after=after, **kw)
+            if not reply.ok:
+                raise MirrorfsError(f"the index refused: {reply.error}")
+            merged.update(reply.peers if q == "peers" else reply.files)
+            if not reply.next:
                 return merged
-            after = reply["next"]
+            after = reply.next
 
-    def snapshot(self) -> IndexState:
+    async def snapshot(self) -> IndexState:
         """The whole index as one replica holds it (a peer's cached copy)."""
-        offer = self.query("snapshot")
-        if not offer.get("ok"):
-            raise MirrorfsError(f"the index refused: {offer.get('error')}")
-        if "blob" in offer:
-            return IndexState.from_snapshot(bytes(offer["blob"]))
-        blob = asyncio.run(fetch_blob(*offered_at(offer, self.last_sender)))
-        return IndexState.from_snapshot(blob)
+        offer: SnapshotOffer = await self.query("snapshot")
+        if not offer.ok:
+            raise MirrorfsError(f"the index refused: {offer.error}")
+        blob = offer.blob
+        if blob is None:
+            where = offered_at(offer.host, offer.port, offer.token, self.last_sender)
+            blob = await fetch_blob(*where)
+        try:
+            return IndexState.from_snapshot(blob)
+        except BadSnapshot as exc:
+            raise MirrorfsError(f"the index sent {exc}") from None
 
-    def query_all(self, q: str, wait: float = 1.0, **kw: Any) -> list[dict[str, Any]]:
+    async def query_all(self, q: str, wait: float = 1.0, **kw: Any) -> list[Any]:
         """Every replica's answer that arrives within ``wait`` seconds (status of the group)."""
         req = next(self.ids)
-        self._send({"t": "query", "client": self.client, "req": req, "q": q, **kw})
-        return [m["reply"] for m in self._collect(req, time.monotonic() + wait, False)]
+        queue: asyncio.Queue[tuple[Answer, str]] = asyncio.Queue()
+        self._waiting[req] = queue
+        try:
+            await self.send_raw(pack(Query(client=self.client, req=req, q=q, **kw)))
+            end = time.monotonic() + wait
+            out = []
+            while (left := end - time.monotonic()) > 0:
+                try:
+                    msg, _ = await asyncio.wait_for(queue.get(), left)
+                except TimeoutError:
+                    break
+                out.append(self._result(msg, QUERY_REPLIES.get(q, Result)))
+            return out
+        finally:
+            del self._waiting[req]
 
     def close(self) -> None:
-        self.sock.close()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+
+class BlockingIndexClient:
+    """The same calls for code without an event loop: each runs on a private one."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self._runner = asyncio.Runner()
+        self.aio = IndexClient(*args, **kw)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coro)
+
+    @property
+    def client(self) -> str:
+        return self.aio.client
+
+    @property
+    def ignored(self) -> int:
+        return self.aio.ignored
+
+    def request(self, op: str, args: dict[str, Any], **kw: Any) -> UpdateResult:
+        return self._run(self.aio.request(op, args, **kw))
+
+    def query(self, q: str, **kw: Any) -> Any:
+        return self._run(self.aio.query(q, **kw))
+
+    def query_pages(self, q: str, **kw: Any) -> dict[str, Any]:
+        return self._run(self.aio.query_pages(q, **kw))
+
+    def query_all(self, q: str, wait: float = 1.0, **kw: Any) -> list[Any]:
+        return self._run(self.aio.query_all(q, wait, **kw))
+
+    def snapshot(self) -> IndexState:
+        return self._run(self.aio.snapshot())
+
+    def send_raw(self, data: bytes) -> None:
+        self._run(self.aio.send_raw(data))
+
+    def close(self) -> None:
+        self.aio.close()
+        self._runner.close()

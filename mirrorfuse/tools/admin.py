@@ -1,4 +1,4 @@
-"""Cluster administration: format, status and rebuild, shared by the CLI and tests."""
+"""Cluster administration: format, status and rebuild, shared by the CLI, the shell and tests."""
 
 from __future__ import annotations
 
@@ -8,27 +8,43 @@ from collections.abc import Callable
 from typing import Any
 
 from mirrorfuse.client.connection import Connection, ServerDown
-from mirrorfuse.client.volume import ALIVE, FAILED, REBUILDING, Volume
+from mirrorfuse.client.retry import TryAgain, retry
+from mirrorfuse.client.volume import Volume
+from mirrorfuse.core import failures
+from mirrorfuse.core.failures import Event
 from mirrorfuse.core.layout import Layout
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError
-from mirrorfuse.wire.frames import Flag, Frame, Msg
+from mirrorfuse.wire.frames import Flag
+from mirrorfuse.wire.messages import (
+    Format,
+    Hello,
+    ListSlots,
+    Read,
+    RebuildBegin,
+    Stat,
+    State,
+    StatReply,
+    Sync,
+    Trim,
+    Write,
+)
 from mirrorfuse.wire.sizes import check_block_size, human
 
 DEFAULT_BLOCK = 1 << 20
 PROBE_TIMEOUT = 2.0
 
 
-async def _probe(spec: ClusterSpec, timeout: float) -> list[dict[str, Any] | str]:
-    """STAT every server at once: its reply body, or why it could not be reached."""
+async def probe(spec: ClusterSpec, timeout: float = PROBE_TIMEOUT) -> list[StatReply | str]:
+    """STAT every server at once: its reply, or why it could not be reached."""
 
-    async def one(i: int) -> dict[str, Any] | str:
+    async def one(i: int) -> StatReply | str:
         try:
             conn = await Connection.open(i, spec.addresses[i], timeout)
         except ServerDown as exc:
             return exc.reason
         try:
-            return (await conn.request(Msg.STAT)).body
+            return (await conn.call(Stat())).body
         except (ServerDown, ServerError) as exc:
             return str(exc)
         finally:
@@ -37,10 +53,10 @@ async def _probe(spec: ClusterSpec, timeout: float) -> list[dict[str, Any] | str
     return list(await asyncio.gather(*(one(i) for i in range(spec.count))))
 
 
-def _check_identity(spec: ClusterSpec, i: int, body: dict[str, Any]) -> None:
-    if body["server"] != i:
+def _check_identity(spec: ClusterSpec, i: int, body: StatReply) -> None:
+    if body.server != i:
         raise MirrorfsError(
-            f"{spec.addresses[i]} is server {body['server']}, expected server {i} "
+            f"{spec.addresses[i]} is server {body.server}, expected server {i} "
             "(list the servers in id order)"
         )
 
@@ -50,19 +66,22 @@ async def format_volume(
 ) -> str:
     """Create a fresh volume on every server; returns its id."""
     check_block_size(block_size)
-    probes = await _probe(spec, PROBE_TIMEOUT)
-    missing = [
-        f"server {i} ({spec.addresses[i]}) {p}" for i, p in enumerate(probes) if isinstance(p, str)
-    ]
+    probes = await probe(spec)
+    bodies: list[StatReply] = []
+    missing = []
+    for i, p in enumerate(probes):
+        if isinstance(p, str):
+            missing.append(f"server {i} ({spec.addresses[i]}) {p}")
+        else:
+            bodies.append(p)
     if missing:
         raise MirrorfsError("cannot format: " + "; ".join(missing))
-    bodies: list[dict[str, Any]] = probes  # type: ignore[assignment]
     for i, body in enumerate(bodies):
         _check_identity(spec, i, body)
-    holding = [i for i, b in enumerate(bodies) if b["formatted"]]
+    holding = [i for i, b in enumerate(bodies) if b.formatted]
     if holding and not force:
-        vols = sorted({bodies[i]["volume"] for i in holding})
-        blocks = sum(bodies[i]["blocks"] for i in holding)
+        vols = sorted({str(bodies[i].volume) for i in holding})
+        blocks = sum(bodies[i].blocks for i in holding)
         raise MirrorfsError(
             f"servers {','.join(map(str, holding))} already hold volume {', '.join(vols)} "
             f"({blocks} blocks); add --force to erase it"
@@ -71,16 +90,10 @@ async def format_volume(
     for i in range(spec.count):
         conn = await Connection.open(i, spec.addresses[i], PROBE_TIMEOUT)
         try:
-            await conn.request(
-                Msg.FORMAT,
-                {
-                    "volume": volume,
-                    "server": i,
-                    "count": spec.count,
-                    "block_size": block_size,
-                    "force": force,
-                },
+            req = Format(
+                volume=volume, server=i, count=spec.count, block_size=block_size, force=force
             )
+            await conn.call(req)
         finally:
             conn.close()
     return volume
@@ -88,42 +101,43 @@ async def format_volume(
 
 async def status(spec: ClusterSpec, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
     """What every server reports, with the state from the newest failure table."""
-    probes = await _probe(spec, timeout)
-    bodies = [p for p in probes if isinstance(p, dict) and p.get("formatted")]
-    table = max((b["table"] for b in bodies), key=lambda t: t["gen"], default=None)
-    newest = next((b for b in bodies if b["table"] is table), None)
+    probes = await probe(spec, timeout)
+    bodies = [p for p in probes if isinstance(p, StatReply) and p.formatted]
+    table = failures.newest(*(b.table for b in bodies))
+    newest = next((b for b in bodies if b.table is table), None)
     layout = Layout(spec.count)
     rows = []
-    for i, probe in enumerate(probes):
+    for i, found in enumerate(probes):
         row: dict[str, Any] = {"id": i, "address": str(spec.addresses[i]), "pair": i // 2}
-        known = table["states"][i] if table else "unknown"
-        if isinstance(probe, str):
-            row.update(state=FAILED if known == FAILED else "unreachable", error=probe, pid=None)
+        known = table.states[i].value if table else "unknown"
+        if isinstance(found, str):
+            failed = known == State.FAILED
+            row.update(state="failed" if failed else "unreachable", error=found, pid=None)
         else:
             row.update(
-                state=known if probe.get("formatted") or known == FAILED else "unformatted",
-                pid=probe["pid"],
-                blocks=probe["blocks"],
-                bytes=probe["bytes"],
-                reads=probe["reads"],
-                writes=probe["writes"],
-                repairs=probe["repairs"],
-                bytes_read=probe["bytes_read"],
-                bytes_written=probe["bytes_written"],
+                state=known if found.formatted or known == State.FAILED else "unformatted",
+                pid=found.pid,
+                blocks=found.blocks,
+                bytes=found.bytes,
+                reads=found.reads,
+                writes=found.writes,
+                repairs=found.repairs,
+                bytes_read=found.bytes_read,
+                bytes_written=found.bytes_written,
             )
-            if probe.get("formatted") and probe["volume"] != newest["volume"]:
+            if found.formatted and newest is not None and found.volume != newest.volume:
                 row["state"] = "foreign"
-                row["error"] = f"belongs to volume {probe['volume']}"
-            elif probe["server"] != i:
+                row["error"] = f"belongs to volume {found.volume}"
+            elif found.server != i:
                 row["state"] = "misplaced"
-                row["error"] = f"answers as server {probe['server']}"
+                row["error"] = f"answers as server {found.server}"
         rows.append(row)
     return {
-        "volume": newest["volume"] if newest else None,
-        "block_size": newest["block_size"] if newest else None,
+        "volume": newest.volume if newest else None,
+        "block_size": newest.block_size if newest else None,
         "servers": spec.count,
         "pairs": layout.pairs,
-        "table_gen": table["gen"] if table else None,
+        "table_gen": table.gen if table else None,
         "rows": rows,
     }
 
@@ -174,7 +188,7 @@ def format_status(st: dict[str, Any]) -> str:
     pairs_down = [
         p
         for p in range(st["pairs"])
-        if all(st["rows"][s]["state"] != ALIVE for s in (2 * p, 2 * p + 1))
+        if all(st["rows"][s]["state"] != State.ALIVE for s in (2 * p, 2 * p + 1))
     ]
     if pairs_down and st["volume"] is not None:
         out.append(f"DATA UNAVAILABLE: mirror pair(s) {pairs_down} have no live server")
@@ -199,60 +213,56 @@ async def rebuild(
         await vol.close()
 
 
-async def _rebuild(
-    vol: Volume, target: int, progress: Callable[[str], None], concurrency: int
-) -> int:
-    mirror = vol.layout.mirror_of(target)
-    if vol.states[target] == ALIVE:
-        raise MirrorfsError(f"server {target} is alive: there is nothing to rebuild")
-    if vol.states[mirror] != ALIVE:
-        raise MirrorfsError(
-            f"server {target}'s mirror, server {mirror}, is {vol.states[mirror]}: "
-            "there is no copy to rebuild from"
-        )
+async def _prepare(vol: Volume, target: int) -> None:
+    """The target formatted for this volume, in rebuild mode (newer writes beat copies)."""
     addr = vol.spec.addresses[target]
     try:
         conn = await Connection.open(target, addr, vol.timeout)
     except ServerDown as exc:
         raise MirrorfsError(f"cannot rebuild: {exc} (start it first)") from None
     try:
-        info = (await conn.request(Msg.HELLO)).body
-        if info["server"] != target:
-            raise MirrorfsError(f"{addr} is server {info['server']}, not server {target}")
-        if info["formatted"] and info["volume"] != vol.volume_id:
+        info = (await conn.call(Hello())).body
+        if info.server != target:
+            raise MirrorfsError(f"{addr} is server {info.server}, not server {target}")
+        if info.formatted and info.volume != vol.volume_id:
             raise MirrorfsError(
-                f"server {target} holds another volume ({info['volume']}); "
+                f"server {target} holds another volume ({info.volume}); "
                 "give it an empty data directory"
             )
-        if not info["formatted"]:
-            await conn.request(
-                Msg.FORMAT,
-                {
-                    "volume": vol.volume_id,
-                    "server": target,
-                    "count": vol.spec.count,
-                    "block_size": vol.block_size,
-                },
+        if not info.formatted:
+            assert vol.volume_id is not None
+            req = Format(
+                volume=vol.volume_id,
+                server=target,
+                count=vol.spec.count,
+                block_size=vol.block_size,
             )
-        await conn.request(Msg.REBUILD_BEGIN)
+            await conn.call(req)
+        await conn.call(RebuildBegin())
     finally:
         conn.close()
 
-    def mark(state: str) -> Callable[[list[str]], list[str]]:
-        def change(states: list[str]) -> list[str]:
-            states[target] = state
-            return states
 
-        return change
-
-    await vol.update_table(mark(REBUILDING))
-    if vol.states[target] != REBUILDING:
+async def _rebuild(
+    vol: Volume, target: int, progress: Callable[[str], None], concurrency: int
+) -> int:
+    mirror = vol.layout.mirror_of(target)
+    if vol.states[target] == State.ALIVE:
+        raise MirrorfsError(f"server {target} is alive: there is nothing to rebuild")
+    if vol.states[mirror] != State.ALIVE:
+        raise MirrorfsError(
+            f"server {target}'s mirror, server {mirror}, is {vol.states[mirror].value}: "
+            "there is no copy to rebuild from"
+        )
+    await _prepare(vol, target)
+    await vol.update_table(target, Event.BEGIN_REBUILD)
+    if vol.states[target] != State.REBUILDING:
         raise MirrorfsError(f"server {target} could not be marked rebuilding")
     progress(f"rebuilding server {target} from server {mirror}")
     copied = await _copy_slots(vol, mirror, target, progress, concurrency)
-    await vol._send(target, Msg.SYNC, {})
-    await vol.update_table(mark(ALIVE))
-    if vol.states[target] != ALIVE:
+    await vol.call(target, Sync())
+    await vol.update_table(target, Event.REBUILT)
+    if vol.states[target] != State.ALIVE:
         raise MirrorfsError(f"server {target} failed during the rebuild; run it again")
     progress(f"server {target} rebuilt: {copied} blocks copied; it is alive again")
     return copied
@@ -262,9 +272,9 @@ async def _list_all(vol: Volume, server: int) -> list[int]:
     slots: list[int] = []
     start: int | None = 0
     while start is not None:
-        reply = await vol._send(server, Msg.LIST, {"start": start, "limit": 65536})
-        slots += reply.body["slots"]
-        start = reply.body["next"]
+        reply = await vol.call(server, ListSlots(start=start, limit=65536))
+        slots += reply.body.slots
+        start = reply.body.next
     return slots
 
 
@@ -278,39 +288,43 @@ async def _copy_slots(
     done = 0
     step = max(len(wanted) // 10, 1)
 
-    async def send(type_: int, body: dict[str, Any], payload: bytes = b"") -> None:
-        for _ in range(5):
-            body["gen"] = vol.gen
+    async def send(slot: int, data: bytes | None, csum: int = 0) -> None:
+        """A copy (or a trim, for None) to the target, against the newest table."""
+
+        async def attempt() -> None:
             try:
-                await vol._send(target, type_, body, payload, Flag.COPY)
-                return
+                if data is None:
+                    await vol.call(target, Trim(slot=slot, gen=vol.gen), flags=Flag.COPY)
+                else:
+                    req = Write(slot=slot, checksum=csum, gen=vol.gen)
+                    await vol.call(target, req, data, Flag.COPY)
             except ServerError as exc:
                 if exc.code != "STALE":
                     raise
                 await vol.refresh_table()
-                if vol.states[target] != REBUILDING:
+                if vol.states[target] != State.REBUILDING:
                     raise MirrorfsError(
-                        f"server {target} was marked {vol.states[target]}"
+                        f"server {target} was marked {vol.states[target].value}"
                     ) from None
-        raise MirrorfsError("the failure table keeps changing")
+                raise TryAgain from None
+
+        await retry(attempt, f"copying slot {slot}: the failure table kept changing")
 
     async def copy(slot: int) -> None:
         nonlocal done
         async with sem:
-            reply: Frame = await vol._send(source, Msg.READ, {"slot": slot})
-            if reply.body.get("absent"):
-                await send(Msg.TRIM, {"slot": slot})
+            reply = await vol.call(source, Read(slot=slot))
+            if reply.body.absent:
+                await send(slot, None)
             else:
-                await send(
-                    Msg.WRITE, {"slot": slot, "checksum": reply.body["checksum"]}, reply.payload
-                )
+                await send(slot, bytes(reply.payload), reply.body.checksum or 0)
             done += 1
             if done % step == 0:
                 progress(f"  {done}/{len(wanted)} blocks")
 
     async def drop(slot: int) -> None:
         async with sem:
-            await send(Msg.TRIM, {"slot": slot})
+            await send(slot, None)
 
     try:
         await asyncio.gather(*(copy(s) for s in wanted), *(drop(s) for s in extra))

@@ -1,4 +1,4 @@
-"""mirrorfs-cli: administer a mirrorfs cluster (format, status, rebuild)."""
+"""mirrorfs-cli: administer a cluster, use a volume, download, ask the index group."""
 
 from __future__ import annotations
 
@@ -7,14 +7,12 @@ import asyncio
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
-from mirrorfuse.tools import admin, shell
-from mirrorfuse.tools import indexcmd as indexcli
-from mirrorfuse.wire.addresses import add_cluster_args, cluster_from_args
-from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.sizes import check_block_size, human, parse_size
-from servers import fileserver
+
+from . import admin, download, indexcmd, servefile, shell
+from .args import add_cluster_args, cluster_from_args, run, seconds_arg
+from .fsck import fsck
 
 PROG = "mirrorfs-cli"
 
@@ -49,8 +47,6 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from mirrorfuse.tools.fsck import fsck
-
     spec = cluster_from_args(args)
     rep = asyncio.run(fsck(spec, args.deep, args.timeout))
     for problem in rep.problems:
@@ -64,89 +60,21 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     return 1 if rep.problems else 0
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from mirrorfuse.transfer.download import Download, FileServerSource, HttpSource, run
-    from mirrorfuse.wire.addresses import Address, parse_port
-
-    # URLs may stand anywhere, also among the ports after -p
-    words = [*(args.ports or []), *args.urls]
-    args.urls = [w for w in words if "://" in w]
-    ports = [parse_port(w) for w in words if "://" not in w]
-    if args.count is not None and args.count != len(ports) + len(args.urls):
-        raise UsageError(f"-n {args.count} but {len(ports) + len(args.urls)} sources were given")
-    for u in args.urls:
-        if not u.startswith(("http://", "https://")):
-            raise UsageError(f"{u!r} is not an http:// URL")
-    if not ports and not args.urls:
-        raise UsageError("give the servers (-a ADDR -p PORT ...) and/or http:// URLs")
-    if args.interval <= 0:
-        raise UsageError("-i must be a positive number of seconds")
-    out = Path(args.output)
-    if not out.parent.is_dir():
-        raise UsageError(f"directory {out.parent} does not exist")
-    sources = [FileServerSource(Address(args.address, p)) for p in ports]
-    sources += [HttpSource(u) for u in args.urls]
-    return run(Download(sources, out, args.interval, args.resume))
-
-
-def cmd_get(args: argparse.Namespace) -> int:
-    from mirrorfuse.client.volume import Volume
-    from mirrorfuse.core.scheduler import split
-    from mirrorfuse.tools.mount import read_namespace
-    from mirrorfuse.transfer.download import Download, VolumeServerSource
-
-    spec = cluster_from_args(args)
-
-    async def go() -> int:
-        vol = Volume(spec, args.timeout)
-        await vol.open()
-        try:
-            ns = await read_namespace(vol)
-            node = ns.inodes[1]
-            for part in [p for p in args.path.split("/") if p]:
-                if node.entries is None or part not in node.entries:
-                    raise UsageError(f"{args.path}: no such file in the volume")
-                node = ns.inodes[node.entries[part]]
-            if node.entries is not None:
-                raise UsageError(f"{args.path} is a directory")
-            blocks = dict(node.blocks)
-            eligible = {
-                i: {
-                    f"server {s} ({spec.addresses[s]})" for s in vol.readable(vol.layout.pair_of(b))
-                }
-                for i, (b, _) in blocks.items()
-            }
-            servers = sorted({s for p in range(vol.layout.pairs) for s in vol.readable(p)})
-            sources = [VolumeServerSource(vol, s, blocks, node.size) for s in servers]
-            dl = Download(
-                sources,
-                Path(args.output),
-                args.interval,
-                args.resume,
-                segments=lambda size: split(size, vol.block_size),
-                eligible=eligible,
-            )
-            for i in range(-(-node.size // vol.block_size)):
-                eligible.setdefault(i, set())
-            dl.holes = {i for i in eligible if i not in blocks}
-            return await dl.run()
-        finally:
-            await vol.close()
-
-    return asyncio.run(go())
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Administer a mirrorfs cluster.")
+    p = argparse.ArgumentParser(prog=PROG, description="Administer and use a mirrorfs cluster.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(
         name: str, func: Callable[[argparse.Namespace], int], text: str
     ) -> argparse.ArgumentParser:
+        """A command on a cluster: its servers are named the same way everywhere."""
         sp = sub.add_parser(name, help=text, description=text)
         add_cluster_args(sp)
         sp.add_argument(
-            "--timeout", type=float, default=3.0, help="seconds before a silent server is down (3)"
+            "--timeout",
+            type=seconds_arg,
+            default=3.0,
+            help="seconds before a silent server is down (3)",
         )
         sp.set_defaults(func=func)
         return sp
@@ -178,8 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="N file servers, one per port, each serving FILE. Console: N pauses "
         "server N, rN resumes it, eN ends a paused server.",
     )
-    fileserver.add_arguments(sp)
-    sp.set_defaults(func=fileserver.main)
+    servefile.add_arguments(sp)
+    sp.set_defaults(func=servefile.main)
 
     sp = sub.add_parser(
         "download",
@@ -188,29 +116,17 @@ def build_parser() -> argparse.ArgumentParser:
         "http:// mirrors. A paused server's segments are taken over by the others; a dead "
         "server's are divided equally among the live ones. -r resumes.",
     )
-    sp.add_argument(
-        "-i", dest="interval", type=float, default=1.0, help="seconds between progress reports (1)"
-    )
-    sp.add_argument("-o", dest="output", required=True, help="where to save the file")
-    sp.add_argument("-n", dest="count", type=int, help="number of sources (checked)")
-    sp.add_argument("-a", dest="address", default="127.0.0.1", help="address of the servers")
-    sp.add_argument("-p", dest="ports", nargs="+", help="ports of the servers")
-    sp.add_argument("-r", dest="resume", action="store_true", help="resume a download")
-    sp.add_argument("urls", nargs="*", metavar="URL", help="http:// mirrors of the same file")
-    sp.set_defaults(func=cmd_download)
+    download.add_download_args(sp)
 
-    sp = command("get", cmd_get, "read a volume's file through every live server at once")
-    sp.add_argument("path", help="path of the file inside the volume")
-    sp.add_argument("-o", dest="output", required=True, help="where to save it")
-    sp.add_argument("-i", dest="interval", type=float, default=1.0, help="progress interval (1)")
-    sp.add_argument("-r", dest="resume", action="store_true", help="resume an interrupted get")
+    sp = command("get", download.cmd_get, "read a volume's file through every live server at once")
+    download.add_get_args(sp)
 
     sp = sub.add_parser(
         "index",
         help="the P2P index group: status, peers, files, search, fetch, share, unshare",
         description="Ask the index group; the first reply is shown.",
     )
-    indexcli.add_group_args(sp)
+    indexcmd.add_group_args(sp)
     sp.add_argument(
         "what",
         choices=["status", "peers", "files", "search", "fetch", "share", "unshare"],
@@ -218,11 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("rest", nargs="*", metavar="PATTERN|NAME|FILE")
     sp.add_argument("-o", dest="output", help="where fetch saves the file")
     sp.add_argument("--name", help="the name share gives the file (default: its own)")
-    sp.set_defaults(func=indexcli.cmd_index)
+    sp.set_defaults(func=indexcmd.cmd_index)
 
     sp = sub.add_parser("index-shell", help="interactive client of the index group (seed 002)")
-    indexcli.add_group_args(sp)
-    sp.set_defaults(func=indexcli.cmd_index_shell)
+    indexcmd.add_group_args(sp)
+    sp.set_defaults(func=indexcmd.cmd_index_shell)
 
     sp = command("rebuild", cmd_rebuild, "copy a failed server's blocks back from its mirror")
     sp.add_argument("id", type=int, help="id of the failed server (running, old or empty data dir)")
@@ -230,15 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except MirrorfsError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    args = build_parser().parse_args(argv)
+    return run(PROG, lambda: int(args.func(args)), usage_exit=1)
 
 
 if __name__ == "__main__":

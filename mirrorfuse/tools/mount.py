@@ -7,83 +7,20 @@ mount is up, or prints why it could not be, so every failure is one line.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from mirrorfuse.client.journal import Journal
-from mirrorfuse.client.metastore import MetaStore, holder_info
-from mirrorfuse.client.volume import ALIVE, BlockingVolume, Volume
-from mirrorfuse.core.namespace import Namespace, decode_records
-from mirrorfuse.fs.filesystem import FileSystem
-from mirrorfuse.tools import registry
-from mirrorfuse.wire.addresses import ClusterSpec, add_cluster_args, cluster_from_args
+from mirrorfuse.fs.opening import open_filesystem
+from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
-from mirrorfuse.wire.frames import Msg
+
+from . import logs, registry
+from .args import add_cluster_args, cluster_from_args, run, seconds_arg
 
 PROG = "mirrorfs-mount"
-
-
-async def capacity_blocks(vol: Volume) -> int:
-    """Logical blocks the volume can hold: every pair as large as its smallest live server."""
-    replies = await asyncio.gather(
-        *(vol._send(s, Msg.STAT, {}) for s in range(vol.spec.count) if vol.states[s] == ALIVE),
-        return_exceptions=True,
-    )
-    slots = [r.body["capacity_slots"] for r in replies if not isinstance(r, BaseException)]
-    if not slots:
-        raise MirrorfsError("no live server reports its capacity")
-    return min(slots) * vol.layout.pairs
-
-
-def replay(block_size: int, checkpoint: bytes | None, batches) -> Namespace:
-    """The namespace from a checkpoint and the journal batches after it."""
-    ns = (
-        Namespace.from_snapshot(checkpoint)
-        if checkpoint
-        else Namespace.fresh(block_size, os.getuid(), os.getgid(), time.time_ns())
-    )
-    for batch in batches:
-        if batch.first != ns.seq + 1:
-            raise MirrorfsError(f"journal batch {batch.first} does not follow record {ns.seq}")
-        for rec in decode_records(batch.data):
-            ns.apply(rec)
-    return ns
-
-
-async def read_namespace(vol: Volume) -> Namespace:
-    """The committed namespace, read like a mount reads it (no lease: nothing is changed)."""
-    _seq, blob, batches = await MetaStore(vol).load()
-    return replay(vol.block_size, blob, batches)
-
-
-def open_filesystem(
-    spec: ClusterSpec, mountpoint: str, force: bool = False, timeout: float = 3.0
-) -> FileSystem:
-    bvol = BlockingVolume(spec, timeout)
-    try:
-        meta = MetaStore(bvol.volume)
-        bvol.call(meta.take_lease(holder_info(mountpoint), force))
-        _seq, blob, batches = bvol.call(meta.load())
-        ns = replay(bvol.volume.block_size, blob, batches)
-        for ino in ns.orphans():  # unlinked while open when the last mount ended
-            ns.apply(["free", ino])
-        snapshot = ns.snapshot()
-        bvol.call(meta.put_checkpoint(ns.seq, snapshot))
-        limit = bvol.call(capacity_blocks(bvol.volume))
-        seq = ns.seq
-
-        def journal(on_committed):
-            return Journal(bvol, meta, seq, snapshot, on_committed)
-
-        return FileSystem(bvol, ns, journal, limit)
-    except BaseException:
-        bvol.close()
-        raise
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -98,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds_arg,
         default=3.0,
         help="seconds before a silent server is marked failed (3)",
     )
@@ -120,7 +57,7 @@ def check_mountpoint(path: str) -> None:
 
 def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
     """Foreground: mount and serve until unmounted."""
-    from mirrorfuse.fs.fuse_driver import run
+    from mirrorfuse.fs.fuse_driver import run as serve_fuse
 
     ready_fd = args.ready_fd
 
@@ -151,7 +88,7 @@ def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
         report(f"ok {volume}")
 
     try:
-        run(fs, args.mountpoint, f"mirrorfs:{volume}", ready)
+        serve_fuse(fs, args.mountpoint, f"mirrorfs:{volume}", ready)
     except RuntimeError as exc:
         report(f"error: FUSE could not mount {args.mountpoint}: {exc}")
         return 1
@@ -191,21 +128,21 @@ def background(args: argparse.Namespace, argv: list[str]) -> int:
     return 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        spec = cluster_from_args(args)
-        if args.ready_fd is None:
-            check_mountpoint(args.mountpoint)
-        args.mountpoint = os.path.realpath(args.mountpoint)
-    except MirrorfsError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+def start(args: argparse.Namespace, argv: list[str]) -> int:
+    spec = cluster_from_args(args)
+    if args.ready_fd is None:
+        check_mountpoint(args.mountpoint)
+    args.mountpoint = os.path.realpath(args.mountpoint)
     if args.foreground:
         return serve(args, spec)
     return background(args, argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logs.setup(PROG, logging.WARNING)
+    return run(PROG, lambda: start(args, argv))
 
 
 if __name__ == "__main__":

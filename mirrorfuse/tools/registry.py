@@ -16,6 +16,7 @@ from typing import Any
 
 from mirrorfuse.wire.addresses import ClusterSpec, parse_servers
 from mirrorfuse.wire.errors import UsageError
+from servers.files import atomic_write
 
 
 def state_dir() -> Path:
@@ -61,9 +62,7 @@ def write(mountpoint: str, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     old = read(mountpoint) or {}
     old.update(record, mountpoint=mountpoint)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(old, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(old, indent=2).encode())
 
 
 def read(mountpoint: str) -> dict[str, Any] | None:

@@ -1,4 +1,4 @@
-"""mirrorfs-cli shell: the interactive client window of seed 000.
+"""mirrorfs-cli shell: an interactive client that shows every mirrored step.
 
 It works on the same volume and file system library as the mount (not
 through FUSE), so the two always agree, and it makes the RAID-1 behaviour
@@ -15,14 +15,15 @@ import shlex
 import time
 from collections.abc import Callable, Iterator
 
-from mirrorfuse.client.connection import ServerDown
-from mirrorfuse.core.layout import check_count
-from mirrorfuse.fs.filesystem import Context, FileSystem, FsError
-from mirrorfuse.tools import admin
-from mirrorfuse.tools.mount import open_filesystem
-from mirrorfuse.wire.addresses import ClusterSpec, from_base_port
+from mirrorfuse.client.connection import Connection, ServerDown
+from mirrorfuse.fs.base import Context, FsError
+from mirrorfuse.fs.filesystem import FileSystem
+from mirrorfuse.fs.opening import open_filesystem
+from mirrorfuse.wire.addresses import ClusterSpec, check_count, from_base_port
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError, VolumeIOError
-from mirrorfuse.wire.frames import Msg
+from mirrorfuse.wire.messages import Hello
+
+from . import admin
 
 HELP = """commands (paths are absolute):
   mkdir /A/B            make a directory (and missing parents)
@@ -259,15 +260,13 @@ def ask(prompt: str, parse: Callable[[str], object]) -> object:
 
 
 async def _missing(spec: ClusterSpec) -> list[int]:
-    from mirrorfuse.client.connection import Connection
-
     async def one(i: int) -> bool:
         try:
             conn = await Connection.open(i, spec.addresses[i], 2.0)
         except ServerDown:
             return False
         try:
-            await conn.request(Msg.HELLO)
+            await conn.call(Hello())
             return True
         except MirrorfsError:
             return False

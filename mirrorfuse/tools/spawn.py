@@ -1,7 +1,9 @@
-"""Block servers started on this machine: by mount.sh, the benchmarks and the tests.
+"""Block servers started on this machine: the one way mount.sh, the benchmarks and the
+tests start them.
 
-Each server is a separate ``mirrorfs-server`` process; it is ready when it has
-printed its "listening" line, and it is ended by its pid.
+Each server is a separate ``mirrorfs-server`` process with its log beside its
+data directory; it is ready when it has printed its "listening" line, and it
+is ended by its pid.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ import sys
 from pathlib import Path
 
 from mirrorfuse.wire.addresses import ClusterSpec, from_base_port
+from mirrorfuse.wire.errors import MirrorfsError
 
 SERVER = str(Path(sys.executable).parent / "mirrorfs-server")
+
+
+class SpawnError(MirrorfsError):
+    """A server did not start; the message is the last line of its log."""
 
 
 def free_base_port(count: int, low: int = 20000, high: int = 60000) -> int:
@@ -75,11 +82,17 @@ class ServerProc:
                 text=True,
                 start_new_session=True,
             )
+        assert self.proc.stdout is not None
         self.ready_line = self.proc.stdout.readline()
         if "listening" not in self.ready_line:
             self.proc.wait(timeout=10)
             why = self.log.read_text().strip().splitlines()
-            raise RuntimeError(why[-1] if why else f"server {server_id} did not start")
+            raise SpawnError(why[-1] if why else f"server {server_id} did not start")
+
+    def detach(self) -> None:
+        """Stop reading its output: it runs on by itself (mount.sh's servers)."""
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
 
     @property
     def pid(self) -> int:
@@ -117,10 +130,10 @@ class LocalCluster:
         self.server_args = server_args
         self.count = count
         self.base = base if base is not None else free_base_port(count)
-        self.servers: list[ServerProc | None] = [None] * count
+        self.servers: list[ServerProc] = []
         try:
             for i in range(count):
-                self.start(i)
+                self.servers.append(self._spawn(i, self.data_dir(i)))
         except BaseException:
             self.close()
             raise
@@ -136,13 +149,14 @@ class LocalCluster:
     def data_dir(self, i: int) -> Path:
         return self.root / f"d{i}"
 
+    def _spawn(self, i: int, data: Path) -> ServerProc:
+        return ServerProc(i, self.base + i, data, extra=self.server_args)
+
     def start(self, i: int, data: Path | None = None) -> ServerProc:
-        old = self.servers[i]
-        if old is not None and old.running:
-            old.kill()
-        self.servers[i] = ServerProc(
-            i, self.base + i, data or self.data_dir(i), extra=self.server_args
-        )
+        """(Re)start server i, on its own data directory or another one."""
+        if self.servers[i].running:
+            self.servers[i].kill()
+        self.servers[i] = self._spawn(i, data or self.data_dir(i))
         return self.servers[i]
 
     def kill(self, i: int) -> None:
@@ -153,5 +167,5 @@ class LocalCluster:
 
     def close(self) -> None:
         for s in self.servers:
-            if s is not None and s.running:
+            if s.running:
                 s.kill()

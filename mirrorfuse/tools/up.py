@@ -17,15 +17,17 @@ import sys
 import time
 from pathlib import Path
 
-from mirrorfuse.client.connection import Connection, ServerDown
-from mirrorfuse.tools import registry
-from mirrorfuse.tools.admin import format_volume
-from mirrorfuse.tools.mount import main as mount_main
-from mirrorfuse.tools.spawn import SERVER
 from mirrorfuse.wire.addresses import ClusterSpec, from_base_port, parse_servers
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
-from mirrorfuse.wire.frames import Msg
+from mirrorfuse.wire.messages import StatReply
 from mirrorfuse.wire.sizes import check_block_size, parse_size
+from servers.files import atomic_write
+
+from . import registry
+from .admin import format_volume, probe
+from .args import run
+from .mount import main as mount_main
+from .spawn import ServerProc, SpawnError
 
 PROG = "mount.sh"
 DEFAULT_BASE_PORT = 7000
@@ -53,56 +55,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-async def _probe(spec: ClusterSpec) -> list[dict | str]:
-    async def one(i: int) -> dict | str:
-        try:
-            conn = await Connection.open(i, spec.addresses[i], 2.0)
-        except ServerDown as exc:
-            return exc.reason
-        try:
-            return (await conn.request(Msg.HELLO)).body
-        except MirrorfsError as exc:
-            return str(exc)
-        finally:
-            conn.close()
-
-    return list(await asyncio.gather(*(one(i) for i in range(spec.count))))
-
-
 def start_local(data: Path, count: int, base: int) -> tuple[ClusterSpec, list[int]]:
     """Start the servers that are not already running; returns the pids it started."""
     spec = from_base_port(base, count)
-    probes = asyncio.run(_probe(spec))
-    started = []
-    for i, probe in enumerate(probes):
-        if isinstance(probe, dict):
-            if probe.get("server") != i:
-                raise MirrorfsError(
-                    f"port {base + i} is taken by a mirrorfs server that is not "
-                    f"server {i}: choose another --base-port"
-                )
-            continue
-        d = data / str(i)
-        d.mkdir(parents=True, exist_ok=True)
-        with open(data / f"server{i}.log", "ab") as log:
-            proc = subprocess.Popen(
-                [SERVER, "--id", str(i), "--port", str(base + i), "--data", str(d)],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                start_new_session=True,
-                text=True,
-            )
-        line = proc.stdout.readline()
-        if "listening" not in line:
-            proc.wait(timeout=10)
-            last = (data / f"server{i}.log").read_text().strip().splitlines()
-            for pid in started:
-                os.kill(pid, signal.SIGTERM)
-            raise MirrorfsError(f"server {i} did not start: {last[-1] if last else 'no output'}")
-        proc.stdout.close()
-        started.append(proc.pid)
-    return spec, started
+    found = asyncio.run(probe(spec))
+    started: list[ServerProc] = []
+    try:
+        for i, reply in enumerate(found):
+            if isinstance(reply, StatReply):
+                if reply.server != i:
+                    raise MirrorfsError(
+                        f"port {base + i} is taken by a mirrorfs server that is not "
+                        f"server {i}: choose another --base-port"
+                    )
+                continue
+            try:
+                proc = ServerProc(i, base + i, data / str(i))
+            except SpawnError as exc:
+                raise MirrorfsError(f"server {i} did not start: {exc}") from None
+            proc.detach()
+            started.append(proc)
+    except BaseException:
+        for proc in started:
+            proc.terminate()
+        raise
+    return spec, [proc.pid for proc in started]
 
 
 def up(args: argparse.Namespace) -> int:
@@ -137,19 +114,19 @@ def up(args: argparse.Namespace) -> int:
         spec = from_base_port(base, count)  # validates before anything starts
         data.mkdir(parents=True, exist_ok=True)
         spec, started = start_local(data, count, base)
-        conf_path.write_text(json.dumps({"count": count, "base_port": base}))
+        atomic_write(conf_path, json.dumps({"count": count, "base_port": base}).encode())
         print(
             f"{count} servers on 127.0.0.1:{base}-{base + count - 1}"
             f"{f' (started {len(started)})' if started else ' (already running)'}, data in {data}"
         )
     try:
-        probes = asyncio.run(_probe(spec))
+        probes = asyncio.run(probe(spec))
         missing = [
             f"server {i} ({spec.addresses[i]}) {p}"
             for i, p in enumerate(probes)
             if isinstance(p, str)
         ]
-        if all(isinstance(p, dict) and not p.get("formatted") for p in probes):
+        if all(isinstance(p, StatReply) and not p.formatted for p in probes):
             size = check_block_size(parse_size(args.block_size))
             volume = asyncio.run(format_volume(spec, size))
             print(f"formatted new volume {volume}")
@@ -193,13 +170,7 @@ def down(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        return down(args) if args.unmount else up(args)
-    except MirrorfsError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
-    except KeyboardInterrupt:
-        return 130
+    return run(PROG, lambda: down(args) if args.unmount else up(args))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Segmented parallel download: sources, workers, progress, resume (the I/O around fetch.py).
+"""Segmented parallel download: workers, saving and resuming (the I/O around the scheduler).
 
 A source serves byte ranges of one object: a mirrorfs file server, an HTTP
 mirror (Range requests), or one server of a mirrorfs volume. Each source
@@ -16,180 +16,29 @@ import asyncio
 import contextlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from mirrorfuse.client.connection import Connection, ServerDown
 from mirrorfuse.core.scheduler import ALIVE, DEAD, PAUSED, Scheduler, Segment, split
-from mirrorfuse.wire.addresses import Address
-from mirrorfuse.wire.errors import MirrorfsError, ServerError
-from mirrorfuse.wire.frames import Msg
+from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.sizes import human
+from servers.files import atomic_write
 
-WORKERS_PER_SOURCE = 2
-READ_TIMEOUT = 10.0
+from .progress import Progress
+from .sources import (
+    READ_TIMEOUT,
+    WORKERS_PER_SOURCE,
+    Info,
+    Source,
+    SourceFailed,
+    SourcePaused,
+)
+
 SEGMENT = 1 << 20
-
-
-class SourcePaused(Exception):
-    pass
-
-
-class SourceFailed(Exception):
-    pass
-
-
-@dataclass
-class Info:
-    size: int
-    checksum: int | None  # xxh3-64 of the whole object, when the source knows it
-    state: str = ALIVE
-
-
-class Source:
-    """A place that serves byte ranges of one object."""
-
-    name: str
-
-    async def info(self) -> Info:
-        raise NotImplementedError
-
-    async def read(self, seg: Segment) -> bytes:
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        return None
-
-
-class FileServerSource(Source):
-    def __init__(self, address: Address, file: str | None = None) -> None:
-        self.address = address
-        self.file = file  # a peer serves many files: which one
-        self.name = str(address)
-        self._conn: Connection | None = None
-
-    async def _c(self) -> Connection:
-        if self._conn is None or self._conn.closed:
-            try:
-                self._conn = await Connection.open(0, self.address, READ_TIMEOUT)
-            except ServerDown as exc:
-                raise SourceFailed(exc.reason) from None
-        return self._conn
-
-    async def _request(self, type_: int, body: dict[str, Any]):
-        if self.file is not None:
-            body = {**body, "name": self.file}
-        try:
-            return await (await self._c()).request(type_, body)
-        except ServerDown as exc:
-            raise SourceFailed(exc.reason) from None
-        except ServerError as exc:
-            if exc.code == "PAUSED":
-                raise SourcePaused(str(exc)) from None
-            raise SourceFailed(str(exc)) from None
-
-    async def info(self) -> Info:
-        b = (await self._request(Msg.FILE_INFO, {})).body
-        return Info(int(b["size"]), int(b["checksum"]), str(b.get("state", ALIVE)))
-
-    async def read(self, seg: Segment) -> bytes:
-        reply = await self._request(Msg.FILE_READ, {"offset": seg.start, "length": seg.length})
-        data = reply.payload
-        if len(data) != seg.length or xxhash.xxh3_64_intdigest(data) != reply.body["checksum"]:
-            raise SourceFailed(f"segment {seg.index} arrived damaged")
-        return data
-
-    async def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-
-
-class HttpSource(Source):
-    """An HTTP mirror, read with Range requests (aiohttp: its parser is in C)."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.name = url
-        self._session = None
-
-    def _s(self):
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT),
-                connector=aiohttp.TCPConnector(limit=WORKERS_PER_SOURCE),
-            )
-        return self._session
-
-    async def _get(self, start: int, end: int) -> tuple[int, dict[str, str], bytes]:
-        import aiohttp
-
-        try:
-            async with self._s().get(self.url, headers={"Range": f"bytes={start}-{end}"}) as r:
-                if r.status != 206:  # not a range: do not read a whole file to learn that
-                    return r.status, dict(r.headers), b""
-                return r.status, dict(r.headers), await r.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise SourceFailed(f"{type(exc).__name__}: {exc}") from None
-
-    async def info(self) -> Info:
-        status, headers, _ = await self._get(0, 0)
-        rng = headers.get("Content-Range", "")
-        if status != 206 or "/" not in rng:
-            raise SourceFailed(f"does not serve byte ranges (HTTP {status})")
-        return Info(int(rng.rpartition("/")[2]), None)
-
-    async def read(self, seg: Segment) -> bytes:
-        status, _, data = await self._get(seg.start, seg.end - 1)
-        if status != 206 or len(data) != seg.length:
-            raise SourceFailed(f"HTTP {status}, {len(data)} bytes for {seg.length}")
-        return data
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
-
-class Progress:
-    """Per source: bytes and speed; total and average. Live on a terminal, lines otherwise."""
-
-    def __init__(self, sched: Scheduler, total: int, out=sys.stdout) -> None:
-        self.sched = sched
-        self.total = total
-        self.out = out
-        self.live = out.isatty()
-        self.start = time.monotonic()
-        self.last = dict.fromkeys(sched.sources, 0)
-        self.last_t = self.start
-        self.lines = 0
-
-    def show(self, final: bool = False) -> None:
-        now = time.monotonic()
-        dt = max(now - self.last_t, 1e-6)
-        rows = []
-        for name, st in self.sched.sources.items():
-            speed = (st.bytes - self.last[name]) / dt
-            self.last[name] = st.bytes
-            rows.append(f"  {name:28} {st.state:7} {human(st.bytes):>10} {human(speed):>10}/s")
-        done = self.total - self.sched.remaining()
-        elapsed = max(now - self.start, 1e-6)
-        rows.append(
-            f"  total {human(done)} of {human(self.total)} "
-            f"({100 * done / max(self.total, 1):.0f}%), average {human(done / elapsed)}/s"
-        )
-        self.last_t = now
-        if self.live and self.lines and not final:
-            self.out.write(f"\x1b[{self.lines}F")
-        self.out.write("\n".join(rows) + "\n")
-        self.out.flush()
-        self.lines = len(rows)
 
 
 class Download:
@@ -228,9 +77,7 @@ class Download:
             "done": sched.bitmap(),
             "sources": list(self.sources),
         }
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self.state_path)
+        atomic_write(self.state_path, json.dumps(state).encode())
 
     def load(self, size: int, checksum: int | None, count: int) -> set[int]:
         if not self.resume:
@@ -422,33 +269,6 @@ class Download:
                 self._kick()
             elif info.state == DEAD:
                 sched.kill(name)
-
-
-class VolumeServerSource(Source):
-    """One server of a mirrorfs volume; a segment is one block, checked against the block map."""
-
-    def __init__(self, vol: Any, server: int, blocks: dict[int, tuple[int, int]], size: int):
-        self.vol = vol
-        self.server = server
-        self.blocks = blocks
-        self.size = size
-        self.name = f"server {server} ({vol.spec.addresses[server]})"
-
-    async def info(self) -> Info:
-        return Info(self.size, None)
-
-    async def read(self, seg: Segment) -> bytes:
-        block, csum = self.blocks[seg.index]
-        try:
-            reply = await self.vol._send(
-                self.server, Msg.READ, {"slot": self.vol.layout.slot_of(block)}
-            )
-        except (ServerDown, ServerError) as exc:
-            raise SourceFailed(str(exc)) from None
-        data = reply.payload
-        if xxhash.xxh3_64_intdigest(data) != csum:
-            raise SourceFailed(f"block {seg.index} is damaged on this server")
-        return bytes(data) + bytes(seg.length - len(data))  # a short last block: zeros follow
 
 
 def run(download: Download) -> int:

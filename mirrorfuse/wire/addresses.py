@@ -1,20 +1,21 @@
-"""Naming a cluster: ``--servers host:port,...`` or ``--base-port B --count N``.
+"""Ports, addresses and clusters as users write them, checked in one place.
 
-Shared by every command that talks to block servers so that they all accept
-the same forms and reject bad ones with the same messages.
+Every command and daemon parses ``host:port``, port numbers and server
+lists through these functions, so they all accept the same forms and reject
+bad ones with the same messages.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
-from mirrorfuse.core.layout import check_count
-from mirrorfuse.wire.errors import UsageError
+from .errors import UsageError
 
 MIN_PORT = 1024
 MAX_PORT = 65535
 DEFAULT_HOST = "127.0.0.1"
+MIN_SERVERS = 4
+MAX_SERVERS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,9 +62,22 @@ def parse_address(text: str, what: str = "server address") -> Address:
         raise UsageError(f"{what} {text.strip()!r}: {exc}") from None
 
 
-def parse_address_list(text: str, what: str) -> list[tuple[str, int]]:
-    """host:port,... (index replicas, peers) as the (host, port) pairs sockets take."""
-    return [(a.host, a.port) for a in (parse_address(t, what) for t in text.split(",") if t)]
+def parse_address_list(text: str, what: str) -> list[Address]:
+    """host:port,... (index replicas, peers)."""
+    return [parse_address(t, what) for t in text.split(",") if t.strip()]
+
+
+def check_count(count: int) -> None:
+    """Reject a server count the layout cannot use, with the reason."""
+    if count % 2:
+        raise UsageError(
+            f"{count} servers is an odd number: servers work in mirror pairs (2k, 2k+1)"
+        )
+    if not MIN_SERVERS <= count <= MAX_SERVERS:
+        raise UsageError(
+            f"{count} servers: mirrorfs needs between {MIN_SERVERS} and {MAX_SERVERS} "
+            "servers (an even number)"
+        )
 
 
 def parse_servers(text: str) -> ClusterSpec:
@@ -83,31 +97,3 @@ def from_base_port(base_port: int, count: int, host: str = DEFAULT_HOST) -> Clus
     check_port(base_port, "base port")
     check_port(base_port + count - 1, f"last port (base {base_port} + {count - 1})")
     return ClusterSpec(tuple(Address(host, base_port + i) for i in range(count)))
-
-
-def add_cluster_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cluster (one of)")
-    group.add_argument(
-        "--servers", metavar="HOST:PORT,...", help="every server, in id order (server 0 first)"
-    )
-    group.add_argument("--base-port", type=int, metavar="B", help="server i listens on B+i")
-    group.add_argument("--count", type=int, metavar="N", help="number of servers with --base-port")
-    group.add_argument(
-        "--host",
-        default=DEFAULT_HOST,
-        help=f"host of the servers with --base-port ({DEFAULT_HOST})",
-    )
-
-
-def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
-    if args.servers and args.base_port is not None:
-        raise UsageError("give either --servers or --base-port/--count, not both")
-    if args.servers:
-        return parse_servers(args.servers)
-    if args.base_port is not None:
-        if args.count is None:
-            raise UsageError("--base-port needs --count (the number of servers)")
-        return from_base_port(args.base_port, args.count, args.host)
-    from mirrorfuse.tools import registry
-
-    return registry.default_cluster(getattr(args, "mount", None))

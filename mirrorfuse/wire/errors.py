@@ -24,13 +24,14 @@ class VolumeIOError(MirrorfsError):
 
 
 class ServerError(MirrorfsError):
-    """A server answered with an error reply."""
+    """A server answered with an error reply: its code and message (and, for GAP, ``last``)."""
 
     def __init__(
-        self, code: str, message: str, server: int | None = None, body: dict | None = None
+        self, code: str, message: str, server: int | None = None, last: int | None = None
     ) -> None:
         where = f"server {server}: " if server is not None else ""
         super().__init__(f"{where}{message}")
         self.code = code
+        self.detail = message
         self.server = server
-        self.body = body or {}
+        self.last = last

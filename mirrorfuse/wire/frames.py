@@ -1,30 +1,33 @@
-"""Wire protocol shared by every mirrorfs daemon.
+"""Frames: the one framing of every mirrorfs daemon.
 
-A frame is a fixed binary header, a msgpack body (a map with string keys) and
-an optional raw payload that carries block data untouched, so a block is never
-re-encoded on its way to the disk. The decoder is a sans-I/O state machine: it
-is fed bytes and hands back frames, so it is tested without sockets and the
-same code serves the asyncio client and the server.
+A frame is a fixed binary header, a msgpack body and an optional raw payload
+that carries block data untouched, so a block is never re-encoded on its way
+to the disk. The decoder is a sans-I/O state machine: it is fed bytes and
+hands back frames, so it is tested without sockets and the same code serves
+every client and server. Bodies stay raw here; ``messages`` gives them a type.
 """
 
 from __future__ import annotations
 
-import asyncio
 import struct
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any
 
-import msgpack
+import msgspec
 
 MAGIC = b"MF"
-VERSION = 1
+# 2: typed bodies (msgspec schemas). A peer speaking another version is refused
+# at its first frame, before any body is read.
+VERSION = 2
 # magic, version, message type, request id, flags, body length, payload length
 HEADER = struct.Struct(">2sBBQHII")
 HEADER_SIZE = HEADER.size
 MAX_BODY = 1 << 20
 MAX_PAYLOAD = 16 << 20
+
+_encoder = msgspec.msgpack.Encoder()
 
 
 class Msg(IntEnum):
@@ -72,11 +75,8 @@ class Frame:
     type: int
     req_id: int
     flags: int = 0
-    body: dict[str, Any] = field(default_factory=dict)
+    body: bytes = b""  # msgpack, decoded against a schema by ``messages``
     payload: bytes | bytearray = b""
-    # Set when the header was sound but the body was not: the peer gets an
-    # error reply for this request id and the connection goes on.
-    defect: str | None = None
 
     @property
     def is_reply(self) -> bool:
@@ -90,32 +90,21 @@ class Frame:
 def encode(
     type_: int,
     req_id: int,
-    body: dict[str, Any] | None = None,
-    payload: bytes = b"",
+    body: Any = None,
+    payload: bytes | bytearray | memoryview = b"",
     flags: int = 0,
-) -> list[bytes]:
-    """Frame a message as buffers for ``writelines`` (the payload is not copied)."""
-    raw = msgpack.packb(body or {}, use_bin_type=True)
+) -> list[bytes | bytearray | memoryview]:
+    """Frame a message as buffers for ``writelines`` (the payload is not copied).
+
+    ``body`` is a message struct (or a plain map, for tests and fuzzing).
+    """
+    raw = _encoder.encode({} if body is None else body)
     if len(raw) > MAX_BODY:
         raise ValueError(f"message body of {len(raw)} bytes exceeds {MAX_BODY}")
     if len(payload) > MAX_PAYLOAD:
         raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
     head = HEADER.pack(MAGIC, VERSION, type_, req_id, flags, len(raw), len(payload))
     return [head + raw, payload] if payload else [head + raw]
-
-
-def encode_error(req_id: int, type_: int, code: str, message: str) -> list[bytes]:
-    return encode(type_, req_id, {"code": code, "msg": message}, flags=Flag.REPLY | Flag.ERROR)
-
-
-def _unpack_body(raw: bytes) -> tuple[dict[str, Any], str | None]:
-    try:
-        body = msgpack.unpackb(raw, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types on garbage
-        return {}, f"body is not valid msgpack ({type(exc).__name__})"
-    if not isinstance(body, dict):
-        return {}, "body is not a map"
-    return body, None
 
 
 class FrameDecoder:
@@ -179,6 +168,18 @@ class FrameDecoder:
             self.buffer_updated(n)
             view = view[n:]
 
+    @staticmethod
+    def _check(magic: bytes, version: int, body_len: int, payload_len: int) -> str | None:
+        if magic != MAGIC:
+            return "bad magic (not a mirrorfs peer?)"
+        if version != VERSION:
+            return f"protocol version {version} is not supported (this side speaks {VERSION})"
+        if body_len > MAX_BODY:
+            return f"body length {body_len} exceeds {MAX_BODY}"
+        if payload_len > MAX_PAYLOAD:
+            return f"payload length {payload_len} exceeds {MAX_PAYLOAD}"
+        return None
+
     def _parse(self) -> None:
         while self._waiting is None and self._broken is None:
             avail = self._end - self._start
@@ -187,17 +188,7 @@ class FrameDecoder:
             magic, version, type_, req_id, flags, body_len, payload_len = HEADER.unpack_from(
                 self._scratch, self._start
             )
-            problem = None
-            if magic != MAGIC:
-                problem = "bad magic (not a mirrorfs peer?)"
-            elif version != VERSION:
-                problem = (
-                    f"protocol version {version} is not supported (this side speaks {VERSION})"
-                )
-            elif body_len > MAX_BODY:
-                problem = f"body length {body_len} exceeds {MAX_BODY}"
-            elif payload_len > MAX_PAYLOAD:
-                problem = f"payload length {payload_len} exceeds {MAX_PAYLOAD}"
+            problem = self._check(magic, version, body_len, payload_len)
             if problem:
                 self._broken = problem
                 self._start = self._end = 0
@@ -205,9 +196,9 @@ class FrameDecoder:
             if avail < HEADER_SIZE + body_len:
                 break
             pos = self._start + HEADER_SIZE
-            body, defect = _unpack_body(bytes(self._scratch[pos : pos + body_len]))
+            body = bytes(self._scratch[pos : pos + body_len])
             pos += body_len
-            frame = Frame(type_, req_id, flags, body, b"", defect)
+            frame = Frame(type_, req_id, flags, body, b"")
             have = min(self._end - pos, payload_len)
             if have == payload_len:
                 frame.payload = bytes(self._scratch[pos : pos + have])
@@ -238,55 +229,3 @@ class FrameDecoder:
         while (frame := self.next_frame()) is not None:
             out.append(frame)
         return out
-
-
-class FrameServer(asyncio.BufferedProtocol):
-    """The server end of one connection: frames in, ``on_frame`` for each.
-
-    A corrupt stream gets one error frame (request id 0) and the connection
-    closes; the server's other connections are not affected.
-    """
-
-    def __init__(self) -> None:
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self.decoder.get_buffer(sizehint)
-
-    def buffer_updated(self, nbytes: int) -> None:
-        self.decoder.buffer_updated(nbytes)
-        try:
-            while (frame := self.decoder.next_frame()) is not None:
-                self.on_frame(frame)
-        except ProtocolError as exc:
-            self.send(encode_error(0, Msg.ERROR, "PROTOCOL", str(exc)))
-            if self.transport is not None:
-                self.transport.close()
-
-    def send(self, out: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
-
-    def on_frame(self, frame: Frame) -> None:
-        raise NotImplementedError
-
-
-class BadRequest(Exception):
-    """A request whose body lacks a field or has one of the wrong type."""
-
-
-def need(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    """Fetch a required body field, rejecting a wrong type (bool is not an int)."""
-    if name not in body:
-        raise BadRequest(f"missing field {name!r}")
-    value = body[name]
-    if (kind is int or kind == (int,)) and isinstance(value, bool):
-        raise BadRequest(f"field {name!r} must be int")
-    if not isinstance(value, kind):
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        raise BadRequest(f"field {name!r} must be {'/'.join(k.__name__ for k in kinds)}")
-    return value

@@ -10,25 +10,18 @@ interprets records; replaying them is the client's job.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from servers.files import write_json_atomic
+import msgspec
 
-ENTRY = struct.Struct("<QIIQI")  # first seq, count, length, epoch, crc32
-CKPT = struct.Struct("<QQI")  # seq, length, crc32
+from mirrorfuse.wire.messages import Holder
+from mirrorfuse.wire.records import CHECKPOINT_HEADER, JOURNAL_ENTRY
 
-
-class MetaError(Exception):
-    def __init__(self, code: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.code = code
-        self.extra = extra
+from ..files import atomic_write, replace_durably
+from ..net import Refused
 
 
 @dataclass
@@ -43,16 +36,15 @@ class Entry:
         return self.first + self.count - 1
 
 
-@dataclass
-class Lease:
+class LeaseFile(msgspec.Struct):
     epoch: int = 0
-    holder: dict[str, Any] = field(default_factory=dict)
+    holder: Holder = msgspec.field(default_factory=Holder)
 
 
 class Meta:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.lease = Lease()
+        self.lease = LeaseFile()
         self.checkpoint_seq = 0
         self.entries: list[Entry] = []
         self._fd = -1
@@ -64,15 +56,14 @@ class Meta:
     def load(self) -> None:
         lease = self.path / "lease.json"
         if lease.exists():
-            raw = json.loads(lease.read_text())
-            self.lease = Lease(int(raw["epoch"]), dict(raw.get("holder") or {}))
+            self.lease = msgspec.json.decode(lease.read_bytes(), type=LeaseFile)
         ckpt = self.path / "checkpoint.bin"
         self.checkpoint_seq = 0
         if ckpt.exists():
             with open(ckpt, "rb") as f:
-                head = f.read(CKPT.size)
-            if len(head) == CKPT.size:
-                self.checkpoint_seq = CKPT.unpack(head)[0]
+                head = f.read(CHECKPOINT_HEADER.size)
+            if len(head) == CHECKPOINT_HEADER.size:
+                self.checkpoint_seq = CHECKPOINT_HEADER.unpack(head)[0]
         self._open_journal()
 
     def _open_journal(self) -> None:
@@ -83,9 +74,10 @@ class Meta:
         size = os.fstat(self._fd).st_size
         pos = 0
         expect = self.checkpoint_seq + 1
-        while pos + ENTRY.size <= size:
-            first, count, length, _epoch, crc = ENTRY.unpack(os.pread(self._fd, ENTRY.size, pos))
-            data = os.pread(self._fd, length, pos + ENTRY.size)
+        while pos + JOURNAL_ENTRY.size <= size:
+            head = os.pread(self._fd, JOURNAL_ENTRY.size, pos)
+            first, count, length, _epoch, crc = JOURNAL_ENTRY.unpack(head)
+            data = os.pread(self._fd, length, pos + JOURNAL_ENTRY.size)
             if len(data) < length or zlib.crc32(data) != crc or count == 0:
                 break  # a torn tail: the append never completed
             if first + count - 1 >= expect:
@@ -93,7 +85,7 @@ class Meta:
                     break
                 self.entries.append(Entry(first, count, pos, length))
                 expect = first + count
-            pos += ENTRY.size + length
+            pos += JOURNAL_ENTRY.size + length
         if pos != size:
             os.ftruncate(self._fd, pos)
 
@@ -101,46 +93,36 @@ class Meta:
     def last_seq(self) -> int:
         return self.entries[-1].last if self.entries else self.checkpoint_seq
 
-    def info(self) -> dict[str, Any]:
-        return {
-            "epoch": self.lease.epoch,
-            "holder": self.lease.holder,
-            "checkpoint_seq": self.checkpoint_seq,
-            "last_seq": self.last_seq,
-        }
-
     # -- lease ----------------------------------------------------------------------
 
     def check_epoch(self, epoch: int) -> None:
         if epoch < self.lease.epoch:
-            raise MetaError(
+            raise Refused(
                 "FENCED",
                 f"mount epoch {epoch} is older than {self.lease.epoch}: another client "
                 "took over the volume",
             )
 
-    def take_lease(self, epoch: int, holder: dict[str, Any]) -> None:
+    def take_lease(self, epoch: int, holder: Holder) -> None:
         if epoch < self.lease.epoch or (
-            epoch == self.lease.epoch and holder.get("id") != self.lease.holder.get("id")
+            epoch == self.lease.epoch and holder.id != self.lease.holder.id
         ):
-            raise MetaError("FENCED", f"lease epoch {epoch} is not newer than {self.lease.epoch}")
+            raise Refused("FENCED", f"lease epoch {epoch} is not newer than {self.lease.epoch}")
         if epoch != self.lease.epoch:
-            self.lease = Lease(epoch, holder)
-            write_json_atomic(self.path / "lease.json", {"epoch": epoch, "holder": holder})
+            self.lease = LeaseFile(epoch, holder)
+            atomic_write(self.path / "lease.json", msgspec.json.encode(self.lease))
 
     # -- journal --------------------------------------------------------------------
 
-    def append(self, first: int, count: int, epoch: int, data: bytes) -> bool:
+    def append(self, first: int, count: int, epoch: int, data: bytes | bytearray) -> bool:
         """Append a batch; False when it is already held (a retry). Raises GAP on a hole."""
-        if count <= 0:
-            raise MetaError("BAD_REQUEST", "a journal batch holds at least one record")
         last = self.last_seq
         if first + count - 1 <= last:
             return False
         if first != last + 1:
-            raise MetaError("GAP", f"journal ends at {last}, batch starts at {first}", last=last)
+            raise Refused("GAP", f"journal ends at {last}, batch starts at {first}", last=last)
         offset = os.lseek(self._fd, 0, os.SEEK_END)
-        head = ENTRY.pack(first, count, len(data), epoch, zlib.crc32(data))
+        head = JOURNAL_ENTRY.pack(first, count, len(data), epoch, zlib.crc32(data))
         os.pwrite(self._fd, head + data, offset)
         self.entries.append(Entry(first, count, offset, len(data)))
         return True
@@ -151,9 +133,9 @@ class Meta:
         for i, e in enumerate(self.entries):
             if e.last < from_seq:
                 continue
-            if out and len(out) + ENTRY.size + e.length > max_bytes:
+            if out and len(out) + JOURNAL_ENTRY.size + e.length > max_bytes:
                 return bytes(out), e.first
-            out += os.pread(self._fd, ENTRY.size + e.length, e.offset)
+            out += os.pread(self._fd, JOURNAL_ENTRY.size + e.length, e.offset)
             if i == len(self.entries) - 1:
                 return bytes(out), None
         return bytes(out), None
@@ -163,30 +145,32 @@ class Meta:
 
     # -- checkpoints ----------------------------------------------------------------
 
-    def put_checkpoint(self, seq: int, offset: int, total: int, data: bytes, final: bool) -> bool:
+    def put_checkpoint(
+        self, seq: int, offset: int, total: int, data: bytes | bytearray, final: bool
+    ) -> bool:
         """Receive a chunk of a checkpoint; on the final one it replaces journal and old one."""
         if seq < self.last_seq:
-            raise MetaError(
+            raise Refused(
                 "STALE_CHECKPOINT", f"checkpoint {seq} is older than journal end {self.last_seq}"
             )
         mode = "r+b" if offset and self._ckpt_tmp.exists() else "wb"
         with open(self._ckpt_tmp, mode) as f:
             if offset == 0:
-                f.write(CKPT.pack(seq, total, 0))
-            f.seek(CKPT.size + offset)
+                f.write(CHECKPOINT_HEADER.pack(seq, total, 0))
+            f.seek(CHECKPOINT_HEADER.size + offset)
             f.write(data)
         if not final:
             return False
         with open(self._ckpt_tmp, "r+b") as f:
-            f.seek(CKPT.size)
+            f.seek(CHECKPOINT_HEADER.size)
             body = f.read()
             if len(body) != total:
-                raise MetaError("BAD_REQUEST", f"checkpoint has {len(body)} bytes, not {total}")
+                raise Refused("BAD_REQUEST", f"checkpoint has {len(body)} bytes, not {total}")
             f.seek(0)
-            f.write(CKPT.pack(seq, total, zlib.crc32(body)))
+            f.write(CHECKPOINT_HEADER.pack(seq, total, zlib.crc32(body)))
             f.flush()
             os.fsync(f.fileno())
-        os.replace(self._ckpt_tmp, self.path / "checkpoint.bin")
+        replace_durably(self._ckpt_tmp, self.path / "checkpoint.bin")
         self.checkpoint_seq = seq
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
@@ -199,8 +183,8 @@ class Meta:
         if not path.exists():
             return 0, 0, 0, b""
         with open(path, "rb") as f:
-            seq, total, crc = CKPT.unpack(f.read(CKPT.size))
-            f.seek(CKPT.size + offset)
+            seq, total, crc = CHECKPOINT_HEADER.unpack(f.read(CHECKPOINT_HEADER.size))
+            f.seek(CHECKPOINT_HEADER.size + offset)
             return seq, total, crc, f.read(min(length, max(total - offset, 0)))
 
     def wipe(self) -> None:

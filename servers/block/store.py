@@ -13,17 +13,21 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import json
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from servers.block.meta import Meta
-from servers.files import write_json_atomic
+import msgspec
 
-FORMAT_NAME = "mirrorfs-1"
+from mirrorfuse.core import failures
+from mirrorfuse.wire.messages import State, Table
+
+from ..files import atomic_write
+from .meta import Meta
+
+# 2: typed journal records and checkpoints (an older directory is refused, not misread)
+FORMAT_NAME = "mirrorfs-2"
 ENTRY = struct.Struct("<QII")  # checksum, length, flags
 USED = 0x1
 
@@ -50,15 +54,14 @@ class Counters:
     bytes_written: int = 0
 
 
-@dataclass
-class Table:
-    """The failure table: one state per server id, versioned by a generation."""
+class Superblock(msgspec.Struct):
+    """What a data directory belongs to: written at format, checked at every start."""
 
-    gen: int = 0
-    states: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"gen": self.gen, "states": list(self.states)}
+    format: str
+    volume: str
+    server: int
+    count: int
+    block_size: int
 
 
 class Store:
@@ -68,8 +71,8 @@ class Store:
         self.path = path
         self.server_id = server_id
         self.capacity = capacity
-        self.superblock: dict[str, Any] | None = None
-        self.table = Table()
+        self.superblock: Superblock | None = None
+        self.table = Table(gen=0, states=())
         self.counters = Counters()
         self.rebuilding = False
         self._fresh: set[int] = set()
@@ -95,19 +98,29 @@ class Store:
         if not sb_path.exists():
             return
         try:
-            sb = json.loads(sb_path.read_text())
-        except (OSError, ValueError) as exc:
+            raw = msgspec.json.decode(sb_path.read_bytes())
+        except (OSError, msgspec.DecodeError) as exc:
             raise StoreError(f"superblock {sb_path} is unreadable: {exc}") from None
-        if not isinstance(sb, dict) or sb.get("format") != FORMAT_NAME:
+        found = raw.get("format") if isinstance(raw, dict) else None
+        if not isinstance(found, str) or not found.startswith("mirrorfs-"):
             raise StoreError(f"{self.path} is not a mirrorfs data directory")
-        if sb["server"] != self.server_id:
+        if found != FORMAT_NAME:
             raise StoreError(
-                f"data directory {self.path} belongs to server {sb['server']} of volume "
-                f"{sb['volume']}, not to server {self.server_id}"
+                f"{self.path} holds data of another mirrorfs version ({found}; this server "
+                f"reads {FORMAT_NAME}): give it an empty directory and rebuild it"
             )
-        if volume is not None and sb["volume"] != volume:
+        try:
+            sb = msgspec.convert(raw, Superblock)
+        except msgspec.ValidationError as exc:
+            raise StoreError(f"superblock {sb_path} is damaged: {exc}") from None
+        if sb.server != self.server_id:
             raise StoreError(
-                f"data directory {self.path} belongs to volume {sb['volume']}, not {volume}"
+                f"data directory {self.path} belongs to server {sb.server} of volume "
+                f"{sb.volume}, not to server {self.server_id}"
+            )
+        if volume is not None and sb.volume != volume:
+            raise StoreError(
+                f"data directory {self.path} belongs to volume {sb.volume}, not {volume}"
             )
         self.superblock = sb
         self._load()
@@ -126,6 +139,7 @@ class Store:
         os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
     def _load(self) -> None:
+        assert self.superblock is not None
         flags = os.O_RDWR | os.O_CREAT
         self._data_fd = os.open(self.path / "slots.dat", flags, 0o644)
         self._index_fd = os.open(self.path / "slots.idx", flags, 0o644)
@@ -138,10 +152,9 @@ class Store:
         self.meta = Meta(self.path)
         table_path = self.path / "table.json"
         if table_path.exists():
-            raw = json.loads(table_path.read_text())
-            self.table = Table(int(raw["gen"]), list(raw["states"]))
+            self.table = msgspec.json.decode(table_path.read_bytes(), type=Table)
         else:
-            self.table = Table(1, ["alive"] * self.superblock["count"])
+            self.table = failures.fresh(self.superblock.count)
 
     def _close_files(self) -> None:
         for fd in (self._data_fd, self._index_fd):
@@ -166,17 +179,10 @@ class Store:
             "lease.json",
         ):
             (self.path / name).unlink(missing_ok=True)
-        sb = {
-            "format": FORMAT_NAME,
-            "volume": volume,
-            "server": self.server_id,
-            "count": count,
-            "block_size": block_size,
-            "epoch": 0,
-        }
-        self.table = Table(1, ["alive"] * count)
-        write_json_atomic(self.path / "table.json", self.table.as_dict())
-        write_json_atomic(self.path / "superblock.json", sb)
+        sb = Superblock(FORMAT_NAME, volume, self.server_id, count, block_size)
+        self.table = failures.fresh(count)
+        atomic_write(self.path / "table.json", msgspec.json.encode(self.table))
+        atomic_write(self.path / "superblock.json", msgspec.json.encode(sb))
         self.superblock = sb
         self._index = bytearray()
         self._used = 0
@@ -191,7 +197,7 @@ class Store:
     @property
     def block_size(self) -> int:
         assert self.superblock is not None
-        return int(self.superblock["block_size"])
+        return self.superblock.block_size
 
     @property
     def blocks_used(self) -> int:
@@ -205,14 +211,14 @@ class Store:
 
     # -- the failure table --------------------------------------------------------
 
-    def set_table(self, gen: int, states: list[str]) -> bool:
+    def set_table(self, table: Table) -> bool:
         """Adopt a newer table; an older or equal generation is ignored."""
-        if gen <= self.table.gen:
+        if table.gen <= self.table.gen:
             return False
-        self.table = Table(gen, list(states))
-        write_json_atomic(self.path / "table.json", self.table.as_dict())
-        if self.rebuilding and states[self.server_id] == "alive":
-            self.rebuilding = False
+        self.table = table
+        atomic_write(self.path / "table.json", msgspec.json.encode(table))
+        if self.rebuilding and table.states[self.server_id] == State.ALIVE:
+            self.rebuilding = False  # the rebuild is done: no more copies to tell apart
             self._fresh.clear()
         return True
 
@@ -252,15 +258,15 @@ class Store:
         self._fresh.add(slot)
         return False
 
-    def space(self) -> dict[str, int]:
+    def capacity_slots(self) -> int:
         """How many slots this server can hold: its --capacity, else what its disk allows."""
         if not self.formatted:
-            return {"capacity_slots": 0}
+            return 0
         if self.capacity is not None:
-            return {"capacity_slots": self.capacity // self.block_size}
+            return self.capacity // self.block_size
         vfs = os.statvfs(self.path)
         free = vfs.f_bavail * vfs.f_frsize
-        return {"capacity_slots": self._used + free // self.block_size}
+        return self._used + free // self.block_size
 
     def read(self, slot: int) -> tuple[bytes, int] | None:
         checksum, length, flags = self._entry(slot)

@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import netns
 from netns import setup_lo, stop
 
-from mirrorfuse.index.client import IndexClient
+from mirrorfuse.index.client import BlockingIndexClient as IndexClient
+from mirrorfuse.wire.datagrams import Req, pack
 
 GROUP, PORT = "235.1.1.1", 55555
 INDEX = str(Path(sys.executable).parent / "mirrorfs-index")
@@ -32,7 +34,7 @@ def main() -> None:
         time.sleep(1.5)
         c = IndexClient(GROUP, PORT)
         acked = []
-        assert c.request("register", {"peer": "p", "addr": "127.0.0.1:1"})["ok"]
+        assert c.request("register", {"peer": "p", "addr": "127.0.0.1:1"}).ok
         for i in range(60):
             if i == 25:  # kill the master while the client keeps advertising
                 procs[1].send_signal(signal.SIGKILL)
@@ -48,10 +50,10 @@ def main() -> None:
                 timeout=1.0,
                 tries=10,
             )
-            if reply.get("ok"):
+            if reply.ok:
                 acked.append(f"f{i}")
             else:
-                out.setdefault("refused", []).append([i, reply])
+                out.setdefault("refused", []).append([i, reply.error])
         # a malformed datagram and an oversized one: dropped, nobody dies or diverges
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.sendto(b"\xc1garbage", (GROUP, PORT))
@@ -60,26 +62,11 @@ def main() -> None:
         a, b = IndexClient(GROUP, PORT), IndexClient(GROUP, PORT)
         a.request("register", {"peer": "a", "addr": "127.0.0.1:2"})
         b.request("register", {"peer": "b", "addr": "127.0.0.1:3"})
-        a._send(
-            {
-                "t": "req",
-                "client": a.client,
-                "req": 99,
-                "op": "advertise",
-                "args": {"peer": "a", "name": "same", "size": 1, "checksum": "A"},
-            }
-        )
-        b._send(
-            {
-                "t": "req",
-                "client": b.client,
-                "req": 99,
-                "op": "advertise",
-                "args": {"peer": "b", "name": "same", "size": 1, "checksum": "B"},
-            }
-        )
+        for who, peer, csum in ((a, "a", "A"), (b, "b", "B")):  # raw: both in flight at once
+            args = {"peer": peer, "name": "same", "size": 1, "checksum": csum}
+            who.send_raw(pack(Req(client=who.client, req=99, op="advertise", args=args)))
         time.sleep(2.5)  # the late joiner catches up on heartbeats
-        status = c.query_all("status", wait=1.5)
+        status = msgspec.to_builtins(c.query_all("status", wait=1.5))
         cli = str(Path(sys.executable).parent / "mirrorfs-cli")
         out["cli_search"] = subprocess.run(
             [cli, "index", GROUP, str(PORT), "search", "f1*"], capture_output=True, text=True
@@ -90,8 +77,8 @@ def main() -> None:
             capture_output=True,
             text=True,
         ).stdout
-        files = c.query("files")["files"]
-        out["states"] = c.query_all("state", wait=1.0)
+        files = msgspec.to_builtins(c.query("files").files)
+        out["states"] = msgspec.to_builtins(c.query_all("state", wait=1.0))
         out.update(
             {
                 "acked": acked,

@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 from netns import setup_lo, start, stop, wait
 
-from mirrorfuse.index.client import IndexClient
+from mirrorfuse.index.client import BlockingIndexClient as IndexClient
 
 GROUP, PORT = "235.1.1.3", 55557
 BIN = Path(sys.executable).parent
@@ -69,7 +70,7 @@ def sha(path: Path) -> str:
 
 def agreed(c: IndexClient, n: int) -> bool:
     status = c.query_all("status", wait=1.0)
-    return len(status) == n and len({(s["seq"], s["digest"]) for s in status}) == 1
+    return len(status) == n and len({(s.seq, s.digest) for s in status}) == 1
 
 
 def main() -> None:
@@ -93,29 +94,29 @@ def main() -> None:
         procs.replica(2, *keep)
         addr = {n: procs.peer(n, dirs[n[1]]) for n in ("pa", "pb", "pc")}
         c = IndexClient(GROUP, PORT)
-        assert wait(lambda: len(c.query_pages("files", "files")) == 2)
+        assert wait(lambda: len(c.query_pages("files")) == 2)
 
         # a big index: the late replica gets it by TCP, under a stream of updates
-        assert c.request("register", {"peer": "bulk", "addr": "127.0.0.1:9", "interval": 900})["ok"]
+        assert c.request("register", {"peer": "bulk", "addr": "127.0.0.1:9", "interval": 900}).ok
         for i in range(BULK):
             assert c.request(
                 "advertise", {"peer": "bulk", "name": f"bulk-{i:05}", "size": i, "checksum": i}
-            )["ok"]
+            ).ok
         procs.replica(3)
         for i in range(40):  # updates keep coming while it catches up
             c.request("advertise", {"peer": "bulk", "name": f"late-{i}", "size": 1, "checksum": 1})
             time.sleep(0.05)
         out["caught_up"] = wait(lambda: agreed(c, 3), 30)
         status = c.query_all("status", wait=1.0)
-        out["status_files"] = sorted(s["files"] for s in status)
-        out["tcp_snapshots"] = {s["replica"]: s["tcp_snapshots"] for s in status}
-        out["paged"] = len(c.query_pages("search", "files", pattern="bulk-*"))
+        out["status_files"] = sorted(s.files for s in status)
+        out["tcp_snapshots"] = {s.replica: s.tcp_snapshots for s in status}
+        out["paged"] = len(c.query_pages("search", pattern="bulk-*"))
 
         # share and unshare single files through the running peer pa
         pa = ["--peer", addr["pa"]]
         res = cli("share", str(dirs["x"] / "extra.bin"), "--name", "renamed.bin", *pa)
         out["share"] = (res.returncode, res.stdout + res.stderr)
-        out["shared_holders"] = c.query_pages("search", "files", pattern="renamed.bin")
+        out["shared_holders"] = msgspec.to_builtins(c.query_pages("search", pattern="renamed.bin"))
         res = cli("share", str(dirs["x"] / "other.bin"), "--name", "only-c.txt", *pa)
         out["share_taken"] = (res.returncode, res.stdout + res.stderr)
         res = cli("fetch", "renamed.bin", "-o", str(tmp / "renamed.got"))
@@ -124,15 +125,15 @@ def main() -> None:
         )
         res = cli("unshare", "renamed.bin", *pa)
         out["unshare"] = (res.returncode, res.stdout + res.stderr)
-        out["unshared"] = "renamed.bin" not in c.query_pages("files", "files")
+        out["unshared"] = "renamed.bin" not in c.query_pages("files")
         res = cli("unshare", "shared.bin", *pa)  # a file of the shared directory
         out["unshare_dir_file"] = (res.returncode, res.stdout + res.stderr)
         # a peer killed: removed, with its files, by every replica
         procs.kill("pc")
         out["pc_removed"] = wait(
             lambda: (
-                "pc" not in c.query_pages("peers", "peers")
-                and "only-c.txt" not in c.query_pages("search", "files", pattern="only-*")
+                "pc" not in c.query_pages("peers")
+                and "only-c.txt" not in c.query_pages("search", pattern="only-*")
             ),
             20,
         )
@@ -170,14 +171,15 @@ def main() -> None:
         out["restart_line"] = line
         out["reregistered"] = wait(
             lambda: (
-                {"pa", "pb", "pd"} <= set(c.query_pages("peers", "peers"))
-                and "only-d.bin" in c.query_pages("files", "files")
+                {"pa", "pb", "pd"} <= set(c.query_pages("peers"))
+                and "only-d.bin" in c.query_pages("files")
             ),
             40,
         )
-        files = c.query_pages("files", "files")
+        files = c.query_pages("files")
         out["bulk_after_restart"] = sum(1 for n in files if n.startswith("bulk-"))
-        out["shared_holders_after"] = sorted(files.get("shared.bin", {}).get("holders", []))
+        shared = files.get("shared.bin")
+        out["shared_holders_after"] = sorted(shared.holders) if shared else []
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)

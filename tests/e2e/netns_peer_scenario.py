@@ -15,10 +15,10 @@ from pathlib import Path
 from netns import setup_lo, start, stop, wait
 
 from mirrorfuse.client.connection import Connection
-from mirrorfuse.index.client import IndexClient
+from mirrorfuse.index.client import BlockingIndexClient as IndexClient
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import ServerError
-from mirrorfuse.wire.frames import Msg
+from mirrorfuse.wire.messages import FileRead
 
 GROUP, PORT = "235.1.1.2", 55556
 BIN = Path(sys.executable).parent
@@ -28,7 +28,7 @@ async def escape(addr: str) -> str:
     host, _, port = addr.rpartition(":")
     conn = await Connection.open(0, Address(host, int(port)), 2.0)
     try:
-        await conn.request(Msg.FILE_READ, {"name": "../../etc/passwd", "offset": 0, "length": 10})
+        await conn.call(FileRead(name="../../etc/passwd", offset=0, length=10))
         return "served"
     except ServerError as exc:
         return exc.code
@@ -74,10 +74,10 @@ def main() -> None:
                 )[0]
             )
         c = IndexClient(GROUP, PORT)
-        assert wait(lambda: len(c.query("files")["files"]) == 3, 20), c.query("files")
-        files = c.query("files")["files"]
-        out["holders"] = files["shared.bin"]["holders"]
-        peers = c.query("peers")["peers"]
+        assert wait(lambda: len(c.query("files").files) == 3, 20), c.query("files")
+        files = c.query("files").files
+        out["holders"] = files["shared.bin"].holders
+        peers = c.query("peers").peers
         res = subprocess.run(
             [
                 str(BIN / "mirrorfs-cli"),
@@ -100,7 +100,7 @@ def main() -> None:
         ).digest() == hashlib.sha256(shared).digest()
         out["escape"] = asyncio.run(escape(peers["pa"]))
         (a / "only-a.txt").unlink()
-        out["revoked"] = wait(lambda: "only-a.txt" not in c.query("files")["files"], 20)
+        out["revoked"] = wait(lambda: "only-a.txt" not in c.query("files").files, 20)
     finally:
         for p in procs:
             stop(p)

@@ -15,7 +15,8 @@ import pytest
 from helpers import cli, sha, wait_for
 from netns import start, stop
 
-from mirrorfuse.index.client import IndexClient
+from mirrorfuse.index.client import BlockingIndexClient
+from mirrorfuse.wire.addresses import Address
 
 BIN = Path(sys.executable).parent
 
@@ -95,16 +96,16 @@ def test_unicast_group_and_a_peer_sharing_from_a_mount(mfs, procs, tmp_path):
     assert peer.poll() is None
 
     # bad input: a clear message and a non-zero exit, and the replica carries on
-    c = IndexClient("127.0.0.1", ports[1], [("127.0.0.1", ports[1])])
-    c.sock.sendto(msgpack.packb({"t": "teleport"}), ("127.0.0.1", ports[1]))
-    c.sock.sendto(b"\xc1\xc1", ("127.0.0.1", ports[1]))
+    c = BlockingIndexClient("127.0.0.1", ports[1], [Address("127.0.0.1", ports[1])])
+    c.send_raw(msgpack.packb({"t": "teleport"}))
+    c.send_raw(b"\xc1\xc1")
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     ghost = f"127.0.0.1:{closed.getsockname()[1]}"  # bound, never listening: refuses
     reg = {"peer": "ghost", "addr": ghost, "interval": 600}
-    assert c.request("register", reg)["ok"]
+    assert c.request("register", reg).ok
     adv = {"peer": "ghost", "name": "ghost.bin", "size": 10, "checksum": 1}
-    assert c.request("advertise", adv)["ok"]
+    assert c.request("advertise", adv).ok
     c.close()
     res = cli(*group, "fetch", "ghost.bin", "-o", str(tmp_path / "ghost.got"))
     assert res.returncode == 1 and "Traceback" not in res.stderr

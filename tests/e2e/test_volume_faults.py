@@ -12,7 +12,7 @@ import time
 import pytest
 from helpers import cli, wait_for
 
-from mirrorfuse.client.volume import BlockingVolume
+from mirrorfuse.client.blocking import BlockingVolume
 from mirrorfuse.wire.errors import VolumeIOError
 
 MiB = 1 << 20
@@ -74,7 +74,9 @@ def test_kill_one_server_of_each_pair_mid_write_loses_nothing(make_cluster, coun
     assert [r["id"] for r in st["rows"] if r["state"] == "failed"] == victims
     assert all(r["state"] == "alive" for r in st["rows"] if r["id"] not in victims)
     with BlockingVolume(c.spec, timeout=2.0) as fresh:
-        assert fresh.volume.states == ["failed" if i in victims else "alive" for i in range(count)]
+        assert list(fresh.volume.states) == [
+            "failed" if i in victims else "alive" for i in range(count)
+        ]
         assert digest(fresh.read_many(range(0, n, 7))) == digest(
             block_data(1, b, size) for b in range(0, n, 7)
         )
@@ -94,7 +96,7 @@ def test_a_stopped_server_is_marked_failed_within_the_timeout(cluster4):
         assert failed[0][1] - stopped_at < 2 * timeout + 1.0
         back = vol.read_many(range(16, 64), sums)
         assert back == [block_data(3, b, 4096) for b in range(16, 64)]
-        assert vol.volume.states == ["alive", "alive", "failed", "alive"]
+        assert list(vol.volume.states) == ["alive", "alive", "failed", "alive"]
     states = cluster4.states()
     assert states == ["alive", "alive", "failed", "alive"]
 

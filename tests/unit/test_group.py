@@ -16,6 +16,7 @@ from mirrorfuse.core.group import (
     SendReply,
     SendSnapshot,
 )
+from mirrorfuse.wire.datagrams import UpdateResult
 
 
 class Lan:
@@ -24,7 +25,7 @@ class Lan:
     def __init__(self, n: int) -> None:
         self.now = 0.0
         self.replicas = {i: Replica(i, 0.0, grace=0.0) for i in range(n)}  # the founders
-        self.acked: dict[tuple[str, int], dict] = {}  # first reply a client saw
+        self.acked: dict[tuple[str, int], UpdateResult] = {}  # first reply a client saw
 
     def route(self, sender: int, actions: list) -> None:
         for act in actions:
@@ -100,8 +101,8 @@ def test_all_replicas_agree_and_the_first_reply_is_shown_once():
     lan.request(adv("c1", 2, "p1", "song.mp3"))  # a retry: applied once
     assert len(lan.digests()) == 1
     state = lan.replicas[0].state
-    assert state.seq == 2 and state.files["song.mp3"]["owner"] == "p1"
-    assert lan.acked[("c1", 2)] == {"ok": True}
+    assert state.seq == 2 and state.files["song.mp3"].owner == "p1"
+    assert lan.acked[("c1", 2)] == UpdateResult()
 
 
 def test_names_are_unique_and_a_second_holder_needs_the_same_content():
@@ -111,11 +112,9 @@ def test_names_are_unique_and_a_second_holder_needs_the_same_content():
     lan.request(adv("p1", 2, "p1", "film", 10, "aa"))
     lan.request(adv("p2", 2, "p2", "film", 99, "bb"))
     lan.request(adv("p3", 2, "p3", "film", 10, "aa"))
-    assert (
-        lan.acked[("p2", 2)]["ok"] is False and "taken by peer p1" in lan.acked[("p2", 2)]["error"]
-    )
-    assert lan.acked[("p3", 2)] == {"ok": True, "holder": True}
-    assert lan.replicas[1].state.files["film"]["holders"] == ["p1", "p3"]
+    assert lan.acked[("p2", 2)].ok is False and "taken by peer p1" in lan.acked[("p2", 2)].error
+    assert lan.acked[("p3", 2)] == UpdateResult(holder=True)
+    assert lan.replicas[1].state.files["film"].holders == ["p1", "p3"]
 
 
 def test_killing_the_master_loses_no_acknowledged_update():
@@ -130,7 +129,7 @@ def test_killing_the_master_loses_no_acknowledged_update():
     assert len(lan.digests()) == 1
     files = lan.replicas[2].state.files
     for (_client, req), reply in lan.acked.items():
-        if reply.get("ok") and req > 1:
+        if reply.ok and req > 1:
             assert f"f{req}" in files  # nothing a client saw acknowledged is gone
 
 
@@ -141,7 +140,7 @@ def test_a_request_the_old_master_never_ordered_is_ordered_by_the_new_one():
     lan.request(adv("c", 2, "p", "late"))  # replicas 1 and 2 keep it unordered
     assert ("c", 2) not in lan.acked
     lan.tick(4.0)
-    assert lan.acked[("c", 2)] == {"ok": True}
+    assert lan.acked[("c", 2)] == UpdateResult()
     assert len(lan.digests()) == 1
 
 
@@ -183,7 +182,7 @@ def test_silent_peers_are_dropped_with_their_files_everywhere():
             lan.route(r.id, r.tick(lan.now, peer_interval=1.0))
     state = lan.replicas[2].state
     assert "a" not in state.peers and "b" in state.peers
-    assert "only-a" not in state.files and state.files["shared"]["holders"] == ["b"]
+    assert "only-a" not in state.files and state.files["shared"].holders == ["b"]
     assert len(lan.digests()) == 1
 
 
@@ -214,7 +213,7 @@ def test_any_run_with_deaths_and_joins_keeps_replicas_identical(steps, seed):
         assert len(lan.digests()) == 1
     files = next(iter(lan.replicas.values())).state.files
     for f in files.values():
-        assert f["owner"] in f["holders"] and len(set(f["holders"])) == len(f["holders"])
+        assert f.owner in f.holders and len(set(f.holders)) == len(f.holders)
 
 
 def test_a_peer_is_dropped_after_three_of_its_own_intervals():
@@ -246,13 +245,13 @@ def test_bad_requests_get_the_same_error_everywhere_and_change_nothing():
     for req in bad:
         lan.request(req)
     replies = [lan.acked[("c", r.req)] for r in bad]
-    assert all(not r["ok"] for r in replies)
-    assert "needs 'size'" in replies[0]["error"]
-    assert all("is not a file name" in r["error"] for r in replies[1:3])
-    assert "size of 0 or more" in replies[3]["error"]
-    assert "register first" in replies[4]["error"]
-    assert "does not share 'never-shared'" in replies[5]["error"]
-    assert "unknown request 'teleport'" in replies[6]["error"]
+    assert all(not r.ok for r in replies)
+    assert "bad advertise request" in replies[0].error and "`size`" in replies[0].error
+    assert all("is not a file name" in r.error for r in replies[1:3])
+    assert ">= 0 - at `$.size`" in replies[3].error
+    assert "register first" in replies[4].error
+    assert "does not share 'never-shared'" in replies[5].error
+    assert "unknown request 'teleport'" in replies[6].error
     assert len(lan.digests()) == 1
     files_and_peers = {(tuple(r.state.files), tuple(r.state.peers)) for r in lan.replicas.values()}
     assert files_and_peers == {((), ("p",))}

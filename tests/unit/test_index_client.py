@@ -9,13 +9,14 @@ import threading
 import msgpack
 import pytest
 
-from mirrorfuse.index.client import IndexClient
+from mirrorfuse.index.client import BlockingIndexClient
+from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import MirrorfsError
 
 
 def reply(sock: socket.socket, to, m: dict, text: str, replica: int) -> None:
     body = {"t": "reply", "client": m["client"], "req": m["req"], "replica": replica}
-    sock.sendto(msgpack.packb({**body, "reply": {"ok": True, "text": text}}), to)
+    sock.sendto(msgpack.packb({**body, "reply": {"ok": text == "two", "error": text}}), to)
 
 
 def scripted_replica(sock: socket.socket) -> None:
@@ -37,10 +38,10 @@ def test_first_reply_shown_duplicates_and_late_replies_ignored():
     srv.bind(("127.0.0.1", 0))
     t = threading.Thread(target=scripted_replica, args=(srv,), daemon=True)
     t.start()
-    c = IndexClient("235.1.1.1", 1, replicas=[srv.getsockname()])
+    c = BlockingIndexClient("235.1.1.1", 1, replicas=[Address(*srv.getsockname())])
     try:
-        assert c.request("advertise", {})["text"] == "one"
-        assert c.request("advertise", {})["text"] == "two"
+        assert c.request("advertise", {}).error == "one"
+        assert c.request("advertise", {}).error == "two"
         assert c.ignored == 2  # the duplicate of 1 and the late reply to 1
     finally:
         t.join(5)
@@ -51,7 +52,7 @@ def test_first_reply_shown_duplicates_and_late_replies_ignored():
 def test_no_replica_answering_is_a_clear_error():
     silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     silent.bind(("127.0.0.1", 0))
-    c = IndexClient("235.1.1.1", 1, replicas=[silent.getsockname()])
+    c = BlockingIndexClient("235.1.1.1", 1, replicas=[Address(*silent.getsockname())])
     try:
         with pytest.raises(MirrorfsError, match="no index replica answered"):
             c.request("advertise", {}, timeout=0.2, tries=2)

@@ -10,13 +10,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirrorfuse.index.blobs import BLOB_PART, BlobServer, BlobStore, fetch_blob
+from mirrorfuse.index.blobs import fetch_blob
+from mirrorfuse.wire.datagrams import MAX_DATAGRAM, FileEntry, FilesPage, answer, pack
 from mirrorfuse.wire.errors import ServerError
-from servers.index import MAX_DATAGRAM, pack, page
+from servers.blobs import BLOB_PART, BlobServer, BlobStore
+from servers.index import page
 
 names = st.dictionaries(
     st.text("abc-.*xyz0123456789", min_size=1, max_size=40),
-    st.fixed_dictionaries({"size": st.integers(0, 2**40), "pad": st.binary(max_size=3000)}),
+    st.builds(
+        FileEntry,
+        st.text(max_size=40),
+        st.integers(0, 2**40),
+        st.one_of(st.integers(0, 2**64 - 1), st.text(max_size=3000)),
+        st.lists(st.text(max_size=40), max_size=30),
+    ),
     max_size=300,
 )
 
@@ -29,7 +37,8 @@ def test_pages_cover_everything_once_in_order_and_fit_a_datagram(items, pattern)
     after = ""
     while True:
         part, after = page(items, keys, after, pattern)
-        assert len(pack({"t": "reply", "reply": {"files": part, "next": after}})) < MAX_DATAGRAM
+        reply = answer("client-with-a-long-name", 2**40, 9, FilesPage(files=part, next=after))
+        assert len(pack(reply)) < MAX_DATAGRAM
         got += list(part)
         if after is None:
             break

@@ -1,0 +1,93 @@
+"""Connections to every server of one volume, opened on first use and again after a loss.
+
+A new connection says HELLO (the server refuses one of another volume and
+must answer as the server id it was named for) and, when this client holds
+the mount lease, presents it again: the server ties the lease to a live
+connection, which is how it knows the mount is still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+from mirrorfuse.wire.addresses import ClusterSpec
+from mirrorfuse.wire.errors import MirrorfsError, ServerError
+from mirrorfuse.wire.messages import Hello, Lease, Message, Reply, Request
+
+from .connection import Connection, ServerDown
+
+R = TypeVar("R", bound=Message)
+
+
+class Cluster:
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        timeout: float,
+        on_gen: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.timeout = timeout
+        self.on_gen = on_gen
+        self.volume_id: str | None = None  # once known, HELLO refuses other volumes
+        self.lease: Lease | None = None  # set by the mount once it holds the lease
+        self._conns: dict[int, Connection] = {}
+        self._connecting: dict[int, asyncio.Future[Connection]] = {}
+
+    async def connection(self, server: int) -> Connection:
+        conn = self._conns.get(server)
+        if conn is not None and not conn.closed:
+            return conn
+        pending = self._connecting.get(server)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(server))
+            self._connecting[server] = pending
+            pending.add_done_callback(lambda _f: self._connecting.pop(server, None))
+        return await asyncio.shield(pending)
+
+    async def _connect(self, server: int) -> Connection:
+        conn = await Connection.open(server, self.spec.addresses[server], self.timeout, self.on_gen)
+        try:
+            hello = (await conn.call(Hello(volume=self.volume_id))).body
+        except ServerError as exc:
+            conn.close()
+            raise ServerDown(server, conn.address, f"refused: {exc}") from None
+        if hello.server != server:
+            conn.close()
+            raise MirrorfsError(
+                f"{conn.address} answers as server {hello.server}, expected server {server} "
+                "(servers must be given in id order)"
+            )
+        if self.lease is not None and hello.formatted:
+            # a new connection: tell the server this is still the lease holder
+            try:
+                await conn.call(self.lease)
+            except ServerError as exc:
+                conn.close()
+                raise ServerDown(server, conn.address, f"refused the lease: {exc}") from None
+        self._conns[server] = conn
+        return conn
+
+    async def call(
+        self,
+        server: int,
+        req: Request[R],
+        payload: bytes | bytearray | memoryview = b"",
+        flags: int = 0,
+    ) -> Reply[R]:
+        """One request to one server (connecting first if needed)."""
+        conn = await self.connection(server)
+        return await conn.call(req, payload, flags)
+
+    def drop(self, server: int) -> None:
+        """Close the connection to a server given up on (a later call connects anew)."""
+        conn = self._conns.pop(server, None)
+        if conn is not None:
+            conn.close()
+
+    async def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()

@@ -1,0 +1,189 @@
+"""This client's copy of the failure table, kept in step with the servers' copies.
+
+A client marks a replica failed when it refuses, resets, errors or stops
+answering, and persists the new table on the survivors before going on, so
+every later client knows. Writes carry the client's table generation; a
+server with a newer table refuses them (STALE), the client reloads the table
+and tries again. That is what lets a rebuild add a replica under a live
+mount: no client can go on writing to one replica only once the rebuild has
+started. The transitions themselves are ``core.failures``; this module does
+the talking.
+
+The last live replica of a pair is never marked failed: while it is out of
+reach, operations on that pair get a few tries and then fail with EIO.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Callable
+
+from mirrorfuse.core import failures
+from mirrorfuse.core.failures import Event
+from mirrorfuse.wire.errors import MirrorfsError, ServerError, VolumeIOError
+from mirrorfuse.wire.messages import GetTable, SetTable, SetTableReply, State, Table
+
+from .cluster import Cluster
+from .connection import ServerDown
+from .retry import TryAgain, retry
+
+LAST_COPY_TRIES = 3  # attempts on the last live copy of a pair before EIO
+
+
+class NoSpace(MirrorfsError):
+    errno = errno.ENOSPC
+
+
+class Fenced(MirrorfsError):
+    """Another client took the volume over: this one must stop changing it."""
+
+    errno = errno.EROFS
+
+
+class FailureTable:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.table = failures.fresh(cluster.spec.count)
+        self.on_failure: Callable[[int, str], None] | None = None
+        self.epoch: int | None = None  # the mount's lease epoch, once it holds one
+        self._lock = asyncio.Lock()
+        self._refresh: asyncio.Task[None] | None = None
+        self._announced: set[int] = set()
+        self._strikes: dict[int, int] = {}  # failed attempts on a pair's last live copy
+
+    @property
+    def gen(self) -> int:
+        return self.table.gen
+
+    @property
+    def states(self) -> tuple[State, ...]:
+        return self.table.states
+
+    def readable(self, pair: int) -> list[int]:
+        return failures.readable(self.table.states, pair)
+
+    def writable(self, pair: int) -> list[int]:
+        return failures.writable(self.table.states, pair)
+
+    def holders(self) -> list[int]:
+        return failures.holders(self.table.states)
+
+    def adopt(self, other: Table | None) -> None:
+        """Take a table some server holds when it is newer than ours."""
+        newest = failures.newest(self.table, other)
+        if newest is not None:
+            self.table = newest
+
+    # -- keeping in step ------------------------------------------------------------------
+
+    def saw_gen(self, server: int, gen: int) -> None:
+        """A reply carried a newer generation than ours: fetch that table (once at a time)."""
+        if gen > self.table.gen and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.ensure_future(self.refresh())
+
+    def succeeded(self, server: int) -> None:
+        if self._strikes:
+            self._strikes.pop(server, None)
+
+    async def refresh(self) -> None:
+        """Adopt the newest table held by any reachable, non-failed server."""
+        targets = [s for s, st in enumerate(self.table.states) if st != State.FAILED]
+        replies = await asyncio.gather(
+            *(self.cluster.call(s, GetTable()) for s in targets), return_exceptions=True
+        )
+        for reply in replies:
+            if not isinstance(reply, BaseException):
+                self.adopt(reply.body)
+
+    async def update(self, server: int, event: Event) -> None:
+        """Feed ``event`` to the newest table and persist it on every server taking writes.
+
+        An event the newest table does not allow (another client got there
+        first) changes nothing; the caller looks at ``states`` afterwards.
+        Servers found unreachable on the way are marked failed in the same table.
+        """
+        events = [(server, event)]
+
+        async def attempt() -> None:
+            states = self.table.states
+            for s, ev in events:
+                try:
+                    states = failures.transition(states, s, ev)
+                except failures.Refused:
+                    continue
+            if states == self.table.states:
+                return
+            new = Table(gen=self.table.gen + 1, states=states)
+            targets = failures.holders(states)
+            replies = await asyncio.gather(
+                *(self.cluster.call(s, SetTable(table=new, epoch=self.epoch)) for s in targets),
+                return_exceptions=True,
+            )
+            answers: list[SetTableReply] = []
+            unreachable = []
+            for s, r in zip(targets, replies, strict=True):
+                if isinstance(r, BaseException):
+                    if isinstance(r, ServerError) and r.code == "FENCED":
+                        raise Fenced(f"server {s} fenced this client: {r}")
+                    if not isinstance(r, ServerDown | ServerError):
+                        raise r
+                    unreachable.append(s)
+                else:
+                    answers.append(r.body)
+            if any(a.accepted for a in answers):
+                self.table = new
+            rejected = [a.table for a in answers if not a.accepted]
+            for other in rejected:  # another client moved the table on: merge, go again
+                if other.gen >= self.table.gen:
+                    self.table = other
+            for s in unreachable:
+                if failures.may_fail(self.table.states, s) and (s, Event.FAIL) not in events:
+                    events.append((s, Event.FAIL))
+            if rejected or unreachable:
+                raise TryAgain
+
+        async with self._lock:
+            await retry(attempt, "could not persist the failure table")
+
+    # -- failures -------------------------------------------------------------------------
+
+    async def fail(self, server: int, reason: str) -> None:
+        """Mark a replica failed (persisted); raise EIO when it was the last of its pair."""
+        if self.table.states[server] == State.FAILED:
+            return
+        self.cluster.drop(server)
+        if not failures.may_fail(self.table.states, server):
+            # the last copy of its pair: a slow server (its writes throttled by the
+            # kernel, say) gets a few more tries before the operation fails with EIO
+            self._strikes[server] = self._strikes.get(server, 0) + 1
+            if self._strikes[server] < LAST_COPY_TRIES:
+                await asyncio.sleep(0.2 * self._strikes[server])
+                return
+            self._strikes.pop(server, None)
+            raise VolumeIOError(
+                f"mirror pair {server // 2} has no live server left: server {server} {reason}"
+            )
+        await self.update(server, Event.FAIL)
+        if self.table.states[server] == State.FAILED and server not in self._announced:
+            self._announced.add(server)
+            if self.on_failure is not None:
+                self.on_failure(server, reason)
+
+    async def handle(self, server: int, exc: BaseException) -> bool:
+        """Deal with one server's failed request; True when the caller must try again
+        because its table was stale. Errors no retry can help are raised."""
+        if isinstance(exc, ServerDown):
+            await self.fail(server, exc.reason)
+            return False
+        if isinstance(exc, ServerError):
+            if exc.code == "STALE":
+                await self.refresh()
+                return True
+            if exc.code == "ENOSPC":
+                raise NoSpace(f"no space left on server {server}")
+            if exc.code == "FENCED":
+                raise Fenced(f"server {server} fenced this client: {exc}")
+            await self.fail(server, f"answered with an error: {exc}")
+            return False
+        raise exc

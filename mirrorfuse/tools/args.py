@@ -1,0 +1,90 @@
+"""What every command shares: argument types, naming a cluster, and how a command ends.
+
+A command's bad input is one line, ``PROG: error: ...``, and a non-zero exit
+(1, or 2 for bad usage where a command says so), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+
+from mirrorfuse.wire.addresses import (
+    DEFAULT_HOST,
+    ClusterSpec,
+    from_base_port,
+    parse_port,
+    parse_servers,
+)
+from mirrorfuse.wire.errors import MirrorfsError, UsageError
+from mirrorfuse.wire.sizes import parse_size
+
+
+def _argtype(parse: Callable[[str], object]) -> Callable[[str], object]:
+    def convert(text: str) -> object:
+        try:
+            return parse(text)
+        except UsageError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+port_arg = _argtype(parse_port)
+size_arg = _argtype(parse_size)
+
+
+def seconds_arg(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("cluster (one of)")
+    group.add_argument(
+        "--servers", metavar="HOST:PORT,...", help="every server, in id order (server 0 first)"
+    )
+    group.add_argument("--base-port", type=int, metavar="B", help="server i listens on B+i")
+    group.add_argument("--count", type=int, metavar="N", help="number of servers with --base-port")
+    group.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"host of the servers with --base-port ({DEFAULT_HOST})",
+    )
+
+
+def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
+    if args.servers and args.base_port is not None:
+        raise UsageError("give either --servers or --base-port/--count, not both")
+    if args.servers:
+        return parse_servers(args.servers)
+    if args.base_port is not None:
+        if args.count is None:
+            raise UsageError("--base-port needs --count (the number of servers)")
+        return from_base_port(args.base_port, args.count, args.host)
+    from . import registry
+
+    return registry.default_cluster(getattr(args, "mount", None))
+
+
+def run(prog: str, command: Callable[[], int], usage_exit: int = 2) -> int:
+    """Run a command's body; its errors become one line and an exit code."""
+    try:
+        return command()
+    except UsageError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return usage_exit
+    except MirrorfsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

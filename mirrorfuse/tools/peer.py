@@ -1,0 +1,129 @@
+"""mirrorfs-peer: share a directory through the index group (the daemon is servers/peer.py).
+
+This command wires the daemon to its collaborators: the index client, the
+call to another peer, and the record that lets local commands find it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from mirrorfuse.client.connection import request_once
+from mirrorfuse.index.client import IndexClient
+from mirrorfuse.wire.addresses import (
+    DEFAULT_HOST,
+    Address,
+    parse_address,
+    parse_address_list,
+)
+from mirrorfuse.wire.errors import UsageError
+from mirrorfuse.wire.messages import PeerIndex, PeerIndexReply
+from servers.files import atomic_write
+from servers.peer import Peer, PeerOptions, PeerServer
+
+from . import logs
+from .registry import peer_dir
+
+PROG = "mirrorfs-peer"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Share a directory through the mirrorfs index."
+    )
+    p.add_argument("--index", required=True, metavar="GROUP:PORT", help="the index group")
+    p.add_argument("--share", required=True, help="directory whose files are shared")
+    p.add_argument("--port", type=int, default=0, help="TCP port to serve on (any free one)")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on ({DEFAULT_HOST})")
+    p.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="peer name")
+    p.add_argument("--replicas", help="host:port,... of the index replicas (unicast)")
+    p.add_argument("--interval", type=float, default=3.0, help="seconds between heartbeats (3)")
+    p.add_argument(
+        "--peers",
+        metavar="HOST:PORT,...",
+        help="other peers to exchange lists with while no index replica answers",
+    )
+    args = p.parse_args(argv)
+    if not Path(args.share).is_dir():
+        p.error(f"--share {args.share} is not a directory")
+    group, sep, port = args.index.rpartition(":")
+    if not sep or not port.isdigit():
+        p.error(f"--index {args.index!r} is not GROUP:PORT")
+    args.group, args.group_port = group, int(port)
+    if not (args.port == 0 or 1024 <= args.port <= 65535):
+        p.error(f"--port {args.port} is outside 1024-65535")
+    args.peer_list = [a for a in (args.peers or "").split(",") if a]
+    for addr in args.peer_list:
+        try:
+            parse_address(addr)
+        except UsageError:
+            p.error(f"--peers: {addr!r} is not HOST:PORT")
+    try:
+        args.replica_list = (
+            parse_address_list(args.replicas, "--replicas") if args.replicas else None
+        )
+    except UsageError as exc:
+        p.error(str(exc))
+    if not 0.2 <= args.interval <= 3600:
+        p.error(f"--interval {args.interval:g} is outside 0.2-3600 seconds")
+    if "/" in args.id or not args.id:
+        p.error(f"--id {args.id!r} cannot be used as a peer name")
+    return args
+
+
+async def ask_peer(addr: str, req: PeerIndex) -> PeerIndexReply:
+    return (await request_once(parse_address(addr), req, 3.0)).body
+
+
+def write_record(peer: Peer, index: str) -> Path:
+    path = peer_dir() / f"{peer.id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"id": peer.id, "addr": peer.addr, "pid": os.getpid(), "index": index}
+    atomic_write(path, json.dumps(rec).encode())
+    return path
+
+
+async def run(args: argparse.Namespace) -> int:
+    index = IndexClient(args.group, args.group_port, args.replica_list, client_id=f"peer-{args.id}")
+    index.timeout, index.tries = 1.0, 4  # notice soon (2.75 s) that the group is gone
+    opts = PeerOptions(args.id, Path(args.share), args.interval, args.peer_list)
+    peer = Peer(opts, index, ask_peer)
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(lambda: PeerServer(peer), args.host, args.port)
+    except OSError as exc:
+        print(
+            f"{PROG}: error: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    peer.addr = str(Address(args.host, server.sockets[0].getsockname()[1]))
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    record = write_record(peer, args.index)
+    peer.say(f"serving {peer.share} on {peer.addr} (pid {os.getpid()})")
+    try:
+        await peer.run(stop)
+    finally:
+        record.unlink(missing_ok=True)
+        server.close()
+        index.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.setup(PROG)
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""mirrorfs-cli serve-file: N virtual file servers on N ports, with a console on stdin."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from mirrorfuse.wire.addresses import check_port
+from mirrorfuse.wire.errors import UsageError
+from mirrorfuse.wire.sizes import human
+from servers.fileserver import (
+    ListenError,
+    VirtualServer,
+    console_command,
+    file_checksum,
+    listen,
+)
+
+from .args import seconds_arg
+
+
+async def serve(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    size = path.stat().st_size
+    print(f"computing the checksum of {path} ({human(size)})...", flush=True)
+    loop = asyncio.get_running_loop()
+    checksum = await loop.run_in_executor(None, file_checksum, path)
+    rate = (args.rate or 0) * (1 << 20)
+    servers = [
+        VirtualServer(i + 1, p, path, size, checksum, rate) for i, p in enumerate(args.ports)
+    ]
+    try:
+        await listen(servers, args.address)
+    except ListenError as exc:
+        print(f"mirrorfs-cli: error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"serving {path.name} ({human(size)}) from {len(servers)} servers on "
+        f"{args.address}:{','.join(map(str, args.ports))} (pid {os.getpid()})",
+        flush=True,
+    )
+    print("console: N pauses server N, rN resumes it, eN ends a paused server", flush=True)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(args.interval)
+            line = "; ".join(
+                f"server {s.number} ({s.port}): {s.state}, {human(s.sent)} sent" for s in servers
+            )
+            print(line, flush=True)
+
+    reporter = asyncio.ensure_future(report())
+    reader = asyncio.StreamReader()
+    try:
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        while line := await reader.readline():
+            msg = console_command(servers, line.decode(errors="replace"))
+            if msg:
+                print(msg, flush=True)
+        # console closed: keep serving until killed
+        await asyncio.Event().wait()
+    finally:
+        reporter.cancel()
+    return 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for p in args.ports:
+        check_port(p)
+    if len(set(args.ports)) != len(args.ports):
+        raise UsageError("a port is listed twice")
+    if args.count is not None and args.count != len(args.ports):
+        raise UsageError(f"-n {args.count} but {len(args.ports)} ports were given")
+    if not Path(args.file).is_file():
+        raise UsageError(f"file {args.file} does not exist (or is not a regular file)")
+    if Path(args.file).stat().st_size > (1 << 48):
+        raise UsageError(f"file {args.file} is too large")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-i", dest="interval", type=seconds_arg, required=True, help="seconds between status lines"
+    )
+    p.add_argument("-f", dest="file", required=True, help="the file to serve")
+    p.add_argument("-n", dest="count", type=int, help="number of servers (must match -p)")
+    p.add_argument("-a", dest="address", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "-p",
+        dest="ports",
+        type=int,
+        nargs="+",
+        required=True,
+        help="one port per server (1024-65535)",
+    )
+    p.add_argument(
+        "--rate",
+        type=float,
+        help="limit each server to this many MiB/s (to watch a transfer, pause and resume it)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    check_args(args)
+    try:
+        return asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,81 @@
+"""mirrorfs-server: run one block server until SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+
+from mirrorfuse.wire.addresses import DEFAULT_HOST, MAX_SERVERS
+from servers.block.server import ListenError, listen
+from servers.block.store import Store, StoreError
+
+from . import logs
+from .args import port_arg, size_arg
+
+PROG = "mirrorfs-server"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description="Run one mirrorfs block server.")
+    p.add_argument("--id", type=int, required=True, help="server id (0..N-1); 2k and 2k+1 mirror")
+    p.add_argument("--port", type=port_arg, required=True, help="TCP port (1024-65535)")
+    p.add_argument("--data", type=Path, required=True, help="data directory of this server")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on ({DEFAULT_HOST})")
+    p.add_argument("--volume", help="refuse a data directory of any other volume id")
+    p.add_argument(
+        "--capacity",
+        type=size_arg,
+        help="most data this server may hold, e.g. 64M or 10G (default: its disk)",
+    )
+    args = p.parse_args(argv)
+    if not 0 <= args.id < MAX_SERVERS:
+        p.error(f"argument --id: {args.id} is outside 0-{MAX_SERVERS - 1}")
+    return args
+
+
+async def serve(args: argparse.Namespace, store: Store) -> int:
+    try:
+        listener = await listen(store, args.host, args.port)
+    except ListenError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    sb = store.superblock
+    state = f"volume {sb.volume}" if sb else "unformatted"
+    print(
+        f"{PROG} {args.id} listening on {args.host}:{args.port} "
+        f"(pid {os.getpid()}, data {args.data}, {state})",
+        flush=True,
+    )
+    await stop.wait()
+    listener.close()
+    store.close()
+    print(f"{PROG} {args.id} stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.setup(PROG)
+    try:
+        store = Store(args.data, args.id, args.volume, args.capacity)
+    except StoreError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(serve(args, store))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
