@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import xxhash
 
 from mirrorfuse.core.scheduler import ALIVE, DEAD, PAUSED
+from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import MAX_PAYLOAD, Frame, Msg
 from mirrorfuse.wire.messages import (
     BadMessage,
@@ -143,17 +145,21 @@ def console_command(servers: list[VirtualServer], line: str) -> str:
     return f"unknown command {line!r}: N pauses server N, rN resumes it, eN ends a paused one"
 
 
-class ListenError(Exception):
+class ListenError(MirrorfsError):
     """A virtual server cannot listen on its port."""
 
 
 async def listen(servers: list[VirtualServer], host: str) -> None:
     """Every virtual server on its port; ListenError (closing the ones opened) if one cannot."""
     loop = asyncio.get_running_loop()
+
+    def connection_to(srv: VirtualServer) -> Callable[[], FileConnection]:
+        return lambda: FileConnection(srv)
+
     for srv in servers:
         try:
             srv.listener = await loop.create_server(
-                lambda srv=srv: FileConnection(srv), host, srv.port, reuse_address=True
+                connection_to(srv), host, srv.port, reuse_address=True
             )
         except OSError as exc:
             for s in servers:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -54,8 +53,6 @@ from mirrorfuse.wire.messages import (
 
 from .fileserver import VirtualServer, file_checksum
 from .net import Answer, FrameServer, Refused, dispatch
-
-log = logging.getLogger("mirrorfs-peer")
 
 CACHE_EVERY = 5.0  # at most this often, a changed index is copied again
 GOSSIP_MISSES = 3  # a peer that misses this many exchanges in a row is forgotten

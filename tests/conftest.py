@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,6 +18,34 @@ os.environ["MIRRORFS_STATE_DIR"] = _STATE
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_STATE, ignore_errors=True)
+
+
+BIG = 4 << 20  # bytes on disk: data, copies, slot files; logs and metadata stay
+
+
+def remove_big_files(root: Path) -> int:
+    """Delete every file under ``root`` taking more than BIG on disk (never inside a mount)."""
+    freed = 0
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not os.path.ismount(os.path.join(top, d))]
+        for name in files:
+            path = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if st.st_blocks * 512 > BIG:
+                    os.unlink(path)
+                    freed += st.st_blocks * 512
+    return freed
+
+
+@pytest.fixture(autouse=True)
+def _leave_no_big_files(request):
+    """Whatever a test's outcome, its large files go once everything it started is ended
+    (this fixture is set up first, so it is torn down last)."""
+    tmp = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None
+    yield
+    if tmp is not None:
+        remove_big_files(tmp)
 
 
 @pytest.fixture

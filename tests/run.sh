@@ -26,5 +26,9 @@ args=()
 for a in "$@"; do
   if [ "$a" = "--slow" ]; then marker=(-m "slow or not slow"); else args+=("$a"); fi
 done
+# style and types first: a minute of pytest is not spent on code that does not check
 "$VENV/bin/ruff" check mirrorfuse servers tests bench
+"$VENV/bin/ruff" format --check --quiet mirrorfuse servers tests bench \
+  || { echo "ruff format --check: run .venv/bin/ruff format mirrorfuse servers tests bench" >&2; exit 1; }
+"$VENV/bin/mypy" --no-error-summary || { echo "mypy found type errors (above)" >&2; exit 1; }
 exec "$VENV/bin/python" -m pytest -p no:cacheprovider --durations=10 "${marker[@]}" "${args[@]}"

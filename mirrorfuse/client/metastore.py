@@ -30,7 +30,6 @@ from mirrorfuse.wire.messages import (
     Lease,
     MetaInfo,
     MetaInfoReply,
-    Request,
     State,
 )
 from mirrorfuse.wire.records import journal_entries
@@ -157,22 +156,27 @@ class MetaStore:
         total = len(blob)
         offsets = list(range(0, total, CHUNK)) or [0]
         for off in offsets:
-            chunk = blob[off : off + CHUNK]
+            await self._put_part(
+                seq, blob[off : off + CHUNK], off, total, off == offsets[-1], server
+            )
 
-            def req(off: int = off) -> Request[Any]:
-                return CheckpointPut(
-                    seq=seq,
-                    offset=off,
-                    total=total,
-                    final=off == offsets[-1],
-                    epoch=self.epoch,
-                    gen=self.vol.gen,
-                )
+    async def _put_part(
+        self, seq: int, chunk: bytes, offset: int, total: int, final: bool, server: int | None
+    ) -> None:
+        def req() -> CheckpointPut:  # made at each try: the table generation moves on
+            return CheckpointPut(
+                seq=seq,
+                offset=offset,
+                total=total,
+                final=final,
+                epoch=self.epoch,
+                gen=self.vol.gen,
+            )
 
-            if server is None:
-                await self._all(lambda s, chunk=chunk, req=req: self.vol.call(s, req(), chunk))
-            else:
-                await self.vol.call(server, req(), chunk)
+        if server is None:
+            await self._all(lambda s: self.vol.call(s, req(), chunk))
+        else:
+            await self.vol.call(server, req(), chunk)
 
     # -- reading it back ------------------------------------------------------------------
 

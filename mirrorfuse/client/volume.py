@@ -353,23 +353,20 @@ class Volume:
 
     # -- batches ----------------------------------------------------------------------------
 
-    async def _bounded(
-        self, jobs: Iterable[Callable[[], Awaitable[T]]], concurrency: int
-    ) -> list[T]:
+    async def _bounded(self, jobs: Iterable[Awaitable[T]], concurrency: int) -> list[T]:
+        """Await every job, at most ``concurrency`` at a time, in order of the results."""
         sem = asyncio.Semaphore(concurrency)
 
-        async def run(job: Callable[[], Awaitable[T]]) -> T:
+        async def run(job: Awaitable[T]) -> T:
             async with sem:
-                return await job()
+                return await job
 
         return await asyncio.gather(*(run(j) for j in jobs))
 
     async def write_many(
         self, items: Iterable[tuple[int, bytes]], concurrency: int = DEFAULT_CONCURRENCY
     ) -> list[int]:
-        return await self._bounded(
-            ((lambda b=b, d=d: self.write(b, d)) for b, d in items), concurrency
-        )
+        return await self._bounded((self.write(b, d) for b, d in items), concurrency)
 
     async def read_many(
         self,
@@ -378,12 +375,10 @@ class Volume:
         concurrency: int = DEFAULT_CONCURRENCY,
     ) -> list[bytes]:
         sums = expected if expected is not None else [None] * len(blocks)
-        return await self._bounded(
-            ((lambda b=b, c=c: self.read(b, c)) for b, c in zip(blocks, sums, strict=True)),
-            concurrency,
-        )
+        pairs = zip(blocks, sums, strict=True)
+        return await self._bounded((self.read(b, c) for b, c in pairs), concurrency)
 
     async def trim_many(
         self, blocks: Iterable[int], concurrency: int = DEFAULT_CONCURRENCY
     ) -> None:
-        await self._bounded(((lambda b=b: self.trim(b)) for b in blocks), concurrency)
+        await self._bounded((self.trim(b) for b in blocks), concurrency)

@@ -28,7 +28,7 @@ def check_namespace(ns: Namespace) -> Report:
         return rep
     while stack:
         d = ns.inodes[stack.pop()]
-        for name, ino in d.entries.items():
+        for name, ino in (d.entries or {}).items():
             if not name or "/" in name or name in (".", ".."):
                 bad(f"directory {d.ino} has an invalid name {name!r}")
             child = ns.inodes.get(ino)

@@ -6,6 +6,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from mirrorfuse.wire.records import Inode
+
 
 class FsError(OSError):
     def __init__(self, err: int, detail: str | None = None) -> None:
@@ -22,3 +24,9 @@ class Context:
 
     uid: int = 0
     gid: int = 0
+
+
+def names(node: Inode) -> dict[str, int]:
+    """A directory's entries (the caller looked it up as a directory)."""
+    assert node.entries is not None
+    return node.entries

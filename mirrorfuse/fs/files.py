@@ -26,7 +26,7 @@ from mirrorfuse.core.scheduler import Scheduler, Segment
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.records import AnyRecord, Data, Free, Inode
 
-from .base import Context, FsError, now_ns
+from .base import Context, FsError, names, now_ns
 from .cache import Allocator, BlockCache
 
 FLUSH_BLOCKS = 32  # dirty blocks per file before it is written out
@@ -135,8 +135,7 @@ class OpenFiles(ABC):
         with self.lock:
             parent_path, name = self._split(path)
             parent = self._dir(parent_path)
-            assert parent.entries is not None
-            existing = parent.entries.get(name)
+            existing = names(parent).get(name)
             if existing is not None:
                 if flags & os.O_EXCL:
                     raise FsError(errno.EEXIST)

@@ -37,7 +37,7 @@ from mirrorfuse.wire.records import (
     encode_record,
 )
 
-from .base import Context, FsError, now_ns
+from .base import Context, FsError, names, now_ns
 from .cache import Allocator, BlockCache
 from .files import CACHE_BYTES, READAHEAD_BYTES, FileState, Handle, OpenFiles
 
@@ -265,7 +265,7 @@ class FileSystem(OpenFiles):
         parent_path, name = self._split(path)
         self._check_name(name)
         parent = self._dir(parent_path)
-        if name in parent.entries:
+        if name in names(parent):
             raise FsError(errno.EEXIST)
         if parent.nlink == 0:
             raise FsError(errno.ENOENT)
@@ -309,7 +309,7 @@ class FileSystem(OpenFiles):
             parent_path, name = self._split(new)
             self._check_name(name)
             parent = self._dir(parent_path)
-            if name in parent.entries:
+            if name in names(parent):
                 raise FsError(errno.EEXIST)
             if node.nlink == 0:
                 raise FsError(errno.ENOENT)
@@ -328,7 +328,7 @@ class FileSystem(OpenFiles):
             parent_path, name = self._split(path)
             parent = self._dir(parent_path)
             self._check_name(name)
-            ino = parent.entries.get(name)
+            ino = names(parent).get(name)
             if ino is None:
                 raise FsError(errno.ENOENT)
             if self.ns.inodes[ino].is_dir:
@@ -344,7 +344,7 @@ class FileSystem(OpenFiles):
             if name == "..":
                 raise FsError(errno.ENOTEMPTY)
             parent = self._dir(parent_path)
-            ino = parent.entries.get(name)
+            ino = names(parent).get(name)
             if ino is None:
                 raise FsError(errno.ENOENT)
             node = self.ns.inodes[ino]
@@ -363,11 +363,11 @@ class FileSystem(OpenFiles):
             dp_path, dn = self._split(new)
             self._check_name(dn)
             sp, dp = self._dir(sp_path), self._dir(dp_path)
-            ino = sp.entries.get(sn)
+            ino = names(sp).get(sn)
             if ino is None:
                 raise FsError(errno.ENOENT)
             node = self.ns.inodes[ino]
-            target = dp.entries.get(dn)
+            target = names(dp).get(dn)
             if target == ino:
                 return  # two names of one inode: POSIX says do nothing
             if node.is_dir:

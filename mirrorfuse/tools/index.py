@@ -12,11 +12,11 @@ from pathlib import Path
 from mirrorfuse.core.group import LOG_KEEP
 from mirrorfuse.index.blobs import fetch_blob
 from mirrorfuse.wire.addresses import DEFAULT_HOST, parse_address_list
-from mirrorfuse.wire.errors import UsageError
+from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from servers.index import Options, serve
 
 from . import logs
-from .args import port_arg
+from .args import port_arg, run
 
 PROG = "mirrorfs-index"
 
@@ -82,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
 
-    try:
-        return asyncio.run(serve(opts, fetch_blob, ready))
-    except OSError as exc:
-        print(f"{PROG}: error: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+    async def go() -> int:
+        try:
+            return await serve(opts, fetch_blob, ready)
+        except OSError as exc:  # the group's port, or its TCP port, cannot be had
+            raise MirrorfsError(f"cannot listen: {exc.strerror or exc}") from None
+
+    return run(PROG, lambda: asyncio.run(go()), usage_exit=1)
 
 
 if __name__ == "__main__":

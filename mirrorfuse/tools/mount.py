@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from . import logs, registry
 from .args import add_cluster_args, cluster_from_args, run, seconds_arg
 
 PROG = "mirrorfs-mount"
+log = logging.getLogger(PROG)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -40,7 +40,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds before a silent server is marked failed (3)",
     )
     p.add_argument("--log", help="log file of the background mount")
-    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -72,7 +71,7 @@ def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
         fs = open_filesystem(spec, args.mountpoint, args.force, args.timeout)
     except MirrorfsError as exc:
         report(f"error: {exc}")
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 1
     volume = fs.bvol.volume.volume_id
 
@@ -100,49 +99,61 @@ def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
     return 0
 
 
-def background(args: argparse.Namespace, argv: list[str]) -> int:
-    """Start the foreground mount as a detached child; wait until it is up or has failed."""
-    log = args.log or str(registry.state_dir() / "mount.log")
-    Path(log).parent.mkdir(parents=True, exist_ok=True)
+def background(args: argparse.Namespace, spec: ClusterSpec) -> int:
+    """Serve the mount from a detached child; wait until it is up or has failed.
+
+    The child is forked, not started anew: it has everything imported already.
+    """
+    log_path = args.log or str(registry.state_dir() / "mount.log")
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
-    with open(log, "ab") as logf:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "mirrorfuse.tools.mount", *argv, "-f", "--ready-fd", str(w)],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=logf,
-            pass_fds=(w,),
-            start_new_session=True,
-        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the mount: a session of its own, its output in the log
+        code = 1
+        try:
+            os.close(r)
+            os.setsid()
+            out = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, 0)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            args.ready_fd = w
+            code = serve(args, spec)
+        except BaseException:
+            log.exception("the mount failed")
+        finally:
+            os._exit(code)
     os.close(w)
     with os.fdopen(r) as pipe:
         answer = pipe.read()
     if answer.startswith("ok"):
         print(
-            f"mounted volume {answer.split()[1]} at {args.mountpoint} (pid {child.pid}, log {log})"
+            f"mounted volume {answer.split()[1]} at {args.mountpoint} (pid {pid}, log {log_path})"
         )
         return 0
-    child.wait(timeout=30)
-    msg = answer.removeprefix("error: ") or f"the mount process exited; see {log}"
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    return 1
+    os.waitpid(pid, 0)
+    raise MirrorfsError(
+        answer.removeprefix("error: ") or f"the mount process exited; see {log_path}"
+    )
 
 
-def start(args: argparse.Namespace, argv: list[str]) -> int:
+def start(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
-    if args.ready_fd is None:
-        check_mountpoint(args.mountpoint)
+    check_mountpoint(args.mountpoint)
     args.mountpoint = os.path.realpath(args.mountpoint)
     if args.foreground:
         return serve(args, spec)
-    return background(args, argv)
+    return background(args, spec)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    args.ready_fd = None  # the background child tells its parent through a pipe
     logs.setup(PROG, logging.WARNING)
-    return run(PROG, lambda: start(args, argv))
+    return run(PROG, lambda: start(args))
 
 
 if __name__ == "__main__":

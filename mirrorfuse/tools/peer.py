@@ -23,12 +23,13 @@ from mirrorfuse.wire.addresses import (
     parse_address,
     parse_address_list,
 )
-from mirrorfuse.wire.errors import UsageError
+from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.messages import PeerIndex, PeerIndexReply
 from servers.files import atomic_write
 from servers.peer import Peer, PeerOptions, PeerServer
 
 from . import logs
+from .args import run
 from .registry import peer_dir
 
 PROG = "mirrorfs-peer"
@@ -90,7 +91,7 @@ def write_record(peer: Peer, index: str) -> Path:
     return path
 
 
-async def run(args: argparse.Namespace) -> int:
+async def serve(args: argparse.Namespace) -> int:
     index = IndexClient(args.group, args.group_port, args.replica_list, client_id=f"peer-{args.id}")
     index.timeout, index.tries = 1.0, 4  # notice soon (2.75 s) that the group is gone
     opts = PeerOptions(args.id, Path(args.share), args.interval, args.peer_list)
@@ -99,11 +100,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         server = await loop.create_server(lambda: PeerServer(peer), args.host, args.port)
     except OSError as exc:
-        print(
-            f"{PROG}: error: cannot listen on {args.host}:{args.port}: {exc.strerror}",
-            file=sys.stderr,
-        )
-        return 1
+        raise MirrorfsError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     peer.addr = str(Address(args.host, server.sockets[0].getsockname()[1]))
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -122,7 +119,7 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logs.setup(PROG)
-    return asyncio.run(run(args))
+    return run(PROG, lambda: asyncio.run(serve(args)), usage_exit=1)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from mirrorfuse.wire.addresses import check_port
 from mirrorfuse.wire.errors import UsageError
 from mirrorfuse.wire.sizes import human
 from servers.fileserver import (
-    ListenError,
     VirtualServer,
     console_command,
     file_checksum,
@@ -32,11 +31,7 @@ async def serve(args: argparse.Namespace) -> int:
     servers = [
         VirtualServer(i + 1, p, path, size, checksum, rate) for i, p in enumerate(args.ports)
     ]
-    try:
-        await listen(servers, args.address)
-    except ListenError as exc:
-        print(f"mirrorfs-cli: error: {exc}", file=sys.stderr)
-        return 1
+    await listen(servers, args.address)
     print(
         f"serving {path.name} ({human(size)}) from {len(servers)} servers on "
         f"{args.address}:{','.join(map(str, args.ports))} (pid {os.getpid()})",

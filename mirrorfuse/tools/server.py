@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 from mirrorfuse.wire.addresses import DEFAULT_HOST, MAX_SERVERS
-from servers.block.server import ListenError, listen
-from servers.block.store import Store, StoreError
+from servers.block.server import listen
+from servers.block.store import Store
 
 from . import logs
-from .args import port_arg, size_arg
+from .args import port_arg, run, size_arg
 
 PROG = "mirrorfs-server"
 
@@ -39,11 +39,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, store: Store) -> int:
-    try:
-        listener = await listen(store, args.host, args.port)
-    except ListenError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+    listener = await listen(store, args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -62,19 +58,19 @@ async def serve(args: argparse.Namespace, store: Store) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logs.setup(PROG)
-    try:
-        store = Store(args.data, args.id, args.volume, args.capacity)
-    except StoreError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 1
+def start(args: argparse.Namespace) -> int:
+    store = Store(args.data, args.id, args.volume, args.capacity)
     with contextlib.suppress(ImportError):
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return asyncio.run(serve(args, store))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logs.setup(PROG)
+    return run(PROG, lambda: start(args), usage_exit=1)
 
 
 if __name__ == "__main__":

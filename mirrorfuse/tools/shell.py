@@ -316,7 +316,7 @@ def main(args: argparse.Namespace) -> int:
         return 1
     if args.base_port is not None:
         parse_start_port(str(base))
-    spec = from_base_port(int(base), args.count)
+    spec = from_base_port(int(str(base)), args.count)
     ports = ", ".join(str(a.port) for a in spec.addresses)
     print(f"servers 0-{args.count - 1} on ports {ports}")
     if not args.yes:
@@ -331,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"formatted a new volume {volume}")
     fs = open_filesystem(spec, "mirrorfs-cli shell", timeout=args.timeout)
     print(f"file system ready (volume {fs.bvol.volume.volume_id}); type help for commands")
-    shell = Shell(fs, spec, float(delay), args.read_delay, lambda m: print(m, flush=True))
+    shell = Shell(fs, spec, float(str(delay)), args.read_delay, lambda m: print(m, flush=True))
     try:
         shell.run(lines("$ "))
     finally:

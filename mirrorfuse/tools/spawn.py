@@ -56,7 +56,9 @@ class ServerProc:
         data: Path,
         host: str = "127.0.0.1",
         extra: tuple[str, ...] = (),
+        wait: bool = True,
     ) -> None:
+        """Start it; with ``wait`` (the default) return once it listens."""
         self.id = server_id
         self.port = port
         self.data = data
@@ -82,12 +84,18 @@ class ServerProc:
                 text=True,
                 start_new_session=True,
             )
+        self.ready_line = ""
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Until it printed its "listening" line; SpawnError with its last log line if not."""
         assert self.proc.stdout is not None
         self.ready_line = self.proc.stdout.readline()
         if "listening" not in self.ready_line:
             self.proc.wait(timeout=10)
             why = self.log.read_text().strip().splitlines()
-            raise SpawnError(why[-1] if why else f"server {server_id} did not start")
+            raise SpawnError(why[-1] if why else f"server {self.id} did not start")
 
     def detach(self) -> None:
         """Stop reading its output: it runs on by itself (mount.sh's servers)."""
@@ -132,8 +140,10 @@ class LocalCluster:
         self.base = base if base is not None else free_base_port(count)
         self.servers: list[ServerProc] = []
         try:
-            for i in range(count):
-                self.servers.append(self._spawn(i, self.data_dir(i)))
+            for i in range(count):  # all at once: each takes a moment to start
+                self.servers.append(self._spawn(i, self.data_dir(i), wait=False))
+            for s in self.servers:
+                s.wait_ready()
         except BaseException:
             self.close()
             raise
@@ -149,8 +159,8 @@ class LocalCluster:
     def data_dir(self, i: int) -> Path:
         return self.root / f"d{i}"
 
-    def _spawn(self, i: int, data: Path) -> ServerProc:
-        return ServerProc(i, self.base + i, data, extra=self.server_args)
+    def _spawn(self, i: int, data: Path, wait: bool = True) -> ServerProc:
+        return ServerProc(i, self.base + i, data, extra=self.server_args, wait=wait)
 
     def start(self, i: int, data: Path | None = None) -> ServerProc:
         """(Re)start server i, on its own data directory or another one."""

@@ -69,12 +69,13 @@ def start_local(data: Path, count: int, base: int) -> tuple[ClusterSpec, list[in
                         f"server {i}: choose another --base-port"
                     )
                 continue
+            started.append(ServerProc(i, base + i, data / str(i), wait=False))
+        for proc in started:  # started all at once, then each waited for
             try:
-                proc = ServerProc(i, base + i, data / str(i))
+                proc.wait_ready()
             except SpawnError as exc:
-                raise MirrorfsError(f"server {i} did not start: {exc}") from None
+                raise MirrorfsError(f"server {proc.id} did not start: {exc}") from None
             proc.detach()
-            started.append(proc)
     except BaseException:
         for proc in started:
             proc.terminate()

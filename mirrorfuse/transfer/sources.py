@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
@@ -19,6 +19,9 @@ from mirrorfuse.core.scheduler import ALIVE, Segment
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import ServerError
 from mirrorfuse.wire.messages import Availability, FileInfo, FileRead, Read, Reply, Request
+
+if TYPE_CHECKING:
+    import aiohttp  # imported when an HTTP mirror is used: it is slow to import
 
 WORKERS_PER_SOURCE = 2
 READ_TIMEOUT = 10.0
@@ -101,9 +104,9 @@ class HttpSource(Source):
     def __init__(self, url: str) -> None:
         self.url = url
         self.name = url
-        self._session = None
+        self._session: aiohttp.ClientSession | None = None
 
-    def _s(self):
+    def _s(self) -> aiohttp.ClientSession:
         import aiohttp
 
         if self._session is None:

@@ -186,7 +186,7 @@ class StateDump(Result):
 
 
 _encoder = msgspec.msgpack.Encoder()
-_datagrams = msgspec.msgpack.Decoder(AnyDatagram)
+_datagrams: msgspec.msgpack.Decoder[AnyDatagram] = msgspec.msgpack.Decoder(AnyDatagram)
 
 
 class BadDatagram(ValueError):

@@ -61,7 +61,7 @@ class Availability(StrEnum):
     DEAD = "dead"
 
 
-class Table(Message, frozen=True):
+class Table(Message):
     """The failure table: one state per server id, versioned by a generation."""
 
     gen: int

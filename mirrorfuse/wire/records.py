@@ -36,7 +36,7 @@ class Record(msgspec.Struct, array_like=True, tag_field="op", frozen=True):
     """A change to the namespace, encoded as [op, field, ...]."""
 
 
-class Mk(Record, tag="mk"):
+class Mk(Record, tag="mk", frozen=True):
     """A new inode and its first name."""
 
     parent: int
@@ -50,7 +50,7 @@ class Mk(Record, tag="mk"):
     target: str | None = None  # a symlink's target
 
 
-class Ln(Record, tag="ln"):
+class Ln(Record, tag="ln", frozen=True):
     """Another name for an existing inode (a hard link)."""
 
     parent: int
@@ -59,7 +59,7 @@ class Ln(Record, tag="ln"):
     t: int
 
 
-class Rm(Record, tag="rm"):
+class Rm(Record, tag="rm", frozen=True):
     """A name removed (unlink, rmdir)."""
 
     parent: int
@@ -67,7 +67,7 @@ class Rm(Record, tag="rm"):
     t: int
 
 
-class Mv(Record, tag="mv"):
+class Mv(Record, tag="mv", frozen=True):
     """A rename; an existing destination is replaced."""
 
     src_parent: int
@@ -77,7 +77,7 @@ class Mv(Record, tag="mv"):
     t: int
 
 
-class Attr(Record, tag="attr"):
+class Attr(Record, tag="attr", frozen=True):
     """New attributes; None leaves one as it is."""
 
     ino: int
@@ -89,7 +89,7 @@ class Attr(Record, tag="attr"):
     mtime: int | None = None
 
 
-class Data(Record, tag="data"):
+class Data(Record, tag="data", frozen=True):
     """New content: drop block indexes >= cut, then map the new blocks, then the size."""
 
     ino: int
@@ -99,20 +99,20 @@ class Data(Record, tag="data"):
     cut: int | None = None
 
 
-class Xset(Record, tag="xset"):
+class Xset(Record, tag="xset", frozen=True):
     ino: int
     name: str
     value: bytes
     t: int
 
 
-class Xdel(Record, tag="xdel"):
+class Xdel(Record, tag="xdel", frozen=True):
     ino: int
     name: str
     t: int
 
 
-class Free(Record, tag="free"):
+class Free(Record, tag="free", frozen=True):
     """An inode with no name left and no open handle: gone, its blocks freed."""
 
     ino: int

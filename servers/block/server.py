@@ -18,6 +18,7 @@ import xxhash
 
 from mirrorfuse.core import failures
 from mirrorfuse.wire.addresses import MAX_SERVERS, MIN_SERVERS
+from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import MAX_PAYLOAD, Flag, Frame, Msg
 from mirrorfuse.wire.messages import (
     AppendReply,
@@ -312,7 +313,7 @@ class Connection(FrameServer):
         self.send(out)
 
 
-class ListenError(Exception):
+class ListenError(MirrorfsError):
     """The server cannot listen where it was told to."""
 
 

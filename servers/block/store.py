@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 
 from mirrorfuse.core import failures
+from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.messages import State, Table
 
 from ..files import atomic_write
@@ -35,7 +36,7 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
-class StoreError(Exception):
+class StoreError(MirrorfsError):
     """A store that cannot be used as asked; the message is shown to the user."""
 
 
@@ -279,7 +280,9 @@ class Store:
         self.counters.bytes_read += length
         return data, checksum
 
-    def write(self, slot: int, data: bytes, checksum: int, copy: bool, repair: bool) -> bool:
+    def write(
+        self, slot: int, data: bytes | bytearray, checksum: int, copy: bool, repair: bool
+    ) -> bool:
         if self.capacity is not None and slot >= self.capacity // self.block_size:
             raise StoreError(f"slot {slot} is beyond this server's capacity")
         if self._skip_copy(slot, copy):

@@ -25,7 +25,7 @@ from mirrorfuse.index.client import BlockingIndexClient as IndexClient
 
 GROUP, PORT = "235.1.1.3", 55557
 BIN = Path(sys.executable).parent
-BULK = 3000  # enough entries that a snapshot is far larger than a datagram
+BULK = 1000  # enough entries that a snapshot and a listing are larger than a datagram
 
 
 class Procs:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from netns import run_scenario
+from netns_offline_scenario import BULK
 
 SCENARIO = Path(__file__).with_name("netns_offline_scenario.py")
 
@@ -18,9 +19,9 @@ def outcome():
 
 def test_a_late_replica_catches_up_on_a_large_index_by_tcp(outcome):
     assert outcome["caught_up"]  # equal sequence and digest on all three
-    assert outcome["status_files"] == [3042] * 3  # 3000 bulk + 40 late + 2 from peers
+    assert outcome["status_files"] == [BULK + 42] * 3  # bulk + 40 late + 2 from peers
     assert outcome["tcp_snapshots"]["3"] >= 1  # the snapshot did not fit in a datagram
-    assert outcome["paged"] == 3000  # a search larger than a datagram, page by page
+    assert outcome["paged"] == BULK  # a search larger than a datagram, page by page
 
 
 def test_a_killed_peer_is_removed_with_its_files_everywhere(outcome):
@@ -56,5 +57,5 @@ def test_without_replicas_peers_exchange_lists(outcome):
 def test_peers_register_again_with_a_replica_restarted_from_its_data(outcome):
     assert "state from" in outcome["restart_line"]
     assert outcome["reregistered"]
-    assert outcome["bulk_after_restart"] == 3000
+    assert outcome["bulk_after_restart"] == BULK
     assert outcome["shared_holders_after"] == ["pa", "pb"]

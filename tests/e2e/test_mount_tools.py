@@ -9,6 +9,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import Mount, cli, sha
 
 MiB = 1 << 20
@@ -39,18 +40,31 @@ def test_ls_stat_mkdir_rmdir_touch_cat(mfs: Mount):
     assert sh(f"ls -A {m}/a").split() == ["y"]
 
 
-def test_cp_large_file_and_a_tree_of_small_files(mfs: Mount, tmp_path: Path):
+def cp_big_file_and_tree(mfs: Mount, tmp_path: Path, mib: int, files: int) -> None:
     big = tmp_path / "big"
     chunk = os.urandom(64 * MiB)
     with open(big, "wb") as f:
-        for i in range(16):  # 1 GiB, every 64 MiB piece different
-            f.write(bytes([i]) + chunk[1:])
+        for i in range(mib // 64):  # every 64 MiB piece different
+            f.write(bytes([i % 256]) + chunk[1:])
     tree = tmp_path / "tree"
-    make_tree(tree, 3000)
-    sh(f"cp {big} {mfs.path}/big && cp -r {tree} {mfs.path}/tree")
-    assert sha(mfs.path / "big") == sha(big)
-    sh(f"diff -r {tree} {mfs.path}/tree")
-    assert int(sh(f"find {mfs.path}/tree -type f | wc -l")) == 3000
+    make_tree(tree, files)
+    try:
+        sh(f"cp {big} {mfs.path}/big && cp -r {tree} {mfs.path}/tree")
+        assert sha(mfs.path / "big") == sha(big)
+        sh(f"diff -r {tree} {mfs.path}/tree")
+        assert int(sh(f"find {mfs.path}/tree -type f | wc -l")) == files
+    finally:
+        big.unlink()
+        (mfs.path / "big").unlink(missing_ok=True)
+
+
+def test_cp_a_large_file_and_a_tree_of_small_files(mfs: Mount, tmp_path: Path):
+    cp_big_file_and_tree(mfs, tmp_path, 256, 1000)
+
+
+@pytest.mark.slow
+def test_cp_a_few_gigabytes_and_a_large_tree(mfs: Mount, tmp_path: Path):
+    cp_big_file_and_tree(mfs, tmp_path, 3 << 10, 5000)
 
 
 def test_mv_within_across_onto_file_and_onto_empty_dir(mfs: Mount):
