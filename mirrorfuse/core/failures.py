@@ -20,8 +20,8 @@ ALIVE, FAILED, REBUILDING = State.ALIVE, State.FAILED, State.REBUILDING
 
 class Event(Enum):
     FAIL = "fail"  # refused, reset, an error, or silent past the timeout
-    BEGIN_REBUILD = "begin rebuild"  # a copy of its mirror's blocks starts
-    REBUILT = "rebuilt"  # the copy is complete and synced
+    BEGIN_REBUILD = "begin a rebuild"  # a copy of its mirror's blocks starts
+    REBUILT = "finish a rebuild"  # the copy is complete and synced
 
 
 # (state, event) -> next state. Anything not listed is refused.

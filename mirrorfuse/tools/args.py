@@ -37,6 +37,11 @@ port_arg = _argtype(parse_port)
 size_arg = _argtype(parse_size)
 
 
+def listen_port_arg(text: str) -> int:
+    """A port to listen on; 0 means any free one."""
+    return 0 if text.strip() == "0" else int(str(port_arg(text)))
+
+
 def seconds_arg(text: str) -> float:
     """A positive, finite number of seconds."""
     try:

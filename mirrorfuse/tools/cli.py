@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Callable
 
 from mirrorfuse.wire.sizes import check_block_size, human, parse_size
 
-from . import admin, download, indexcmd, servefile, shell
+from . import admin, download, indexcmd, logs, servefile, shell
 from .args import add_cluster_args, cluster_from_args, run, seconds_arg
 from .fsck import fsck
 
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "shell",
-        help="the interactive client of seed 000 (mkdir, create, write, read, ...)",
+        help="an interactive client that shows each mirrored write and read",
         description="An interactive client that shows each replica being written and read.",
     )
     shell.add_arguments(sp)
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "serve-file",
-        help="serve one file from N virtual servers (seed 003)",
+        help="serve one file from N virtual servers, with a console to pause and end them",
         description="N file servers, one per port, each serving FILE. Console: N pauses "
         "server N, rN resumes it, eN ends a paused server.",
     )
@@ -111,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "download",
-        help="download one file from many sources at once (seeds 003/004)",
+        help="download one file from many sources at once (file servers, http:// mirrors)",
         description="Segmented parallel download from mirrorfs file servers (-a/-p) and/or "
         "http:// mirrors. A paused server's segments are taken over by the others; a dead "
         "server's are divided equally among the live ones. -r resumes.",
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--name", help="the name share gives the file (default: its own)")
     sp.set_defaults(func=indexcmd.cmd_index)
 
-    sp = sub.add_parser("index-shell", help="interactive client of the index group (seed 002)")
+    sp = sub.add_parser("index-shell", help="interactive client of the index group")
     indexcmd.add_group_args(sp)
     sp.set_defaults(func=indexcmd.cmd_index_shell)
 
@@ -147,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.setup(PROG, logging.WARNING)
     return run(PROG, lambda: int(args.func(args)), usage_exit=1)
 
 

@@ -29,7 +29,7 @@ from servers.files import atomic_write
 from servers.peer import Peer, PeerOptions, PeerServer
 
 from . import logs
-from .args import run
+from .args import listen_port_arg, run
 from .registry import peer_dir
 
 PROG = "mirrorfs-peer"
@@ -41,7 +41,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--index", required=True, metavar="GROUP:PORT", help="the index group")
     p.add_argument("--share", required=True, help="directory whose files are shared")
-    p.add_argument("--port", type=int, default=0, help="TCP port to serve on (any free one)")
+    p.add_argument(
+        "--port", type=listen_port_arg, default=0, help="TCP port to serve on (0: any free one)"
+    )
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to serve on ({DEFAULT_HOST})")
     p.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="peer name")
     p.add_argument("--replicas", help="host:port,... of the index replicas (unicast)")
@@ -58,8 +60,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not sep or not port.isdigit():
         p.error(f"--index {args.index!r} is not GROUP:PORT")
     args.group, args.group_port = group, int(port)
-    if not (args.port == 0 or 1024 <= args.port <= 65535):
-        p.error(f"--port {args.port} is outside 1024-65535")
     args.peer_list = [a for a in (args.peers or "").split(",") if a]
     for addr in args.peer_list:
         try:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from mirrorfuse.client.connection import Connection, ServerDown
+from mirrorfuse.client.retry import TryAgain, retry
 from mirrorfuse.fs.base import Context, FsError
 from mirrorfuse.fs.filesystem import FileSystem
 from mirrorfuse.fs.opening import open_filesystem
@@ -168,7 +169,7 @@ class Shell:
         self.say(f"wrote {len(data)} bytes to {path}")
 
     def _write_blocks(self, items: list[tuple[int, bytes]]) -> list[int]:
-        """Each block to each replica in turn, with the delays of seed 000."""
+        """Each block to each replica in turn, waiting the delay t before each one."""
         plans = []
         for block, _ in items:
             pair = self.vol.layout.pair_of(block)
@@ -204,19 +205,27 @@ class Shell:
         return sums
 
     def _write_one(self, block: int, data: bytes, server: int) -> int | None:
-        for _ in range(3):
+        """One replica's write; None when it is down (it is marked failed, as the mount does)."""
+        down: list[BaseException] = []
+
+        async def attempt() -> int | None:
             try:
-                csum = self.fs.bvol.call(self.vol.write_replica(block, data, server))
-                self.say(f"written to {self.name(server)}")
-                return csum
+                return await self.vol.write_replica(block, data, server)
             except (ServerDown, ServerError) as exc:
-                if not self.fs.bvol.call(self.vol.handle_error(server, exc)):
-                    self.say(
-                        f"{self.name(server)} is down ({exc}): marked failed; "
-                        "the other replica carries on"
-                    )
-                    return None
-        return None
+                if await self.vol.handle_error(server, exc):
+                    raise TryAgain from None  # the table was stale: again, against the new one
+                down.append(exc)
+                return None
+
+        csum = self.fs.bvol.call(retry(attempt, f"writing block {block} to {self.name(server)}"))
+        if csum is None:
+            self.say(
+                f"{self.name(server)} is down ({down[0]}): marked failed; "
+                "the other replica carries on"
+            )
+        else:
+            self.say(f"written to {self.name(server)}")
+        return csum
 
     def do_read(self, rest: str) -> None:
         (path,) = self._args(rest, ("PATH",))

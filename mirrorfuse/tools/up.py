@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from mirrorfuse.wire.messages import StatReply
 from mirrorfuse.wire.sizes import check_block_size, parse_size
 from servers.files import atomic_write
 
-from . import registry
+from . import logs, registry
 from .admin import format_volume, probe
 from .args import run
 from .mount import main as mount_main
@@ -171,6 +172,7 @@ def down(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logs.setup(PROG, logging.WARNING)
     return run(PROG, lambda: down(args) if args.unmount else up(args))
 
 

@@ -14,6 +14,7 @@ import errno
 import os
 from typing import Any
 
+import msgspec
 import xxhash
 
 from mirrorfuse.core import failures
@@ -137,15 +138,8 @@ class BlockServer:
 
     def stat(self, req: Stat, payload: bytes | bytearray, flags: int) -> Answer:
         c = self.store.counters
-        me = self.identity()
         reply = StatReply(
-            server=me.server,
-            pid=me.pid,
-            formatted=me.formatted,
-            volume=me.volume,
-            count=me.count,
-            block_size=me.block_size,
-            gen=me.gen,
+            **msgspec.structs.asdict(self.identity()),
             table=self.store.table if self.store.formatted else None,
             blocks=self.store.blocks_used,
             bytes=self.store.bytes_on_disk,

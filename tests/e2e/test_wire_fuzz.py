@@ -51,7 +51,7 @@ well_framed = st.builds(
 bad_headers = st.builds(
     lambda magic, ver, t, blen, plen, tail: HEADER.pack(magic, ver, t, 1, 0, blen, plen) + tail,
     st.sampled_from([MAGIC, b"XX"]),
-    st.sampled_from([VERSION, 0, 2]),
+    st.sampled_from([VERSION, 0, VERSION - 1, VERSION + 1]),
     st.integers(0, 255),
     st.integers(0, 2**32 - 1),
     st.integers(0, 2**32 - 1),
@@ -119,6 +119,14 @@ def test_malformed_frame_gets_an_error_then_hangup(cluster4):
     assert len(replies) == 1 and replies[0].is_error
     assert body(replies[0])["code"] == "PROTOCOL"
     assert "bad magic" in body(replies[0])["msg"]
+
+
+def test_a_client_of_another_protocol_version_is_told_so_then_hung_up_on(cluster4):
+    old = HEADER.pack(MAGIC, VERSION - 1, Msg.STAT, 1, 0, 1, 0) + b"\x80"
+    replies = exchange(cluster4.base, old)
+    assert len(replies) == 1 and replies[0].is_error
+    assert body(replies[0])["code"] == "PROTOCOL"
+    assert f"protocol version {VERSION - 1} is not supported" in body(replies[0])["msg"]
 
 
 def test_unknown_type_and_bad_fields_get_error_replies_on_a_live_connection(cluster4):
