@@ -18,7 +18,6 @@ from pathlib import Path
 import xxhash
 
 from mirrorfuse.core.scheduler import ALIVE, DEAD, PAUSED
-from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import MAX_PAYLOAD, Frame, Msg
 from mirrorfuse.wire.messages import (
     BadMessage,
@@ -28,7 +27,7 @@ from mirrorfuse.wire.messages import (
     FileReadReply,
 )
 
-from .net import Answer, FrameServer, Handler, Out, Refused, dispatch
+from .net import Answer, FrameServer, Handler, ListenError, Out, Refused, dispatch
 
 READ_LIMIT = 8 << 20
 assert READ_LIMIT <= MAX_PAYLOAD  # a read must fit in one frame
@@ -143,10 +142,6 @@ def console_command(servers: list[VirtualServer], line: str) -> str:
         srv.end()
         return f"server {srv.number} ended"
     return f"unknown command {line!r}: N pauses server N, rN resumes it, eN ends a paused one"
-
-
-class ListenError(MirrorfsError):
-    """A virtual server cannot listen on its port."""
 
 
 async def listen(servers: list[VirtualServer], host: str) -> None:

@@ -45,11 +45,13 @@ from mirrorfuse.core.group import (
     SendSnapshot,
 )
 from mirrorfuse.wire import datagrams as dg
+from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.datagrams import MAX_DATAGRAM, BadDatagram, Result, pack, unpack
 from mirrorfuse.wire.errors import MirrorfsError
 
 from .blobs import BlobServer, BlobStore
 from .files import atomic_write
+from .net import in_background
 
 log = logging.getLogger("mirrorfs-index")
 
@@ -60,7 +62,8 @@ PEER_INTERVAL = 3.0  # a peer's heartbeat interval, unless it registered with it
 
 V = TypeVar("V")
 _encoder = msgspec.msgpack.Encoder()
-FetchBlob = Callable[[str, int, str], Awaitable[bytes]]
+FetchBlob = Callable[[Address, str], Awaitable[bytes]]
+Sender = tuple[str, int]  # a socket's peer address, where a reply goes
 
 
 def order_to_wire(o: Order) -> dg.Order:
@@ -89,7 +92,7 @@ def page(
             break
         if pattern is not None and not fnmatch.fnmatchcase(key, pattern):
             continue
-        size += len(key) + len(_encoder.encode(items[key])) + 8
+        size += len(_encoder.encode(key)) + len(_encoder.encode(items[key]))
         if size > PAGE_BYTES and out:
             return out, keys[i - 1]
         out[key] = items[key]
@@ -100,9 +103,9 @@ class IndexReplica(asyncio.DatagramProtocol):
     def __init__(
         self,
         rid: int,
-        targets: list[tuple[str, int]],
+        targets: list[Address],
         fetch_blob: FetchBlob,
-        tcp: tuple[str, int] = ("127.0.0.1", 0),
+        tcp: Address,
         state: IndexState | None = None,
         log_keep: int = LOG_KEEP,
     ) -> None:
@@ -110,7 +113,7 @@ class IndexReplica(asyncio.DatagramProtocol):
         self.targets = targets  # the group address, or every replica's (unicast)
         self.fetch_blob = fetch_blob
         self.transport: asyncio.DatagramTransport | None = None
-        self.clients: dict[tuple[str, int], tuple[str, int]] = {}  # request -> its sender
+        self.clients: dict[tuple[str, int], Sender] = {}  # (client, request) -> its sender
         self.dropped = 0
         self.blobs = BlobStore()
         self.tcp = tcp  # where this replica hands out large snapshots
@@ -121,7 +124,7 @@ class IndexReplica(asyncio.DatagramProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)  # uvloop's are not subclasses
 
-    def _sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+    def _sendto(self, data: bytes, addr: Sender) -> None:
         if self.transport is not None:
             self.transport.sendto(data, addr)
 
@@ -131,7 +134,7 @@ class IndexReplica(asyncio.DatagramProtocol):
             log.warning("a %s of %d bytes is too large to send", type(msg).__name__, len(data))
             return
         for target in self.targets:
-            self._sendto(data, target)
+            self._sendto(data, (target.host, target.port))
 
     def route(self, actions: list[Any]) -> None:
         rid = self.replica.id
@@ -164,20 +167,19 @@ class IndexReplica(asyncio.DatagramProtocol):
         """A snapshot in the datagram itself, or a token to read it by over TCP."""
         if len(blob) <= INLINE_SNAPSHOT:
             return dg.SnapshotOffer(seq=seq, blob=blob)
-        host, port = self.tcp
+        host, port = self.tcp.host, self.tcp.port
         return dg.SnapshotOffer(seq=seq, host=host, port=port, token=self.blobs.put(blob))
 
-    async def fetch_snapshot(self, seq: int, host: str, port: int, token: str) -> None:
+    async def fetch_snapshot(self, seq: int, where: Address, token: str) -> None:
         try:
-            blob = await self.fetch_blob(host, port, token)
+            blob = await self.fetch_blob(where, token)
             self.tcp_snapshots += 1
             self.route(self.replica.on_snapshot(seq, blob, time.time()))
         except (MirrorfsError, ValueError, OSError) as exc:
             log.warning(
-                "cannot read a snapshot from %s:%d: %s "
+                "cannot read a snapshot from %s: %s "
                 "(on a LAN, start replicas with --host set to their own address)",
-                host,
-                port,
+                where,
                 exc,
             )
         finally:
@@ -188,8 +190,8 @@ class IndexReplica(asyncio.DatagramProtocol):
             self.route(self.replica.on_snapshot(m.seq, m.blob, time.time()))
         elif m.seq > self.replica.state.seq and not self.fetching:
             self.fetching = True
-            where = dg.offered_at(m.host, m.port, m.token, sender)
-            asyncio.ensure_future(self.fetch_snapshot(m.seq, *where))
+            where = dg.offered_at(m.host, m.port, sender)
+            in_background(self.fetch_snapshot(m.seq, where, m.token))
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         sender = (str(addr[0]), int(addr[1]))
@@ -200,7 +202,7 @@ class IndexReplica(asyncio.DatagramProtocol):
             return
         self.handle(msg, sender)
 
-    def drop(self, what: str, addr: tuple[str, int]) -> None:
+    def drop(self, what: str, addr: Sender) -> None:
         """Count it; say so for the first and then every hundredth (no log flood)."""
         self.dropped += 1
         if self.dropped % 100 == 1:
@@ -213,7 +215,7 @@ class IndexReplica(asyncio.DatagramProtocol):
                 self.dropped,
             )
 
-    def handle(self, m: dg.AnyDatagram, addr: tuple[str, int]) -> None:
+    def handle(self, m: dg.AnyDatagram, addr: Sender) -> None:
         now = time.time()
         rep = self.replica
         match m:
@@ -305,7 +307,7 @@ class Options:
     port: int
     id: int
     host: str
-    targets: list[tuple[str, int]]  # every replica (unicast); empty: multicast
+    targets: list[Address]  # every replica (unicast); empty: multicast
     data: Path | None
     log_keep: int
 
@@ -318,7 +320,7 @@ async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], Non
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         sock.bind((opts.host, opts.port))
     else:
-        targets = [(opts.group, opts.port)]
+        targets = [Address(opts.group, opts.port)]
         sock = multicast_socket(opts.group, opts.port)
     store_path = opts.data / f"replica-{opts.id}.snapshot" if opts.data else None
     if store_path is not None:
@@ -326,7 +328,7 @@ async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], Non
     state = load_state(store_path)
     blobs: list[BlobStore] = []
     tcp = await loop.create_server(lambda: BlobServer(blobs[0]), opts.host, 0)
-    tcp_addr = (opts.host, tcp.sockets[0].getsockname()[1])
+    tcp_addr = Address(opts.host, tcp.sockets[0].getsockname()[1])
     transport, proto = await loop.create_datagram_endpoint(
         lambda: IndexReplica(opts.id, targets, fetch_blob, tcp_addr, state, opts.log_keep),
         sock=sock,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, cast
 
+from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import Frame, FrameDecoder, Msg, ProtocolError
 from mirrorfuse.wire.messages import (
     REQUESTS,
@@ -30,6 +31,22 @@ Out = list[bytes | bytearray | memoryview]
 Answer = tuple[Message, bytes | bytearray]
 # a handler gets the typed request, the payload and the frame's flags
 Handler = Callable[[Any, bytes | bytearray, int], Answer]
+
+
+_running: set[asyncio.Task[Any]] = set()
+
+
+def in_background(coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+    """Run a coroutine on its own; it is kept referenced until done (the loop holds
+    tasks only weakly, so an unreferenced one may vanish mid-way)."""
+    task = asyncio.ensure_future(coro)
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+    return task
+
+
+class ListenError(MirrorfsError):
+    """A daemon cannot listen where it was told to."""
 
 
 class Refused(Exception):

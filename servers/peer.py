@@ -52,7 +52,7 @@ from mirrorfuse.wire.messages import (
 )
 
 from .fileserver import VirtualServer, file_checksum
-from .net import Answer, FrameServer, Refused, dispatch
+from .net import Answer, FrameServer, Refused, dispatch, in_background
 
 CACHE_EVERY = 5.0  # at most this often, a changed index is copied again
 GOSSIP_MISSES = 3  # a peer that misses this many exchanges in a row is forgotten
@@ -89,7 +89,7 @@ class PeerServer(FrameServer):
 
     def on_frame(self, frame: Frame) -> None:
         if frame.type in (PeerShare.TYPE, PeerUnshare.TYPE) and not frame.is_reply:
-            asyncio.ensure_future(self.control(frame))
+            in_background(self.control(frame))
             return
         self.send(
             dispatch(

@@ -8,11 +8,14 @@ rebuild added a replica); for the index group it is "a replica will answer"
 TryAgain and runs again against the new view; everything else it raises is
 final and goes to the caller. The bound is the same everywhere, so a view
 that never settles is reported rather than looped on.
+
+(How long the last live copy of a pair is given before it counts as gone is
+another question, answered in ``table.py``: it decides when a failure is
+final, not how an operation is repeated.)
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -31,20 +34,10 @@ class GaveUp(MirrorfsError):
     """Every try failed for a temporary reason."""
 
 
-async def retry(
-    attempt: Callable[[], Awaitable[T]],
-    gave_up: str,
-    tries: int = TRIES,
-    pause: Callable[[int], float] | None = None,
-) -> T:
-    """Run ``attempt`` until it does not raise TryAgain, at most ``tries`` times.
-
-    ``pause(n)`` is how long to wait before try n+1 (no wait by default);
-    ``gave_up`` is what the error says after the last try.
-    """
-    for n in range(tries):
-        if n and pause is not None:
-            await asyncio.sleep(pause(n))
+async def retry(attempt: Callable[[], Awaitable[T]], gave_up: str, tries: int = TRIES) -> T:
+    """Run ``attempt`` until it does not raise TryAgain, at most ``tries`` times;
+    ``gave_up`` is what the error says after the last try."""
+    for _ in range(tries):
         try:
             return await attempt()
         except TryAgain:

@@ -110,7 +110,7 @@ class FailureTable:
             for s, ev in events:
                 try:
                     states = failures.transition(states, s, ev)
-                except failures.Refused:
+                except failures.NotAllowed:
                     continue
             if states == self.table.states:
                 return
@@ -121,14 +121,15 @@ class FailureTable:
                 return_exceptions=True,
             )
             answers: list[SetTableReply] = []
-            unreachable = []
+            unreachable = []  # to be marked failed too: never a pair's last live copy
             for s, r in zip(targets, replies, strict=True):
                 if isinstance(r, BaseException):
                     if isinstance(r, ServerError) and r.code == "FENCED":
                         raise Fenced(f"server {s} fenced this client: {r}")
-                    if not isinstance(r, ServerDown | ServerError):
+                    if not isinstance(r, MirrorfsError):
                         raise r
-                    unreachable.append(s)
+                    if failures.may_fail(new.states, s):
+                        unreachable.append(s)
                 else:
                     answers.append(r.body)
             if any(a.accepted for a in answers):
@@ -137,14 +138,16 @@ class FailureTable:
             for other in rejected:  # another client moved the table on: merge, go again
                 if other.gen >= self.table.gen:
                     self.table = other
-            for s in unreachable:
-                if failures.may_fail(self.table.states, s) and (s, Event.FAIL) not in events:
-                    events.append((s, Event.FAIL))
+            events.extend((s, Event.FAIL) for s in unreachable if (s, Event.FAIL) not in events)
             if rejected or unreachable:
                 raise TryAgain
 
         async with self._lock:
             await retry(attempt, "could not persist the failure table")
+
+    def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
 
     # -- failures -------------------------------------------------------------------------
 

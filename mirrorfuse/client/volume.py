@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
 import xxhash
@@ -185,6 +186,7 @@ class Volume:
                 await self.fail(i, reason)
 
     async def close(self) -> None:
+        self.table.close()
         await self.cluster.close()
 
     async def capacity_blocks(self) -> int:
@@ -353,20 +355,26 @@ class Volume:
 
     # -- batches ----------------------------------------------------------------------------
 
-    async def _bounded(self, jobs: Iterable[Awaitable[T]], concurrency: int) -> list[T]:
-        """Await every job, at most ``concurrency`` at a time, in order of the results."""
+    async def _bounded(
+        self, calls: Iterable[Callable[[], Awaitable[T]]], concurrency: int
+    ) -> list[T]:
+        """Make and await every call, at most ``concurrency`` at a time; results in order.
+
+        A call is made only when its turn comes, so a cancelled batch leaves no
+        coroutine behind that was never awaited.
+        """
         sem = asyncio.Semaphore(concurrency)
 
-        async def run(job: Awaitable[T]) -> T:
+        async def run(call: Callable[[], Awaitable[T]]) -> T:
             async with sem:
-                return await job
+                return await call()
 
-        return await asyncio.gather(*(run(j) for j in jobs))
+        return await asyncio.gather(*(run(c) for c in calls))
 
     async def write_many(
         self, items: Iterable[tuple[int, bytes]], concurrency: int = DEFAULT_CONCURRENCY
     ) -> list[int]:
-        return await self._bounded((self.write(b, d) for b, d in items), concurrency)
+        return await self._bounded((partial(self.write, b, d) for b, d in items), concurrency)
 
     async def read_many(
         self,
@@ -376,9 +384,9 @@ class Volume:
     ) -> list[bytes]:
         sums = expected if expected is not None else [None] * len(blocks)
         pairs = zip(blocks, sums, strict=True)
-        return await self._bounded((self.read(b, c) for b, c in pairs), concurrency)
+        return await self._bounded((partial(self.read, b, c) for b, c in pairs), concurrency)
 
     async def trim_many(
         self, blocks: Iterable[int], concurrency: int = DEFAULT_CONCURRENCY
     ) -> None:
-        await self._bounded((self.trim(b) for b in blocks), concurrency)
+        await self._bounded((partial(self.trim, b) for b in blocks), concurrency)

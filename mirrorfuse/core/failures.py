@@ -15,6 +15,8 @@ from enum import Enum
 
 from mirrorfuse.wire.messages import State, Table
 
+from .layout import mirror_of, replicas
+
 ALIVE, FAILED, REBUILDING = State.ALIVE, State.FAILED, State.REBUILDING
 
 
@@ -35,16 +37,12 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 
-class Refused(Exception):
+class NotAllowed(Exception):
     """The event does not apply to the server in its state; the message says why."""
 
 
-class LastCopy(Refused):
+class LastCopy(NotAllowed):
     """The server is the last live copy of its pair: it is never marked failed."""
-
-
-def mirror_of(server: int) -> int:
-    return server ^ 1
 
 
 def fresh(count: int) -> Table:
@@ -63,12 +61,12 @@ def transition(states: tuple[State, ...], server: int, event: Event) -> tuple[St
     current = states[server]
     nxt = TRANSITIONS.get((current, event))
     if nxt is None:
-        raise Refused(f"server {server} is {current.value}: cannot {event.value}")
+        raise NotAllowed(f"server {server} is {current.value}: cannot {event.value}")
     mirror = states[mirror_of(server)]
     if event is Event.FAIL and current == ALIVE and mirror != ALIVE:
         raise LastCopy(f"server {server} is the last live copy of mirror pair {server // 2}")
     if event is Event.BEGIN_REBUILD and mirror != ALIVE:
-        raise Refused(
+        raise NotAllowed(
             f"server {server}'s mirror, server {mirror_of(server)}, is {mirror.value}: "
             "there is no copy to rebuild from"
         )
@@ -79,12 +77,12 @@ def transition(states: tuple[State, ...], server: int, event: Event) -> tuple[St
 
 def readable(states: tuple[State, ...], pair: int) -> list[int]:
     """The servers of a pair that hold every block: reads go to them."""
-    return [s for s in (2 * pair, 2 * pair + 1) if states[s] == ALIVE]
+    return [s for s in replicas(pair) if states[s] == ALIVE]
 
 
 def writable(states: tuple[State, ...], pair: int) -> list[int]:
     """The servers of a pair that take writes: the live ones and one being rebuilt."""
-    return [s for s in (2 * pair, 2 * pair + 1) if states[s] in (ALIVE, REBUILDING)]
+    return [s for s in replicas(pair) if states[s] in (ALIVE, REBUILDING)]
 
 
 def holders(states: tuple[State, ...]) -> list[int]:

@@ -10,6 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def mirror_of(server: int) -> int:
+    return server ^ 1
+
+
+def replicas(pair: int) -> tuple[int, int]:
+    return 2 * pair, 2 * pair + 1
+
+
 @dataclass(frozen=True, slots=True)
 class Layout:
     servers: int
@@ -25,10 +33,10 @@ class Layout:
         return block // self.pairs
 
     def replicas(self, pair: int) -> tuple[int, int]:
-        return 2 * pair, 2 * pair + 1
+        return replicas(pair)
 
     def mirror_of(self, server: int) -> int:
-        return server ^ 1
+        return mirror_of(server)
 
     def block_of(self, pair: int, slot: int) -> int:
         """The logical block stored at ``slot`` of ``pair`` (inverse of pair_of/slot_of)."""
@@ -37,4 +45,4 @@ class Layout:
     def place(self, block: int) -> tuple[int, int, tuple[int, int]]:
         """(pair, slot, replicas) of a logical block."""
         pair = block % self.pairs
-        return pair, block // self.pairs, (2 * pair, 2 * pair + 1)
+        return pair, block // self.pairs, replicas(pair)

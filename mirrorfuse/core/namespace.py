@@ -13,6 +13,7 @@ import errno
 import stat
 from collections.abc import Iterable
 
+from mirrorfuse.wire.legacy import decode_any_checkpoint
 from mirrorfuse.wire.records import (
     CHECKPOINT_FORMAT,
     AnyRecord,
@@ -27,12 +28,16 @@ from mirrorfuse.wire.records import (
     Rm,
     Xdel,
     Xset,
-    decode_checkpoint,
     encode_checkpoint,
 )
 
 ROOT = 1
 NAME_MAX = 255
+
+
+def name_too_long(name: str) -> bool:
+    """More than NAME_MAX bytes (names are kept as the bytes they arrived as)."""
+    return len(name.encode("utf-8", "surrogateescape")) > NAME_MAX
 
 
 class LookupFailed(Exception):
@@ -72,7 +77,7 @@ class Namespace:
                 continue
             if node.entries is None:
                 raise LookupFailed(errno.ENOTDIR)
-            if len(part.encode("utf-8", "surrogateescape")) > NAME_MAX:
+            if name_too_long(part):
                 raise LookupFailed(errno.ENAMETOOLONG)
             ino = node.entries.get(part)
             if ino is None:
@@ -218,7 +223,7 @@ class Namespace:
 
     @classmethod
     def from_snapshot(cls, raw: bytes) -> Namespace:
-        ckpt = decode_checkpoint(raw)
+        ckpt = decode_any_checkpoint(raw)
         ns = cls(ckpt.block_size)
         ns.seq = ckpt.seq
         ns.next_ino = ckpt.next_ino

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mirrorfuse.wire.records import RecordError, decode_batch
+from mirrorfuse.wire.legacy import decode_any_batch
+from mirrorfuse.wire.records import RecordError
 
 from .namespace import Namespace
 
@@ -40,7 +41,7 @@ def replay(
     for batch in batches:
         if batch.first != ns.seq + 1:
             raise RecordError(f"journal batch {batch.first} does not follow record {ns.seq}")
-        records = decode_batch(batch.data)
+        records = decode_any_batch(batch.data, batch.count)
         if len(records) != batch.count:
             raise RecordError(
                 f"journal batch {batch.first} holds {len(records)} records, not {batch.count}"

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from mirrorfuse.client.blocking import BlockingVolume
 from mirrorfuse.client.journal import Journal, JournalBroken
 from mirrorfuse.client.table import Fenced, NoSpace
-from mirrorfuse.core.namespace import NAME_MAX, ROOT, LookupFailed, Namespace
+from mirrorfuse.core.namespace import NAME_MAX, ROOT, LookupFailed, Namespace, name_too_long
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.records import (
     AnyRecord,
@@ -148,7 +148,7 @@ class FileSystem(OpenFiles):
         return parent or "/", name
 
     def _check_name(self, name: str) -> None:
-        if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        if name_too_long(name):
             raise FsError(errno.ENAMETOOLONG)
 
     def _lookup(self, path: str) -> Inode:
@@ -171,10 +171,6 @@ class FileSystem(OpenFiles):
         return self._lookup(path)
 
     # -- attributes -----------------------------------------------------------------------
-
-    def _size(self, node: Inode) -> int:
-        st = self.states.get(node.ino)
-        return st.size if st is not None and st.size is not None else node.size
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
         with self.lock:

@@ -23,14 +23,14 @@ def open_filesystem(
     bvol = BlockingVolume(spec, timeout)
     try:
         meta = MetaStore(bvol.volume)
-        bvol.call(meta.take_lease(holder_info(mountpoint), force))
-        _seq, blob, batches = bvol.call(meta.load())
+        bvol.run(meta.take_lease(holder_info(mountpoint), force))
+        _seq, blob, batches = bvol.run(meta.load())
         ns = replay(bvol.volume.block_size, blob, batches, os.getuid(), os.getgid(), time.time_ns())
         for ino in ns.orphans():  # unlinked while open when the last mount ended
             ns.apply(Free(ino))
         snapshot = ns.snapshot()
-        bvol.call(meta.put_checkpoint(ns.seq, snapshot))
-        limit = bvol.call(bvol.volume.capacity_blocks())
+        bvol.run(meta.put_checkpoint(ns.seq, snapshot))
+        limit = bvol.run(bvol.volume.capacity_blocks())
         seq = ns.seq
 
         def journal(on_committed: Callable[[int], None]) -> Journal:

@@ -9,9 +9,9 @@ from mirrorfuse.wire.messages import BlobRead
 MAX_BLOB = 1 << 30
 
 
-async def fetch_blob(host: str, port: int, token: str, timeout: float = 10.0) -> bytes:
+async def fetch_blob(where: Address, token: str, timeout: float = 10.0) -> bytes:
     """Read a whole blob; raises MirrorfsError (ServerDown, ServerError) on failure."""
-    conn = await Connection.open(0, Address(host, port), timeout)
+    conn = await Connection.open(0, where, timeout)
     try:
         parts: list[bytes] = []
         got, total = 0, None

@@ -20,7 +20,8 @@ import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from mirrorfuse.client.retry import TryAgain, retry
+from mirrorfuse.client.blocking import new_event_loop
+from mirrorfuse.client.retry import GaveUp, TryAgain, retry
 from mirrorfuse.core.group import BadSnapshot, IndexState
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.datagrams import (
@@ -35,6 +36,7 @@ from mirrorfuse.wire.datagrams import (
     SnapshotOffer,
     StateDump,
     UpdateResult,
+    VersionSkew,
     offered_at,
     pack,
     result_of,
@@ -79,16 +81,22 @@ class IndexClient:
         replicas: list[Address] | None = None,
         client_id: str | None = None,
     ) -> None:
-        self.targets = [(a.host, a.port) for a in replicas] if replicas else [(group, port)]
+        self.targets = replicas or [Address(group, port)]
         self.client = client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.ids = itertools.count(1)
         self.ignored = 0  # duplicate, late and foreign replies seen
         self.timeout, self.tries = 2.0, 5  # per try; updates are retried more than queries
         self.last_sender = "127.0.0.1"  # who sent the last reply taken
         self._transport: asyncio.DatagramTransport | None = None
+        self._opening = asyncio.Lock()
         self._waiting: dict[int, asyncio.Queue[tuple[Answer, str]]] = {}
+        self.skew = ""  # a reply of another protocol version was seen (said when none answers)
 
     async def _open(self) -> asyncio.DatagramTransport:
+        async with self._opening:  # two first calls at once make one socket
+            return await self._open_once()
+
+    async def _open_once(self) -> asyncio.DatagramTransport:
         if self._transport is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
@@ -107,6 +115,9 @@ class IndexClient:
     def _received(self, data: bytes, sender: str) -> None:
         try:
             msg = unpack(data)
+        except VersionSkew as exc:
+            self.skew = f"a replica at {sender} sent {exc}"
+            return
         except BadDatagram:
             return  # not a reply of the group at all
         queue = self._waiting.get(msg.req) if isinstance(msg, Answer) else None
@@ -119,7 +130,7 @@ class IndexClient:
         """Send bytes as they are to every target (tests send garbage with it)."""
         transport = await self._open()
         for target in self.targets:
-            transport.sendto(data, target)
+            transport.sendto(data, (target.host, target.port))
 
     async def _ask(self, make: Any, timeout: float, tries: int) -> Answer:
         """Send ``make(req_id)`` until the first reply to it arrives."""
@@ -140,6 +151,8 @@ class IndexClient:
 
         try:
             return await retry(attempt, "no index replica answered", tries)
+        except GaveUp as exc:
+            raise GaveUp(f"{exc}; {self.skew}" if self.skew else str(exc)) from None
         finally:
             del self._waiting[req]
             self.ignored += queue.qsize()  # duplicates that came in meanwhile
@@ -193,8 +206,8 @@ class IndexClient:
             raise MirrorfsError(f"the index refused: {offer.error}")
         blob = offer.blob
         if blob is None:
-            where = offered_at(offer.host, offer.port, offer.token, self.last_sender)
-            blob = await fetch_blob(*where)
+            where = offered_at(offer.host, offer.port, self.last_sender)
+            blob = await fetch_blob(where, offer.token)
         try:
             return IndexState.from_snapshot(blob)
         except BadSnapshot as exc:
@@ -229,7 +242,7 @@ class BlockingIndexClient:
     """The same calls for code without an event loop: each runs on a private one."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
-        self._runner = asyncio.Runner()
+        self._runner = asyncio.Runner(loop_factory=new_event_loop)
         self.aio = IndexClient(*args, **kw)
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
 from collections.abc import Callable
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.wire.sizes import check_block_size, human, parse_size
 
 from . import admin, download, indexcmd, logs, servefile, shell
@@ -21,7 +21,7 @@ PROG = "mirrorfs-cli"
 def cmd_format(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
     size = check_block_size(parse_size(args.block_size))
-    volume = asyncio.run(admin.format_volume(spec, size, args.force))
+    volume = run_async(admin.format_volume(spec, size, args.force))
     print(
         f"formatted volume {volume}: {spec.count} servers in {spec.count // 2} mirror pairs, "
         f"block size {human(size)}"
@@ -33,7 +33,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.where:
         args.mount = args.where
     spec = cluster_from_args(args)
-    st = asyncio.run(admin.status(spec, args.timeout))
+    st = run_async(admin.status(spec, args.timeout))
     if args.json:
         print(json.dumps(st, indent=2))
     else:
@@ -43,13 +43,13 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
-    asyncio.run(admin.rebuild(spec, args.id, lambda m: print(m, flush=True), args.timeout))
+    run_async(admin.rebuild(spec, args.id, lambda m: print(m, flush=True), args.timeout))
     return 0
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
-    rep = asyncio.run(fsck(spec, args.deep, args.timeout))
+    rep = run_async(fsck(spec, args.deep, args.timeout))
     for problem in rep.problems:
         print(f"PROBLEM: {problem}")
     what = "namespace and every data block" if args.deep else "namespace"

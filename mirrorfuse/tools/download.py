@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.transfer.download import Download
 from mirrorfuse.transfer.get import get
 from mirrorfuse.transfer.sources import FileServerSource, HttpSource, Source
@@ -32,12 +32,12 @@ def cmd_download(args: argparse.Namespace) -> int:
         raise UsageError(f"directory {out.parent} does not exist")
     sources: list[Source] = [FileServerSource(Address(args.address, p)) for p in ports]
     sources += [HttpSource(u) for u in urls]
-    return asyncio.run(Download(sources, out, args.interval, args.resume).run())
+    return run_async(Download(sources, out, args.interval, args.resume).run())
 
 
 def cmd_get(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
-    return asyncio.run(
+    return run_async(
         get(spec, args.path, Path(args.output), args.interval, args.resume, args.timeout)
     )
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import socket
 import sys
 from pathlib import Path
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.core.group import LOG_KEEP
 from mirrorfuse.index.blobs import fetch_blob
 from mirrorfuse.wire.addresses import DEFAULT_HOST, parse_address_list
@@ -68,13 +68,12 @@ def parse_args(argv: list[str] | None) -> Options:
         p.error(str(exc))
     if args.log_keep < 1:
         p.error("--log-keep must be at least 1")
-    targets = [(a.host, a.port) for a in replicas]
-    return Options(args.group, args.port, args.id, args.host, targets, args.data, args.log_keep)
+    return Options(args.group, args.port, args.id, args.host, replicas, args.data, args.log_keep)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    logs.setup(PROG)
+    logs.setup(PROG, timestamps=True)
 
     def ready(loaded: str) -> None:
         print(
@@ -88,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:  # the group's port, or its TCP port, cannot be had
             raise MirrorfsError(f"cannot listen: {exc.strerror or exc}") from None
 
-    return run(PROG, lambda: asyncio.run(go()), usage_exit=1)
+    return run(PROG, lambda: run_async(go()), usage_exit=1)
 
 
 if __name__ == "__main__":

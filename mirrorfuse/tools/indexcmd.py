@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import request_once
 from mirrorfuse.index.client import IndexClient
 from mirrorfuse.transfer.download import Download
@@ -207,7 +208,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         finally:
             c.close()
 
-    asyncio.run(go())
+    run_async(go())
     return 0
 
 

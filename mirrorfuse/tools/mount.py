@@ -120,11 +120,14 @@ def background(args: argparse.Namespace, spec: ClusterSpec) -> int:
             os.dup2(null, 0)
             os.dup2(out, 1)
             os.dup2(out, 2)
+            logs.setup(PROG, logging.WARNING, timestamps=True)  # its output is now the log
             args.ready_fd = w
             code = serve(args, spec)
         except BaseException:
             log.exception("the mount failed")
         finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
             os._exit(code)
     os.close(w)
     with os.fdopen(r) as pipe:
@@ -149,11 +152,16 @@ def start(args: argparse.Namespace) -> int:
     return background(args, spec)
 
 
-def main(argv: list[str] | None = None) -> int:
+def mount(argv: list[str]) -> int:
+    """The command, for a caller that set up logging already (mount.sh)."""
     args = parse_args(argv)
     args.ready_fd = None  # the background child tells its parent through a pipe
-    logs.setup(PROG, logging.WARNING)
     return run(PROG, lambda: start(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logs.setup(PROG, logging.WARNING)
+    return mount(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import socket
 import sys
 from pathlib import Path
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import request_once
 from mirrorfuse.index.client import IndexClient
 from mirrorfuse.wire.addresses import (
@@ -118,8 +119,8 @@ async def serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.setup(PROG)
-    return run(PROG, lambda: asyncio.run(serve(args)), usage_exit=1)
+    logs.setup(PROG, timestamps=True)
+    return run(PROG, lambda: run_async(serve(args)), usage_exit=1)
 
 
 if __name__ == "__main__":

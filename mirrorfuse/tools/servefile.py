@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from mirrorfuse.wire.addresses import check_port
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.wire.errors import UsageError
 from mirrorfuse.wire.sizes import human
 from servers.fileserver import (
@@ -18,7 +18,7 @@ from servers.fileserver import (
     listen,
 )
 
-from .args import seconds_arg
+from .args import port_arg, seconds_arg
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -63,8 +63,6 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for p in args.ports:
-        check_port(p)
     if len(set(args.ports)) != len(args.ports):
         raise UsageError("a port is listed twice")
     if args.count is not None and args.count != len(args.ports):
@@ -85,7 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-p",
         dest="ports",
-        type=int,
+        type=port_arg,
         nargs="+",
         required=True,
         help="one port per server (1024-65535)",
@@ -100,6 +98,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     check_args(args)
     try:
-        return asyncio.run(serve(args))
+        return run_async(serve(args))
     except KeyboardInterrupt:
         return 0

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import signal
 import sys
 from pathlib import Path
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.wire.addresses import DEFAULT_HOST, MAX_SERVERS
 from servers.block.server import listen
 from servers.block.store import Store
@@ -60,16 +60,12 @@ async def serve(args: argparse.Namespace, store: Store) -> int:
 
 def start(args: argparse.Namespace) -> int:
     store = Store(args.data, args.id, args.volume, args.capacity)
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return asyncio.run(serve(args, store))
+    return run_async(serve(args, store))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logs.setup(PROG)
+    logs.setup(PROG, timestamps=True)
     return run(PROG, lambda: start(args), usage_exit=1)
 
 

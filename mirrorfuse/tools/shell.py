@@ -9,20 +9,19 @@ programmable delay, which server served each read.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import shlex
 import time
 from collections.abc import Callable, Iterator
 
-from mirrorfuse.client.connection import Connection, ServerDown
+from mirrorfuse.client.blocking import run_async
+from mirrorfuse.client.connection import ServerDown
 from mirrorfuse.client.retry import TryAgain, retry
 from mirrorfuse.fs.base import Context, FsError
 from mirrorfuse.fs.filesystem import FileSystem
 from mirrorfuse.fs.opening import open_filesystem
 from mirrorfuse.wire.addresses import ClusterSpec, check_count, from_base_port
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError, VolumeIOError
-from mirrorfuse.wire.messages import Hello
 
 from . import admin
 
@@ -157,7 +156,7 @@ class Shell:
         self.say(f"removed {path}")
 
     def do_status(self, rest: str) -> None:
-        st = self.fs.bvol.call(admin.status(self.spec))
+        st = self.fs.bvol.run(admin.status(self.spec))
         self.say(admin.format_status(st))
 
     def do_write(self, rest: str) -> None:
@@ -217,7 +216,7 @@ class Shell:
                 down.append(exc)
                 return None
 
-        csum = self.fs.bvol.call(retry(attempt, f"writing block {block} to {self.name(server)}"))
+        csum = self.fs.bvol.run(retry(attempt, f"writing block {block} to {self.name(server)}"))
         if csum is None:
             self.say(
                 f"{self.name(server)} is down ({down[0]}): marked failed; "
@@ -241,7 +240,7 @@ class Shell:
         self.sleep(self.read_delay)
         content = bytearray(size)
         for index, block, csum in blocks:
-            data, server = self.fs.bvol.call(self.vol.read_from(block, csum))
+            data, server = self.fs.bvol.run(self.vol.read_from(block, csum))
             self.say(f"block {index} read from {self.name(server)}")
             start = index * self.fs.bs
             content[start : start + len(data)] = data
@@ -269,26 +268,12 @@ def ask(prompt: str, parse: Callable[[str], object]) -> object:
 
 
 async def _missing(spec: ClusterSpec) -> list[int]:
-    async def one(i: int) -> bool:
-        try:
-            conn = await Connection.open(i, spec.addresses[i], 2.0)
-        except ServerDown:
-            return False
-        try:
-            await conn.call(Hello())
-            return True
-        except MirrorfsError:
-            return False
-        finally:
-            conn.close()
-
-    ok = await asyncio.gather(*(one(i) for i in range(spec.count)))
-    return [i for i, up in enumerate(ok) if not up]
+    return [i for i, found in enumerate(await admin.probe(spec)) if isinstance(found, str)]
 
 
 def wait_for_servers(spec: ClusterSpec, poll: float = 1.0) -> None:
     shown: list[int] | None = None
-    while missing := asyncio.run(_missing(spec)):
+    while missing := run_async(_missing(spec)):
         if missing != shown:
             names = ", ".join(f"server {i} (port {spec.addresses[i].port})" for i in missing)
             print(f"waiting for {names} to answer...", flush=True)
@@ -334,9 +319,9 @@ def main(args: argparse.Namespace) -> int:
         except EOFError:
             return 1
     wait_for_servers(spec)
-    probe = asyncio.run(admin.status(spec))
+    probe = run_async(admin.status(spec))
     if probe["volume"] is None:
-        volume = asyncio.run(admin.format_volume(spec))
+        volume = run_async(admin.format_volume(spec))
         print(f"formatted a new volume {volume}")
     fs = open_filesystem(spec, "mirrorfs-cli shell", timeout=args.timeout)
     print(f"file system ready (volume {fs.bvol.volume.volume_id}); type help for commands")

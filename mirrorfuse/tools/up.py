@@ -8,7 +8,6 @@ mount.sh -u MOUNTPOINT
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.wire.addresses import ClusterSpec, from_base_port, parse_servers
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.messages import StatReply
@@ -27,7 +27,7 @@ from servers.files import atomic_write
 from . import logs, registry
 from .admin import format_volume, probe
 from .args import run
-from .mount import main as mount_main
+from .mount import mount
 from .spawn import ServerProc, SpawnError
 
 PROG = "mount.sh"
@@ -59,7 +59,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def start_local(data: Path, count: int, base: int) -> tuple[ClusterSpec, list[int]]:
     """Start the servers that are not already running; returns the pids it started."""
     spec = from_base_port(base, count)
-    found = asyncio.run(probe(spec))
+    found = run_async(probe(spec))
     started: list[ServerProc] = []
     try:
         for i, reply in enumerate(found):
@@ -122,7 +122,7 @@ def up(args: argparse.Namespace) -> int:
             f"{f' (started {len(started)})' if started else ' (already running)'}, data in {data}"
         )
     try:
-        probes = asyncio.run(probe(spec))
+        probes = run_async(probe(spec))
         missing = [
             f"server {i} ({spec.addresses[i]}) {p}"
             for i, p in enumerate(probes)
@@ -130,13 +130,13 @@ def up(args: argparse.Namespace) -> int:
         ]
         if all(isinstance(p, StatReply) and not p.formatted for p in probes):
             size = check_block_size(parse_size(args.block_size))
-            volume = asyncio.run(format_volume(spec, size))
+            volume = run_async(format_volume(spec, size))
             print(f"formatted new volume {volume}")
         elif len(missing) == spec.count:
             raise MirrorfsError("no server answers: " + "; ".join(missing))
         servers = ",".join(str(a) for a in spec.addresses)
         argv = ["--servers", servers, mnt] + (["--force"] if args.force else [])
-        if mount_main(argv) != 0:
+        if mount(argv) != 0:
             raise MirrorfsError("mount failed (see above)")
     except BaseException:
         for pid in started:

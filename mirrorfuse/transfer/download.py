@@ -26,7 +26,7 @@ import xxhash
 from mirrorfuse.core.scheduler import ALIVE, DEAD, PAUSED, Scheduler, Segment, split
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.sizes import human
-from servers.files import atomic_write
+from servers.files import atomic_write, replace_durably
 
 from .progress import Progress
 from .sources import (
@@ -69,7 +69,8 @@ class Download:
 
     # -- the state file ------------------------------------------------------------------
 
-    def save(self, sched: Scheduler, size: int, checksum: int | None) -> None:
+    def state(self, sched: Scheduler, size: int, checksum: int | None) -> bytes:
+        """What a resume needs, as of now (taken on the event loop)."""
         state = {
             "size": size,
             "checksum": checksum,
@@ -77,7 +78,13 @@ class Download:
             "done": sched.bitmap(),
             "sources": list(self.sources),
         }
-        atomic_write(self.state_path, json.dumps(state).encode())
+        return json.dumps(state).encode()
+
+    def save(self, fd: int, state: bytes) -> None:
+        """The data first, then the state that says it is there: a resume after a power
+        cut never trusts segments that did not reach the disk."""
+        os.fdatasync(fd)
+        atomic_write(self.state_path, state)
 
     def load(self, size: int, checksum: int | None, count: int) -> set[int]:
         if not self.resume:
@@ -96,6 +103,14 @@ class Download:
     # -- running -------------------------------------------------------------------------
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            for s in self.sources.values():
+                with contextlib.suppress(Exception):
+                    await s.close()
+
+    async def _run(self) -> int:
         infos = await asyncio.gather(
             *(s.info() for s in self.sources.values()), return_exceptions=True
         )
@@ -130,11 +145,8 @@ class Download:
             os.ftruncate(fd, size)
             ok = await self._transfer(sched, fd, size, checksum)
         finally:
+            self.save(fd, self.state(sched, size, checksum))
             os.close(fd)
-            self.save(sched, size, checksum)
-            for s in self.sources.values():
-                with contextlib.suppress(Exception):
-                    await s.close()
         if not ok:
             why = "every source failed" if not sched.live() else "no live source holds the rest"
             self.say(
@@ -155,7 +167,7 @@ class Download:
                 raise MirrorfsError(
                     f"the downloaded file does not match its checksum; kept as {self.partial}"
                 )
-        os.replace(self.partial, self.output)
+        replace_durably(self.partial, self.output)
         self.state_path.unlink(missing_ok=True)
         verified = "verified" if checksum is not None else "no checksum to verify against"
         self.say(f"saved {self.output} ({verified})")
@@ -170,9 +182,11 @@ class Download:
                 progress.show()
 
         async def saver() -> None:
+            loop = asyncio.get_running_loop()
             while True:
                 await asyncio.sleep(1.0)
-                self.save(sched, size, checksum)
+                state = self.state(sched, size, checksum)
+                await loop.run_in_executor(None, self.save, fd, state)
 
         workers = [
             asyncio.ensure_future(self._worker(sched, name, fd))
@@ -269,7 +283,3 @@ class Download:
                 self._kick()
             elif info.state == DEAD:
                 sched.kill(name)
-
-
-def run(download: Download) -> int:
-    return asyncio.run(download.run())

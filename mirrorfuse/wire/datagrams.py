@@ -13,12 +13,22 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 
+from .addresses import Address
+from .frames import VERSION
+
 MAX_DATAGRAM = 60_000
 T = TypeVar("T")
 
 
-class Datagram(msgspec.Struct, tag_field="t", omit_defaults=True, kw_only=True):
-    pass
+class Datagram(msgspec.Struct, tag_field="t", kw_only=True):
+    v: int = VERSION  # the protocol version: another one is refused by name, not misread
+
+
+class _Kind(msgspec.Struct):
+    """What every datagram says first, read before the rest."""
+
+    t: str = ""
+    v: int = 1  # datagrams of version 1 carried none
 
 
 class Req(Datagram, tag="req"):
@@ -135,7 +145,7 @@ UPDATES: dict[str, type[msgspec.Struct]] = {
 # -- replies -------------------------------------------------------------------------------------
 
 
-class Result(msgspec.Struct, omit_defaults=True, kw_only=True):
+class Result(msgspec.Struct, kw_only=True):
     """Every reply says whether it worked, and if not, why."""
 
     ok: bool = True
@@ -187,10 +197,15 @@ class StateDump(Result):
 
 _encoder = msgspec.msgpack.Encoder()
 _datagrams: msgspec.msgpack.Decoder[AnyDatagram] = msgspec.msgpack.Decoder(AnyDatagram)
+_kinds = msgspec.msgpack.Decoder(_Kind)
 
 
 class BadDatagram(ValueError):
     """Not one of the group's datagrams (garbage, oversized, an unknown kind)."""
+
+
+class VersionSkew(BadDatagram):
+    """A datagram of the group, but of another protocol version."""
 
 
 def pack(msg: msgspec.Struct) -> bytes:
@@ -200,6 +215,14 @@ def pack(msg: msgspec.Struct) -> bytes:
 def unpack(data: bytes) -> AnyDatagram:
     if len(data) > MAX_DATAGRAM:
         raise BadDatagram(f"a datagram of {len(data)} bytes (at most {MAX_DATAGRAM})")
+    try:
+        kind = _kinds.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadDatagram(str(exc)) from None
+    if kind.v != VERSION:
+        raise VersionSkew(
+            f"a {kind.t!r} datagram of protocol version {kind.v} (this side speaks {VERSION})"
+        )
     try:
         return _datagrams.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
@@ -218,7 +241,7 @@ def result_of(raw: msgspec.Raw | bytes, kind: type[T]) -> T:
         raise BadDatagram(f"an unreadable reply ({exc})") from None
 
 
-def offered_at(host: str, port: int, token: str, sender: str) -> tuple[str, int, str]:
-    """Where a snapshot offer says to read it: host, port, token (an offer from a
-    replica listening on every address means the address it was sent from)."""
-    return (sender if host in ("0.0.0.0", "") else host), port, token
+def offered_at(host: str, port: int, sender: str) -> Address:
+    """Where a snapshot offer says to read it (an offer from a replica listening on
+    every address means the address it was sent from)."""
+    return Address(sender if host in ("0.0.0.0", "") else host, port)

@@ -164,7 +164,8 @@ def encode_record(rec: Record) -> bytes:
     return _encoder.encode(rec)
 
 
-def _array_header(n: int) -> bytes:
+def array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items (to frame items encoded one by one)."""
     if n < 16:
         return bytes([0x90 | n])
     if n < 1 << 16:
@@ -174,9 +175,7 @@ def _array_header(n: int) -> bytes:
 
 def encode_batch(encoded: Sequence[bytes]) -> bytes:
     """A batch from records already encoded one by one (as the journal queues them)."""
-    return (
-        b"\x92" + _encoder.encode(RECORD_FORMAT) + _array_header(len(encoded)) + b"".join(encoded)
-    )
+    return b"\x92" + _encoder.encode(RECORD_FORMAT) + array_header(len(encoded)) + b"".join(encoded)
 
 
 def _versioned(raw: bytes, what: str, expected: int) -> list[msgspec.Raw]:

@@ -19,7 +19,6 @@ import xxhash
 
 from mirrorfuse.core import failures
 from mirrorfuse.wire.addresses import MAX_SERVERS, MIN_SERVERS
-from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import MAX_PAYLOAD, Flag, Frame, Msg
 from mirrorfuse.wire.messages import (
     AppendReply,
@@ -57,7 +56,16 @@ from mirrorfuse.wire.messages import (
     encode_reply,
 )
 
-from ..net import Answer, FrameServer, Handler, Out, Refused, dispatch
+from ..net import (
+    Answer,
+    FrameServer,
+    Handler,
+    ListenError,
+    Out,
+    Refused,
+    dispatch,
+    in_background,
+)
 from .meta import Meta
 from .store import Store, StoreError
 
@@ -292,7 +300,7 @@ class Connection(FrameServer):
 
     def on_frame(self, frame: Frame) -> None:
         if frame.type == Msg.SYNC and not frame.is_reply:
-            asyncio.ensure_future(self._sync(frame.req_id))
+            in_background(self._sync(frame.req_id))
             return
         self.server.current_conn = self
         self.send(self.server.handle(frame))
@@ -305,10 +313,6 @@ class Connection(FrameServer):
         except OSError as exc:
             out = encode_error(req_id, Msg.SYNC, "EIO", f"fsync failed: {exc.strerror}")
         self.send(out)
-
-
-class ListenError(MirrorfsError):
-    """The server cannot listen where it was told to."""
 
 
 async def listen(store: Store, host: str, port: int) -> asyncio.Server:

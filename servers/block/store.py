@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -27,8 +28,10 @@ from mirrorfuse.wire.messages import State, Table
 from ..files import atomic_write
 from .meta import Meta
 
-# 2: typed journal records and checkpoints (an older directory is refused, not misread)
+# 2: typed journal records and checkpoints; 1 (before) is read and upgraded
 FORMAT_NAME = "mirrorfs-2"
+READABLE = ("mirrorfs-1", FORMAT_NAME)
+log = logging.getLogger("mirrorfs-server")
 ENTRY = struct.Struct("<QII")  # checksum, length, flags
 USED = 0x1
 
@@ -105,15 +108,19 @@ class Store:
         found = raw.get("format") if isinstance(raw, dict) else None
         if not isinstance(found, str) or not found.startswith("mirrorfs-"):
             raise StoreError(f"{self.path} is not a mirrorfs data directory")
-        if found != FORMAT_NAME:
+        if found not in READABLE:
             raise StoreError(
                 f"{self.path} holds data of another mirrorfs version ({found}; this server "
-                f"reads {FORMAT_NAME}): give it an empty directory and rebuild it"
+                f"reads {', '.join(READABLE)}): give it an empty directory and rebuild it"
             )
         try:
             sb = msgspec.convert(raw, Superblock)
         except msgspec.ValidationError as exc:
             raise StoreError(f"superblock {sb_path} is damaged: {exc}") from None
+        if sb.format != FORMAT_NAME:  # the client reads the old metadata and rewrites it
+            sb.format = FORMAT_NAME
+            atomic_write(sb_path, msgspec.json.encode(sb))
+            log.info("data directory %s upgraded from %s to %s", self.path, found, FORMAT_NAME)
         if sb.server != self.server_id:
             raise StoreError(
                 f"data directory {self.path} belongs to server {sb.server} of volume "

@@ -139,10 +139,10 @@ def test_a_corrupted_copy_is_detected_and_repaired(make_cluster, use_block_map):
         corrupt(c, a, slot, size)
         expected = csum if use_block_map else None
         for _ in range(4):
-            assert vol.call(vol.volume.read_from(6, expected))[0] == data
+            assert vol.run(vol.volume.read_from(6, expected))[0] == data
         assert vol.volume.stats.bad[a] == 1 and vol.volume.stats.repaired[a] == 1
         # after the repair both copies are good again and reads alternate once more
-        served = {vol.call(vol.volume.read_from(6, expected))[1] for _ in range(4)}
+        served = {vol.run(vol.volume.read_from(6, expected))[1] for _ in range(4)}
         assert served == {a, b}
     raw = (c.data_dir(a) / "slots.dat").read_bytes()[slot * size : (slot + 1) * size]
     assert raw == data

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from mirrorfuse.core import failures
-from mirrorfuse.core.failures import ALIVE, FAILED, REBUILDING, Event, LastCopy, Refused
+from mirrorfuse.core.failures import ALIVE, FAILED, REBUILDING, Event, LastCopy, NotAllowed
 from mirrorfuse.wire.messages import State, Table
 
 A, F, R = ALIVE, FAILED, REBUILDING
@@ -19,7 +19,7 @@ def test_a_server_fails_and_comes_back_only_through_a_rebuild():
     s = failures.fresh(4).states
     s = failures.transition(s, 1, Event.FAIL)
     assert s == (A, F, A, A)
-    with pytest.raises(Refused, match="server 1 is failed: cannot finish a rebuild"):
+    with pytest.raises(NotAllowed, match="server 1 is failed: cannot finish a rebuild"):
         failures.transition(s, 1, Event.REBUILT)
     s = failures.transition(s, 1, Event.BEGIN_REBUILD)
     assert s == (A, R, A, A)
@@ -40,9 +40,9 @@ def test_the_last_live_copy_of_a_pair_is_never_failed():
 
 
 def test_nothing_to_rebuild_from_and_nothing_to_rebuild():
-    with pytest.raises(Refused, match="server 0 is alive: cannot begin a rebuild"):
+    with pytest.raises(NotAllowed, match="server 0 is alive: cannot begin a rebuild"):
         failures.transition((A, A, A, A), 0, Event.BEGIN_REBUILD)
-    with pytest.raises(Refused, match="cannot finish a rebuild"):
+    with pytest.raises(NotAllowed, match="cannot finish a rebuild"):
         failures.transition((A, A, A, A), 0, Event.REBUILT)
 
 
@@ -95,7 +95,7 @@ class Table8(RuleBasedStateMachine):
             assert want is None and event is Event.FAIL and not may_fail
             self.refused += 1
             return
-        except Refused:
+        except NotAllowed:
             assert want is None
             self.refused += 1
             return

@@ -12,10 +12,11 @@ import pytest
 from mirrorfuse.index.client import BlockingIndexClient
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import MirrorfsError
+from mirrorfuse.wire.frames import VERSION
 
 
 def reply(sock: socket.socket, to, m: dict, text: str, replica: int) -> None:
-    body = {"t": "reply", "client": m["client"], "req": m["req"], "replica": replica}
+    body = {"t": "reply", "v": VERSION, "client": m["client"], "req": m["req"], "replica": replica}
     sock.sendto(msgpack.packb({**body, "reply": {"ok": text == "two", "error": text}}), to)
 
 
@@ -59,3 +60,28 @@ def test_no_replica_answering_is_a_clear_error():
     finally:
         c.close()
         silent.close()
+
+
+def test_a_replica_of_another_version_is_named_when_none_answers():
+    old = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    old.bind(("127.0.0.1", 0))
+
+    def answer_as_version_1() -> None:
+        for _ in range(2):
+            data, who = old.recvfrom(65536)
+            m = msgpack.unpackb(data)  # version 1 replies carried no "v"
+            body = {"t": "reply", "client": m["client"], "req": m["req"], "reply": {"ok": True}}
+            old.sendto(msgpack.packb(body), who)
+
+    t = threading.Thread(target=answer_as_version_1, daemon=True)
+    t.start()
+    c = BlockingIndexClient("235.1.1.1", 1, replicas=[Address(*old.getsockname())])
+    try:
+        with pytest.raises(MirrorfsError) as err:
+            c.request("advertise", {}, timeout=0.2, tries=2)
+        assert "no index replica answered" in str(err.value)
+        assert f"protocol version 1 (this side speaks {VERSION})" in str(err.value)
+    finally:
+        t.join(5)
+        c.close()
+        old.close()

@@ -11,13 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirrorfuse.index.blobs import fetch_blob
+from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.datagrams import MAX_DATAGRAM, FileEntry, FilesPage, answer, pack
 from mirrorfuse.wire.errors import ServerError
 from servers.blobs import BLOB_PART, BlobServer, BlobStore
 from servers.index import page
 
 names = st.dictionaries(
-    st.text("abc-.*xyz0123456789", min_size=1, max_size=40),
+    st.text("abc-.*xyz0123456789é日\U0001f3b5", min_size=1, max_size=250),
     st.builds(
         FileEntry,
         st.text(max_size=40),
@@ -46,6 +47,21 @@ def test_pages_cover_everything_once_in_order_and_fit_a_datagram(items, pattern)
     assert got == want
 
 
+@pytest.mark.parametrize("char", ["é", "日", "\U0001f3b5"])
+def test_pages_of_long_non_ascii_names_fit_a_datagram(char):
+    """Sizes are bytes, not characters: 250 characters of this name are up to 1000 bytes."""
+    items = {f"{i:04}" + char * 246: FileEntry("p", i, i, ["p"]) for i in range(400)}
+    keys, after, seen = sorted(items), "", 0
+    while True:
+        part, after = page(items, keys, after)
+        reply = answer("client", 1, 1, FilesPage(files=part, next=after))
+        assert len(pack(reply)) < MAX_DATAGRAM
+        seen += len(part)
+        if after is None:
+            break
+    assert seen == len(items)
+
+
 def test_a_blob_is_read_back_whole_in_parts_and_an_unknown_token_is_refused():
     blob = os.urandom(2 * BLOB_PART + 12345)
 
@@ -57,9 +73,9 @@ def test_a_blob_is_read_back_whole_in_parts_and_an_unknown_token_is_refused():
         )
         port = server.sockets[0].getsockname()[1]
         try:
-            got = await fetch_blob("127.0.0.1", port, token)
+            got = await fetch_blob(Address("127.0.0.1", port), token)
             with pytest.raises(ServerError) as err:
-                await fetch_blob("127.0.0.1", port, "nope")
+                await fetch_blob(Address("127.0.0.1", port), "nope")
             return got, err.value.code
         finally:
             server.close()

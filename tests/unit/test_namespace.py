@@ -186,9 +186,31 @@ def test_a_batch_of_another_version_or_damaged_is_a_clear_error(batch, why):
 def test_a_checkpoint_of_another_format_is_refused():
     ns = Namespace.fresh(BS)
     raw = msgpack.unpackb(ns.snapshot())
-    raw[0] = 1
-    with pytest.raises(RecordError, match="checkpoint is in format 1"):
+    raw[0] = 9
+    with pytest.raises(RecordError, match="checkpoint is in format 9"):
         Namespace.from_snapshot(msgpack.packb(raw))
+
+
+def test_metadata_of_the_previous_format_is_read():
+    """Records one after the other (attr with a map of changes), checkpoint rows with
+    block maps as triples: what mirrorfs-1 data directories hold."""
+    f = stat.S_IFREG | 0o644
+    old = [
+        ["mk", ROOT, "f", 2, f, 0, 0, 0, 5, None],
+        ["attr", 2, {"mode": f | 0o4000, "ctime": 6}],
+        ["data", 2, 10, 7, {0: [40, 99]}, None],
+        ["attr", 2, {"uid": 7, "gid": 8, "ctime": 8}],
+    ]
+    raw = b"".join(msgpack.packb(r) for r in old)
+    ns = replay(BS, None, [Batch(1, len(old), raw)])
+    node = ns.inodes[2]
+    assert (node.mode, node.uid, node.gid, node.ctime) == (f | 0o4000, 7, 8, 8)
+    assert node.blocks == {0: (40, 99)} and node.size == 10
+    row = [2, f, 0, 0, 1, 10, 5, 7, 8, 0, None, {"user.k": b"v"}, [[0, 40, 99]], None, 0]
+    root = [ROOT, stat.S_IFDIR | 0o755, 0, 0, 2, 0, 0, 0, 0, 0, None, {}, [], {"f": 2}, ROOT]
+    ckpt = Namespace.from_snapshot(msgpack.packb([1, BS, 4, 3, [root, row]]))
+    assert ckpt.inodes[2].blocks == {0: (40, 99)} and ckpt.inodes[2].xattrs == {"user.k": b"v"}
+    assert ckpt.lookup("/f").ino == 2 and ckpt.seq == 4
 
 
 def test_a_record_that_does_not_apply_is_reported_with_its_number():
