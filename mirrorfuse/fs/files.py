@@ -211,7 +211,14 @@ class OpenFiles(ABC):
     # -- reading ------------------------------------------------------------------------------
 
     def _block(self, node: Inode, index: int) -> Future[bytes] | None:
-        """The committed content of one block, fetched (or being fetched) through the cache."""
+        """The committed content of one block, fetched (or being fetched) through the cache.
+
+        None for a block with no content: never written, or past a truncation of the
+        open file that is not written out yet (it reads as zeros, not as it was).
+        """
+        st = self.states.get(node.ino)
+        if st is not None and st.cut is not None and index >= st.cut:
+            return None
         entry = node.blocks.get(index)
         if entry is None:
             return None
@@ -232,10 +239,14 @@ class OpenFiles(ABC):
         Equal shares across every live mirror, each block only to the servers of
         its own pair; what is cached or being fetched already is left alone.
         """
+        st = self.states.get(node.ino)
+        cut = st.cut if st is not None and st.cut is not None else None
         wanted = [
             (i, *node.blocks[i])
             for i in indexes
-            if i in node.blocks and self.cache.get(node.blocks[i]) is None
+            if i in node.blocks
+            and (cut is None or i < cut)
+            and self.cache.get(node.blocks[i]) is None
         ]
         if not wanted:
             return
