@@ -4,6 +4,11 @@ A new connection says HELLO (the server refuses one of another volume and
 must answer as the server id it was named for) and, when this client holds
 the mount lease, presents it again: the server ties the lease to a live
 connection, which is how it knows the mount is still there.
+
+A server that went silent (a stopped or wedged process) is waited for once:
+from then on a call to it fails at once, and a probe in the background asks
+it again every timeout until it answers. So one hang costs one timeout, not
+one per request or per reconnection (its port still accepts connections).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ class Cluster:
         self.lease: Lease | None = None  # set by the mount once it holds the lease
         self._conns: dict[int, Connection] = {}
         self._connecting: dict[int, asyncio.Future[Connection]] = {}
+        self.hung: dict[int, ServerDown] = {}  # server -> how it went silent
+        self.hangs = [0] * spec.count  # times each server was found silent
+        self._probes: dict[int, asyncio.Task[None]] = {}
 
     async def connection(self, server: int) -> Connection:
         conn = self._conns.get(server)
@@ -78,8 +86,37 @@ class Cluster:
         flags: int = 0,
     ) -> Reply[R]:
         """One request to one server (connecting first if needed)."""
-        conn = await self.connection(server)
-        return await conn.call(req, payload, flags)
+        silent = self.hung.get(server)
+        if silent is not None:
+            raise ServerDown(server, silent.address, f"{silent.reason} (still silent)", True)
+        try:
+            conn = await self.connection(server)
+            return await conn.call(req, payload, flags)
+        except ServerDown as exc:
+            if exc.hung:
+                self._went_silent(server, exc)
+            raise
+
+    def _went_silent(self, server: int, exc: ServerDown) -> None:
+        if server in self.hung:
+            return
+        self.hung[server] = exc
+        self.hangs[server] += 1
+        self.drop(server)
+        self._probes[server] = asyncio.ensure_future(self._probe(server))
+
+    async def _probe(self, server: int) -> None:
+        """Every timeout, until the silent server answers HELLO again."""
+        while True:
+            await asyncio.sleep(self.timeout)
+            try:
+                conn = await self._connect(server)
+            except MirrorfsError:
+                continue
+            self._conns[server] = conn
+            self.hung.pop(server, None)
+            self._probes.pop(server, None)
+            return
 
     def drop(self, server: int) -> None:
         """Close the connection to a server given up on (a later call connects anew)."""
@@ -88,6 +125,9 @@ class Cluster:
             conn.close()
 
     async def close(self) -> None:
+        for probe in self._probes.values():
+            probe.cancel()
+        self._probes.clear()
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()

@@ -35,13 +35,15 @@ MAX_IN_FLIGHT = 32
 
 
 class ServerDown(MirrorfsError):
-    """The server cannot be reached or stopped answering."""
+    """The server cannot be reached or stopped answering (``hung``: it went silent, as a
+    stopped or wedged process does, rather than refusing or closing)."""
 
-    def __init__(self, server: int, address: Address, reason: str) -> None:
+    def __init__(self, server: int, address: Address, reason: str, hung: bool = False) -> None:
         super().__init__(f"server {server} ({address}) {reason}")
         self.server = server
         self.address = address
         self.reason = reason
+        self.hung = hung
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -99,6 +101,7 @@ class Connection:
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._proto: _Protocol | None = None
         self._closed: str | None = None
+        self._hung = False  # closed because the server went silent
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -119,7 +122,7 @@ class Connection:
             )
         except TimeoutError:
             raise ServerDown(
-                server, address, f"did not accept a connection within {timeout:g}s"
+                server, address, f"did not accept a connection within {timeout:g}s", hung=True
             ) from None
         except OSError as exc:
             # asyncio's own text is "Connect call failed (...)": the errno says it better
@@ -145,7 +148,7 @@ class Connection:
             body: Any = decode(type(req).REPLY, frame.body)
         except BadMessage as exc:
             self._abort(f"sent a reply this client cannot read ({exc})")
-            raise ServerDown(self.server, self.address, str(self._closed)) from None
+            raise self._down() from None
         gen = getattr(body, "gen", None)
         if self.on_gen is not None and isinstance(gen, int):
             self.on_gen(self.server, gen)
@@ -156,17 +159,22 @@ class Connection:
     ) -> Frame:
         async with self._slots:
             if self._closed is not None:
-                raise ServerDown(self.server, self.address, self._closed)
+                raise self._down()
             proto = self._proto
             assert proto is not None and proto.transport is not None
             if not proto.writable.is_set():
                 await proto.writable.wait()
+                if self._closed is not None:  # it went away while we waited to write
+                    raise self._down()
             req_id = next(self._ids)
             fut: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
             if not self._pending:
                 self._busy_since = time.monotonic()
             self._pending[req_id] = fut
-            proto.transport.writelines(encode_request(req_id, req, payload, flags))
+            try:
+                proto.transport.writelines(encode_request(req_id, req, payload, flags))
+            except (RuntimeError, OSError) as exc:  # a transport closing under us
+                self._abort(f"closed the connection ({exc})")
             try:
                 return await fut
             finally:
@@ -182,12 +190,16 @@ class Connection:
         if fut is not None and not fut.done():
             fut.set_result(frame)
 
-    def _abort(self, reason: str) -> None:
+    def _down(self) -> ServerDown:
+        return ServerDown(self.server, self.address, str(self._closed), self._hung)
+
+    def _abort(self, reason: str, hung: bool = False) -> None:
         if self._closed is None:
             self._closed = reason
+            self._hung = hung
         for fut in self._pending.values():
             if not fut.done():
-                fut.set_exception(ServerDown(self.server, self.address, self._closed))
+                fut.set_exception(self._down())
         self._pending.clear()
         if self._proto is not None and self._proto.transport is not None:
             self._proto.transport.abort()
@@ -203,7 +215,7 @@ class Connection:
             if self._pending:
                 quiet = time.monotonic() - max(self.last_rx, self._busy_since)
                 if quiet > self.timeout:
-                    self._abort(f"did not answer within {self.timeout:g}s")
+                    self._abort(f"did not answer within {self.timeout:g}s", hung=True)
 
     def close(self) -> None:
         self._abort("connection closed by client")

@@ -315,16 +315,18 @@ class Volume:
             return data, server
 
     async def read_via(self, block: int, expected: int, server: int) -> bytes:
-        """Read a block from the server a scheduler chose; anything wrong: the normal path."""
+        """Read a block from the server a scheduler chose; anything wrong: the normal path
+        (which fails over and repairs), after the server's failure is dealt with."""
         if self.states[server] == State.ALIVE:
             try:
                 reply = await self.call(server, Read(slot=self.layout.slot_of(block)))
                 if checksum(reply.payload) == expected:
                     self.stats.reads[server] += 1
                     return bytes(reply.payload)
-            except (ServerDown, ServerError):
-                pass
-        return await self.read(block, expected)  # fails over, repairs, raises EIO
+            except (ServerDown, ServerError) as exc:
+                with contextlib.suppress(VolumeIOError):  # the normal path says EIO
+                    await self.handle_error(server, exc)
+        return await self.read(block, expected)
 
     async def read(self, block: int, expected: int | None = None) -> bytes:
         return (await self.read_from(block, expected))[0]

@@ -249,3 +249,35 @@ def test_status_json_lists_every_server(cluster4):
     cluster4.servers[3].proc.wait()
     st = cluster4.status()
     assert [r["state"] for r in st["rows"]] == ["alive", "alive", "alive", "unreachable"]
+
+
+def test_a_hung_server_is_waited_for_once(cluster4):
+    """SIGSTOP: its port still takes connections. Reads of every kind and writes after the
+    first timeout go to the mirror at once; the server is failed, never reconnected to."""
+    size = 64 << 10
+    with BlockingVolume(cluster4.spec, timeout=1.0) as vol:
+        sums = vol.write_many((b, block_data(11, b, size)) for b in range(64))
+        cluster4.stop(3)  # pair 1: blocks 1, 3, 5...
+        back = vol.read_many(range(64), sums)  # both mirrors at once, as read-ahead does
+        assert back == [block_data(11, b, size) for b in range(64)]
+        for b in range(1, 64, 2):  # the path read-ahead takes: a chosen server first
+            assert vol.run(vol.volume.read_via(b, sums[b], 3)) == block_data(11, b, size)
+        vol.write_many((b, block_data(12, b, size)) for b in range(64, 128))
+        assert vol.volume.cluster.hangs == [0, 0, 0, 1]
+        assert vol.volume.states[3] == "failed"
+
+
+def test_both_hung_servers_of_a_pair_are_eio_after_one_wait_each(cluster4):
+    size = 64 << 10
+    with BlockingVolume(cluster4.spec, timeout=1.0) as vol:
+        sums = vol.write_many((b, block_data(13, b, size)) for b in range(16))
+        cluster4.stop(0)
+        cluster4.stop(1)
+        with pytest.raises(VolumeIOError, match="mirror pair 0"):
+            vol.read_many(range(0, 16, 2), sums[0:16:2])
+        with pytest.raises(VolumeIOError, match="mirror pair 0"):
+            vol.write(2, b"x")
+        assert vol.read_many(range(1, 16, 2), sums[1:16:2]) == [
+            block_data(13, b, size) for b in range(1, 16, 2)
+        ]
+        assert vol.volume.cluster.hangs[:2] == [1, 1]

@@ -8,11 +8,12 @@ import asyncio
 import msgpack
 import pytest
 
+from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import Connection, ServerDown
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import ServerError
 from mirrorfuse.wire.frames import HEADER, MAGIC, VERSION, Flag, FrameDecoder, Msg
-from mirrorfuse.wire.messages import Read, ReadReply, encode_error, encode_reply
+from mirrorfuse.wire.messages import Read, ReadReply, Write, encode_error, encode_reply
 
 
 def raw_reply(req_id: int, body: dict, version: int = VERSION) -> bytes:
@@ -80,3 +81,34 @@ def test_an_unreadable_error_reply_is_still_an_error(body):
     got = asyncio.run(ask_scripted(answer))
     assert isinstance(got, ServerError) and got.code == "ERROR"
     assert "an unreadable error reply" in str(got)
+
+
+def test_a_connection_lost_while_requests_wait_to_write_is_that_server_down():
+    """Requests queued behind a full socket wake up to a closed transport: each is a
+    ServerDown, never uvloop's RuntimeError (which reached users as EINVAL)."""
+
+    async def go() -> list[BaseException | object]:
+        stop = asyncio.Event()
+
+        async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            await stop.wait()
+            writer.transport.abort()
+
+        server = await asyncio.start_server(never_reads, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = await Connection.open(1, Address("127.0.0.1", port), timeout=30.0)
+        block = bytes(8 << 20)
+        calls = [
+            asyncio.ensure_future(conn.call(Write(slot=i, checksum=0, gen=1), block))
+            for i in range(24)
+        ]
+        while conn._proto is not None and conn._proto.writable.is_set():
+            await asyncio.sleep(0.01)  # until the socket is full and writers wait
+        stop.set()
+        got = await asyncio.gather(*calls, return_exceptions=True)
+        conn.close()
+        server.close()
+        return got
+
+    got = run_async(go())
+    assert got and all(isinstance(g, ServerDown) for g in got), {type(g) for g in got}
