@@ -84,8 +84,8 @@ class BlockingVolume:
     ) -> list[bytes]:
         return self.run(self.volume.read_many(blocks, expected))
 
-    def sync(self) -> None:
-        self.run(self.volume.sync())
+    def sync(self, pairs: Iterable[int] = ()) -> None:
+        self.run(self.volume.sync(pairs))
 
     def close(self) -> None:
         if self._loop.is_running():

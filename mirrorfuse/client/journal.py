@@ -20,10 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirrorfuse.core.replay import Batch
+from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.records import encode_batch
 
 from .blocking import BlockingVolume
-from .metastore import MetaStore
+from .metastore import Leased, MetaStore
+from .table import Fenced
 
 CHECKPOINT_RECORDS = 50_000
 CHECKPOINT_BYTES = 32 << 20
@@ -36,8 +38,16 @@ class _Checkpoint:
     blob: bytes
 
 
+RETRY_AFTER = 1.0  # seconds between tries of a batch no server took
+
+
 class JournalBroken(Exception):
-    """The journal could not be written: the file system must stop changing things."""
+    """This client may not write the journal any more (another mount took the volume
+    over): the file system must stop changing things."""
+
+
+class JournalUnavailable(Exception):
+    """The last batch reached no server; it is tried again, and fsync fails meanwhile."""
 
 
 class Journal:
@@ -59,7 +69,8 @@ class Journal:
         self._queue: list[bytes | _Checkpoint] = []
         self._cond = threading.Condition()
         self._on_committed = on_committed
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # permanent
+        self.trouble: BaseException | None = None  # the last try failed; trying again
         self._closing = False
         self._wake = asyncio.Event()
         self._task = asyncio.run_coroutine_threadsafe(self._run(), bvol.loop)
@@ -89,14 +100,22 @@ class Journal:
         self._bvol.loop.call_soon_threadsafe(self._wake.set)
 
     def wait(self, upto: int | None = None, timeout: float | None = None) -> None:
-        """Block until every record up to ``upto`` (default: all so far) is committed."""
+        """Block until every record up to ``upto`` (default: all so far) is committed.
+
+        JournalUnavailable while the servers that would hold them cannot be reached.
+        """
         with self._cond:
             target = self.seq if upto is None else upto
             ok = self._cond.wait_for(
-                lambda: self.committed >= target or self.error is not None, timeout
+                lambda: (
+                    self.committed >= target or self.error is not None or self.trouble is not None
+                ),
+                timeout,
             )
             if self.error is not None:
                 raise JournalBroken(str(self.error))
+            if self.committed < target and self.trouble is not None:
+                raise JournalUnavailable(str(self.trouble))
             if not ok:
                 raise TimeoutError(f"journal did not commit record {target} in time")
 
@@ -129,36 +148,56 @@ class Journal:
             return records, None
 
     async def _run(self) -> None:
+        item: Batch | _Checkpoint | None = None  # taken, not yet on the servers
         while True:
             await self._wake.wait()
             self._wake.clear()
-            try:
-                while True:
+            while True:
+                if item is None:
                     records, ckpt = self._take()
-                    if ckpt is not None:
-                        await self._meta.put_checkpoint(ckpt.seq, ckpt.blob)
-                        self._ckpt = ckpt
-                        self._tail, self._tail_bytes = [], 0
-                        continue
-                    if not records:
+                    if ckpt is None and not records:
                         break
-                    batch = Batch(self.committed + 1, len(records), encode_batch(records))
-                    await self._meta.append(batch, self._heal)
-                    self._tail.append(batch)
-                    self._tail_bytes += len(batch.data)
+                    item = ckpt or Batch(self.committed + 1, len(records), encode_batch(records))
+                try:
+                    await self._store(item)
+                except (Fenced, Leased) as exc:  # never again: every waiter must learn of it
                     with self._cond:
-                        self.committed = batch.last
+                        self.error = exc
                         self._cond.notify_all()
-                    if self._on_committed is not None:
-                        self._on_committed(batch.last)
-            except Exception as exc:  # every waiter must learn of it
-                with self._cond:
-                    self.error = exc
-                    self._cond.notify_all()
-                return
+                    return
+                except MirrorfsError as exc:  # e.g. no server reachable: keep it, try again
+                    with self._cond:
+                        self.trouble = exc
+                        self._cond.notify_all()
+                    await asyncio.sleep(RETRY_AFTER)
+                    continue
+                except Exception as exc:  # a defect: stop changing things, and say why
+                    with self._cond:
+                        self.error = exc
+                        self._cond.notify_all()
+                    raise
+                if self.trouble is not None:
+                    with self._cond:
+                        self.trouble = None
+                item = None
             with self._cond:
                 if self._closing and not self._queue:
                     return
+
+    async def _store(self, item: Batch | _Checkpoint) -> None:
+        if isinstance(item, _Checkpoint):
+            await self._meta.put_checkpoint(item.seq, item.blob)
+            self._ckpt = item
+            self._tail, self._tail_bytes = [], 0
+            return
+        await self._meta.append(item, self._heal)
+        self._tail.append(item)
+        self._tail_bytes += len(item.data)
+        with self._cond:
+            self.committed = item.last
+            self._cond.notify_all()
+        if self._on_committed is not None:
+            self._on_committed(item.last)
 
     async def _heal(self, server: int, last: int) -> None:
         """Bring a server whose journal ends at ``last`` up to our last committed batch."""

@@ -10,6 +10,7 @@ batches since, which the caller keeps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -102,6 +103,9 @@ class MetaStore:
     ) -> None:
         """Send to every server taking writes; fail the silent ones, again on a newer table.
 
+        The metadata is on every server, so a server that cannot be marked failed (the
+        last live copy of its pair) and is out of reach just misses this part: it says
+        GAP when it is back and is healed then. Only when no server took it, it failed.
         ``on_error`` may deal with a server's error reply itself (True: dealt with).
         """
 
@@ -111,8 +115,10 @@ class MetaStore:
                 raise VolumeIOError("no server is left to hold the metadata")
             results = await asyncio.gather(*(send(s) for s in targets), return_exceptions=True)
             stale = False
+            took = 0
             for s, res in zip(targets, results, strict=True):
                 if not isinstance(res, BaseException):
+                    took += 1
                     continue
                 if isinstance(res, ServerError):
                     if res.code == "FENCED":
@@ -120,13 +126,16 @@ class MetaStore:
                     if res.code == "LEASED":
                         raise Leased(f"server {s} reports the volume mounted elsewhere")
                     if on_error is not None and await on_error(s, res):
+                        took += 1
                         continue
-                if isinstance(res, ServerError | ServerDown):
-                    stale |= await self.vol.handle_error(s, res)
-                else:
+                if not isinstance(res, ServerError | ServerDown):
                     raise res
+                with contextlib.suppress(VolumeIOError):  # a last copy: it misses this one
+                    stale |= await self.vol.handle_error(s, res)
             if stale:
                 raise TryAgain
+            if not took:
+                raise VolumeIOError("no server took the metadata (none of them answers)")
 
         await retry(attempt, "writing the metadata: the failure table kept changing")
 

@@ -51,6 +51,7 @@ class FailureTable:
         self._refresh: asyncio.Task[None] | None = None
         self._announced: set[int] = set()
         self._strikes: dict[int, int] = {}  # failed attempts on a pair's last live copy
+        self._gone: set[int] = set()  # last copies that ran out of tries: EIO at once
 
     @property
     def gen(self) -> int:
@@ -82,9 +83,15 @@ class FailureTable:
         if gen > self.table.gen and (self._refresh is None or self._refresh.done()):
             self._refresh = asyncio.ensure_future(self.refresh())
 
+    def struck(self, server: int) -> bool:
+        """The last live copy of its pair, and its last request failed."""
+        return server in self._strikes or server in self._gone
+
     def succeeded(self, server: int) -> None:
-        if self._strikes:
+        """A request to it worked: whatever it was, it is back."""
+        if self._strikes or self._gone:
             self._strikes.pop(server, None)
+            self._gone.discard(server)
 
     async def refresh(self) -> None:
         """Adopt the newest table held by any reachable, non-failed server."""
@@ -158,15 +165,20 @@ class FailureTable:
         self.cluster.drop(server)
         if not failures.may_fail(self.table.states, server):
             # the last copy of its pair: a slow server (its writes throttled by the
-            # kernel, say) gets a few more tries before the operation fails with EIO
+            # kernel, say) gets a few more tries before the operation fails with EIO;
+            # once out of tries, it is given up on until a request to it works again
+            gone = VolumeIOError(
+                f"mirror pair {server // 2} has no live server left: server {server} {reason}"
+            )
+            if server in self._gone:
+                raise gone
             self._strikes[server] = self._strikes.get(server, 0) + 1
             if self._strikes[server] < LAST_COPY_TRIES:
                 await asyncio.sleep(0.2 * self._strikes[server])
                 return
             self._strikes.pop(server, None)
-            raise VolumeIOError(
-                f"mirror pair {server // 2} has no live server left: server {server} {reason}"
-            )
+            self._gone.add(server)
+            raise gone
         await self.update(server, Event.FAIL)
         if self.table.states[server] == State.FAILED and server not in self._announced:
             self._announced.add(server)

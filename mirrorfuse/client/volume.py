@@ -104,6 +104,12 @@ class Volume:
     def writable(self, pair: int) -> list[int]:
         return self.table.writable(pair)
 
+    def pair_usable(self, pair: int) -> bool:
+        """A server of the pair takes writes and has not just been found out of reach."""
+        return any(
+            s not in self.cluster.hung and not self.table.struck(s) for s in self.writable(pair)
+        )
+
     def hold_lease(self, lease: Lease) -> None:
         """From now on every change carries this mount's epoch (the servers fence older ones)."""
         self.cluster.lease = Lease(epoch=lease.epoch, holder=lease.holder)
@@ -344,13 +350,32 @@ class Volume:
             with contextlib.suppress(VolumeIOError):
                 await self.handle_error(server, exc)
 
-    async def sync(self) -> None:
-        """Return when everything written so far is on stable storage of every live replica."""
+    async def sync(self, pairs: Iterable[int] = ()) -> None:
+        """Return when everything written so far is on stable storage of every live replica.
+
+        A pair lost whole (its last copy given up on) fails the sync only when it is one
+        of ``pairs`` (those holding what the caller needs synced); the metadata, on
+        every server, is synced on the others.
+        """
+        needed = set(pairs)
 
         async def attempt() -> None:
             targets = self.table.holders()
-            done, _ = await self.each(targets, lambda s: self.call(s, Sync()))
-            if len(done) < len(targets):
+            results = await asyncio.gather(
+                *(self.call(s, Sync()) for s in targets), return_exceptions=True
+            )
+            again = False
+            for s, res in zip(targets, results, strict=True):
+                if not isinstance(res, BaseException):
+                    continue
+                try:
+                    await self.handle_error(s, res)
+                except VolumeIOError:
+                    if self.layout.pair_of_server(s) in needed:
+                        raise
+                    continue
+                again = True  # failed now: synced by the survivors, or by it next time
+            if again:
                 raise TryAgain
 
         await retry(attempt, "syncing: the failure table kept changing")

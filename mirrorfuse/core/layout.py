@@ -38,6 +38,9 @@ class Layout:
     def mirror_of(self, server: int) -> int:
         return mirror_of(server)
 
+    def pair_of_server(self, server: int) -> int:
+        return server // 2
+
     def block_of(self, pair: int, slot: int) -> int:
         """The logical block stored at ``slot`` of ``pair`` (inverse of pair_of/slot_of)."""
         return slot * self.pairs + pair

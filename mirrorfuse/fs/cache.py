@@ -6,7 +6,7 @@ import errno
 import heapq
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 from .base import FsError
@@ -24,14 +24,27 @@ class Allocator:
         self.in_use = len(taken)
         self.lock = threading.Lock()
 
-    def alloc(self, n: int) -> list[int]:
+    def alloc(
+        self, n: int, usable: Callable[[int], bool] | None = None, period: int = 1
+    ) -> list[int]:
+        """``n`` free blocks, lowest first, skipping those ``usable`` refuses (a pair out of
+        reach); whether a block is usable repeats every ``period`` numbers, and when no
+        block of a period is, any will do (the write then fails as it must)."""
         with self.lock:
             if self.in_use + n > self.limit:
                 raise FsError(errno.ENOSPC)
-            out = [heapq.heappop(self.free) for _ in range(min(n, len(self.free)))]
+            ok = usable if usable is not None and any(map(usable, range(period))) else None
+            out: list[int] = []
+            skipped: list[int] = []
+            while len(out) < n and self.free:
+                b = heapq.heappop(self.free)
+                (out if ok is None or ok(b) else skipped).append(b)
             while len(out) < n:
-                out.append(self.next)
+                b = self.next
                 self.next += 1
+                (out if ok is None or ok(b) else skipped).append(b)
+            for b in skipped:
+                heapq.heappush(self.free, b)
             self.in_use += n
             return out
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from mirrorfuse.client.blocking import BlockingVolume
-from mirrorfuse.client.journal import Journal, JournalBroken
+from mirrorfuse.client.journal import Journal, JournalBroken, JournalUnavailable
 from mirrorfuse.core.namespace import Namespace
 from mirrorfuse.core.scheduler import Scheduler, Segment
 from mirrorfuse.wire.errors import MirrorfsError
@@ -195,18 +195,27 @@ class OpenFiles(ABC):
                 self._flush(h.ino, st)
 
     def fsync(self, fh: int | None, datasync: bool = False) -> None:
-        """Return when the file's data and every record so far are on every live replica."""
+        """Return when the file's data and every record so far are on every live replica
+        (EIO when a pair holding the file's data is lost)."""
+        pairs: set[int] = set()
         if fh is not None:
             self.flush(fh)
-        self.sync()
+            h = self.handles.get(fh)
+            node = self.ns.inodes.get(h.ino) if h is not None else None
+            if node is not None:
+                layout = self.bvol.volume.layout
+                pairs = {layout.pair_of(blk) for blk, _ in node.blocks.values()}
+        self.sync(pairs)
 
-    def sync(self) -> None:
+    def sync(self, pairs: set[int] | None = None) -> None:
         try:
             self.journal.wait()
         except JournalBroken as exc:
             self._go_readonly(str(exc))
             raise FsError(errno.EIO) from None
-        self._io(self.bvol.sync)
+        except JournalUnavailable as exc:  # no server takes the metadata now: not for good
+            raise FsError(errno.EIO, str(exc)) from None
+        self._io(self.bvol.sync, pairs or set())
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -10,8 +10,10 @@ Paths are absolute strings as FUSE gives them; errors are FsError(errno).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import logging
 import os
 import stat
 import threading
@@ -19,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mirrorfuse.client.blocking import BlockingVolume
-from mirrorfuse.client.journal import Journal, JournalBroken
+from mirrorfuse.client.journal import Journal, JournalBroken, JournalUnavailable
 from mirrorfuse.client.table import Fenced, NoSpace
 from mirrorfuse.core.namespace import NAME_MAX, ROOT, LookupFailed, Namespace, name_too_long
 from mirrorfuse.wire.errors import MirrorfsError
@@ -42,7 +44,9 @@ from .cache import Allocator, BlockCache
 from .files import CACHE_BYTES, READAHEAD_BYTES, FileState, Handle, OpenFiles
 
 T = TypeVar("T")
+log = logging.getLogger("mirrorfs-mount")
 XATTR_CREATE, XATTR_REPLACE = 1, 2
+FREE_EVERY = 0.5  # seconds between the syncs that make freed blocks reusable
 RENAME_NOREPLACE = 1
 
 
@@ -62,10 +66,11 @@ class FileSystem(OpenFiles):
         self.states: dict[int, FileState] = {}
         self.handles: dict[int, Handle] = {}
         self._next_fh = 1
-        self._pending_free: list[tuple[int, list[int]]] = []
+        self._pending_free: list[tuple[int, list[int]]] = []  # (record, blocks it freed)
         self._free_lock = threading.Lock()
-        self._freed = threading.Condition(self._free_lock)
-        self._freeing = 0  # trims in flight whose blocks are not free yet
+        self._journaled = ns.seq  # records up to here are on every live server
+        self._freer: asyncio.Task[None] | None = None
+        self._free_round_lock = asyncio.Lock()
         self.cache = BlockCache(CACHE_BYTES // self.bs)
         self.readonly: str | None = None
         # bytes fetched ahead of a sequential reader; 0 reads block by block
@@ -76,15 +81,19 @@ class FileSystem(OpenFiles):
     # -- records ------------------------------------------------------------------------
 
     def _commit(self, rec: AnyRecord) -> int:
-        """Apply a record and queue it for the journal (caller holds self.lock)."""
+        """Apply a record, then queue it for the journal (caller holds self.lock).
+
+        Applied first: a record the namespace refuses is never journaled, where it
+        would break every later replay.
+        """
         if self.readonly is not None:
             raise FsError(errno.EROFS, self.readonly)
+        freed = self.ns.apply(rec)
         try:
             seq = self.journal.add(encode_record(rec))
         except JournalBroken as exc:
             self._go_readonly(str(exc))
             raise FsError(errno.EIO) from None
-        freed = self.ns.apply(rec)
         if freed:
             with self._free_lock:
                 self._pending_free.append((seq, freed))
@@ -93,36 +102,51 @@ class FileSystem(OpenFiles):
         return seq
 
     def _committed(self, seq: int) -> None:
-        """On the volume loop: blocks freed by committed records are trimmed, then reused."""
-        with self._free_lock:
-            ready = [b for s, blocks in self._pending_free if s <= seq for b in blocks]
-            self._pending_free = [(s, b) for s, b in self._pending_free if s > seq]
-        if ready:
-            with self._free_lock:
-                self._freeing += 1
-            self.bvol.loop.create_task(self._trim_then_free(ready))
+        """On the volume loop: records up to ``seq`` are on every live server."""
+        self._journaled = seq
+        if self._pending_free and (self._freer is None or self._freer.done()):
+            self._freer = self.bvol.loop.create_task(self._free_when_durable())
 
-    async def _trim_then_free(self, blocks: list[int]) -> None:
-        with contextlib.suppress(MirrorfsError):  # untrimmed: wasted space until reused
-            await self.bvol.volume.trim_many(blocks)
-        self.alloc.release(blocks)
-        with self._free_lock:
-            self._freeing -= 1
-            self._freed.notify_all()
+    async def _free_when_durable(self) -> None:
+        while await self._free_round():
+            await asyncio.sleep(FREE_EVERY)  # deletions in a row share one sync
+
+    async def _free_round(self) -> bool:
+        """The blocks freed by journaled records, once a sync made those records durable on
+        every live server: trimmed, then reused. (Reused before, a crash could bring back
+        a record's old block map over a block that holds other data.) False: none left."""
+        async with self._free_round_lock:
+            with self._free_lock:
+                upto = self._journaled
+                ready = [b for s, blocks in self._pending_free if s <= upto for b in blocks]
+            if not ready:
+                return False
+            try:
+                await self.bvol.volume.sync()
+            except MirrorfsError:
+                return True  # not durable yet: they stay pending, tried again later
+            with self._free_lock:
+                self._pending_free = [(s, b) for s, b in self._pending_free if s > upto]
+            with contextlib.suppress(MirrorfsError):  # untrimmed: wasted space until reused
+                await self.bvol.volume.trim_many(ready)
+            self.alloc.release(ready)
+            return True
 
     def _allocate(self, n: int) -> list[int]:
-        """Blocks for new data; when full, first wait for space that is being freed."""
+        """Blocks for new data, on pairs that take writes now (a lost pair fails only what
+        it holds); when full, first wait for space that is being freed."""
+        vol = self.bvol.volume
+
+        def usable(block: int) -> bool:
+            return vol.pair_usable(vol.layout.pair_of(block))
+
         try:
-            return self.alloc.alloc(n)
+            return self.alloc.alloc(n, usable, vol.layout.pairs)
         except FsError:
-            with self._free_lock:
-                pending = bool(self._pending_free) or self._freeing > 0
-            if not pending:
-                raise
-        self.sync()  # commits the records that free blocks
-        with self._free_lock:
-            self._freed.wait_for(lambda: self._freeing == 0, timeout=60)
-        return self.alloc.alloc(n)
+            pass
+        self.sync()  # journals the records that free blocks
+        self.bvol.run(self._free_round())  # (after a round in progress, if there is one)
+        return self.alloc.alloc(n, usable, vol.layout.pairs)
 
     def _go_readonly(self, why: str) -> None:
         if self.readonly is None:
@@ -461,4 +485,7 @@ class FileSystem(OpenFiles):
                 self.states.pop(ino, None)
                 self._commit(Free(ino))
             self.journal.add_checkpoint(self.ns.seq, self.ns.snapshot())
-        self.journal.close()
+        try:
+            self.journal.close()
+        except (JournalBroken, JournalUnavailable, TimeoutError) as exc:
+            log.error("unmounted with changes not stored on the servers: %s", exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -152,3 +153,58 @@ def test_killed_server_is_named_in_status_while_mounted(cluster4, make_mount):
     assert failed_servers(cluster4) == [2]
     res = cli("status", *cluster4.args)
     assert "failed" in res.stdout.splitlines()[4]
+
+
+def test_losing_a_whole_pair_fails_only_its_blocks_and_writes_resume_when_it_is_back(
+    make_cluster, make_mount
+):
+    """Both servers of pair 0 killed: its blocks are EIO at once; the files on pair 1,
+    new files (placed on pair 1) and the metadata (on every server) keep working and
+    fsync; with the pair back, its files read and writes use it again, no remount."""
+    c = make_cluster(4, format_args=("--block-size", "64K"))
+    m = make_mount(c)
+    small = {f"s{i}": os.urandom(1000 + i) for i in range(8)}  # one block each
+    for name, data in small.items():
+        (m.path / name).write_bytes(data)
+    c.kill(0)
+    c.kill(1)
+    readable = {}
+    for name, data in small.items():  # about half live on each pair
+        try:
+            readable[name] = (m.path / name).read_bytes() == data
+        except OSError as exc:
+            assert exc.errno == errno.EIO
+    assert readable and all(readable.values()) and len(readable) < len(small)
+    (m.path / "dir").mkdir()  # metadata only
+    os.rename(m.path / next(iter(readable)), m.path / "dir" / "moved")
+    new = {f"new{i}": os.urandom(1000) for i in range(8)}
+    for name, data in new.items():  # new data goes to the pair that takes it, and fsyncs
+        with open(m.path / name, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    c.start(0)
+    c.start(1)
+    assert wait_for(lambda: _writes(m.path / "after", 8), 30)  # no remount
+    for name, data in small.items():
+        if name in readable:
+            continue
+        assert (m.path / name).read_bytes() == data  # pair 0's files are back
+    for name, data in new.items():
+        assert (m.path / name).read_bytes() == data
+    m.close()
+    res = cli("fsck", *c.args, "--deep")
+    assert res.returncode == 0 and "clean" in res.stdout, res.stdout
+
+
+def _writes(path: Path, count: int) -> bool:
+    """``count`` one-block files written and synced (so both pairs took some)."""
+    try:
+        for i in range(count):
+            with open(f"{path}{i}", "wb") as f:
+                f.write(os.urandom(1000))
+                f.flush()
+                os.fsync(f.fileno())
+    except OSError:
+        return False
+    return True
