@@ -190,15 +190,25 @@ class MetaStore:
     # -- reading it back ------------------------------------------------------------------
 
     async def load(self) -> tuple[int, bytes | None, list[Batch]]:
-        """Checkpoint and journal from the live server holding the longest journal."""
+        """Checkpoint and journal from the live server holding the longest journal; when
+        its copy turns out damaged, from the next one."""
         infos = await self.infos()
         live = {s: i for s, i in infos.items() if self.vol.states[s] == State.ALIVE}
         if not live:
             raise VolumeIOError("no live server answers for the metadata")
-        source = max(live, key=lambda s: (live[s].last_seq, -s))
-        seq, blob = await self._get_checkpoint(source)
-        batches = await self._read_journal(source, seq + 1)
-        return seq, blob, batches
+        damaged = []
+        for source in sorted(live, key=lambda s: (-live[s].last_seq, s)):
+            try:
+                seq, blob = await self._get_checkpoint(source)
+                batches = await self._read_journal(source, seq + 1)
+            except MirrorfsError as exc:
+                damaged.append(str(exc))
+                continue
+            if (batches[-1].last if batches else seq) < live[source].last_seq:
+                damaged.append(f"the journal on server {source} ends early")
+                continue
+            return seq, blob, batches
+        raise MirrorfsError("no server holds whole metadata: " + "; ".join(damaged))
 
     async def _get_checkpoint(self, server: int) -> tuple[int, bytes | None]:
         parts: list[bytes] = []

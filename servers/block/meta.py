@@ -10,6 +10,7 @@ interprets records; replaying them is the client's job.
 
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ class LeaseFile(msgspec.Struct):
     holder: Holder = msgspec.field(default_factory=Holder)
 
 
+log = logging.getLogger("mirrorfs-server")
+
+
 class Meta:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -60,11 +64,24 @@ class Meta:
         ckpt = self.path / "checkpoint.bin"
         self.checkpoint_seq = 0
         if ckpt.exists():
-            with open(ckpt, "rb") as f:
-                head = f.read(CHECKPOINT_HEADER.size)
-            if len(head) == CHECKPOINT_HEADER.size:
-                self.checkpoint_seq = CHECKPOINT_HEADER.unpack(head)[0]
+            seq = self._whole_checkpoint(ckpt)
+            if seq is None:  # never offered: the client takes another server's copy
+                ckpt.replace(self.path / "checkpoint.damaged")
+                log.warning("%s is damaged: set aside as checkpoint.damaged", ckpt)
+            else:
+                self.checkpoint_seq = seq
         self._open_journal()
+
+    @staticmethod
+    def _whole_checkpoint(path: Path) -> int | None:
+        """Its sequence number, or None when it is cut short or its checksum is wrong."""
+        with open(path, "rb") as f:
+            head = f.read(CHECKPOINT_HEADER.size)
+            if len(head) < CHECKPOINT_HEADER.size:
+                return None
+            seq, total, crc = CHECKPOINT_HEADER.unpack(head)
+            body = f.read(total + 1)
+        return seq if len(body) == total and zlib.crc32(body) == crc else None
 
     def _open_journal(self) -> None:
         if self._fd >= 0:

@@ -1,10 +1,14 @@
 """One block server: slot reads and writes, the failure table, the metadata, statistics.
 
-Requests on one connection are applied in arrival order (block I/O is a
-pwrite into the page cache, done inline); replies are matched by request id,
-so a slow fsync does not hold up other replies. Every request is decoded
-into its typed message first: a malformed one gets an error reply naming
-the field, and the connection goes on.
+Block I/O is a pread or pwrite into the page cache, done inline as requests
+arrive. The metadata requests (journal, checkpoint, lease), syncs and
+format go through one queue, in arrival order, and those that wait on the
+disk (fsync, a whole checkpoint) run in a worker thread: a long fsync never
+stops the event loop, so it cannot outlast a client's timeout and get a
+healthy server marked failed. Replies are matched by request id, so a slow
+one holds up no other. Every request is decoded into its typed message
+first: a malformed one gets an error reply naming the field, and the
+connection goes on.
 """
 
 from __future__ import annotations
@@ -49,11 +53,10 @@ from mirrorfuse.wire.messages import (
     SetTableReply,
     Stat,
     StatReply,
+    Sync,
     Table,
     Trim,
     Write,
-    encode_error,
-    encode_reply,
 )
 
 from ..net import (
@@ -70,6 +73,26 @@ from .meta import Meta
 from .store import Store, StoreError
 
 LIST_LIMIT = 65536
+# in arrival order, one at a time; the second set in a worker thread
+IN_ORDER = {
+    Msg.FORMAT,
+    Msg.SYNC,
+    Msg.REBUILD_BEGIN,
+    Msg.META_INFO,
+    Msg.LEASE,
+    Msg.JOURNAL_APPEND,
+    Msg.JOURNAL_READ,
+    Msg.CHECKPOINT_PUT,
+    Msg.CHECKPOINT_GET,
+}
+OFF_LOOP = {
+    Msg.FORMAT,
+    Msg.SYNC,
+    Msg.LEASE,
+    Msg.JOURNAL_READ,
+    Msg.CHECKPOINT_PUT,
+    Msg.CHECKPOINT_GET,
+}
 
 
 class BlockServer:
@@ -92,11 +115,13 @@ class BlockServer:
             JournalRead: self.journal_read,
             CheckpointPut: self.checkpoint_put,
             CheckpointGet: self.checkpoint_get,
+            Sync: self.sync,
         }
         # The connection of the mounted client holding the lease: while it is
         # open, the mount is alive and a second mount is refused.
         self.lease_conn: object | None = None
-        self.current_conn: object | None = None
+        self.in_order_conn: object | None = None  # whose request the queue is serving
+        self.queue: asyncio.Queue[tuple[Connection, Frame]] = asyncio.Queue()
 
     # -- helpers ------------------------------------------------------------------
 
@@ -248,11 +273,12 @@ class BlockServer:
     def take_lease(self, req: Lease, payload: bytes | bytearray, flags: int) -> Answer:
         meta = self._meta()
         same = req.holder.id == meta.lease.holder.id
-        held_elsewhere = self.lease_conn is not None and self.lease_conn is not self.current_conn
+        asker = self.in_order_conn
+        held_elsewhere = self.lease_conn is not None and self.lease_conn is not asker
         if held_elsewhere and not req.force and not same:
             raise Refused("LEASED", "the volume is mounted by another client")
         meta.take_lease(req.epoch, req.holder)
-        self.lease_conn = self.current_conn
+        self.lease_conn = asker
         return self._meta_info(), b""
 
     def journal_append(self, req: JournalAppend, payload: bytes | bytearray, flags: int) -> Answer:
@@ -281,12 +307,31 @@ class BlockServer:
         seq, total, crc, chunk = self._meta().get_checkpoint(req.offset, length)
         return CheckpointGetReply(seq=seq, total=total, crc=crc), chunk
 
+    def sync(self, req: Sync, payload: bytes | bytearray, flags: int) -> Answer:
+        try:
+            self.store.sync()
+        except OSError as exc:
+            raise Refused("EIO", f"fsync failed: {exc.strerror}") from None
+        return GenReply(gen=self.store.table.gen), b""
+
     def rebuild_begin(self, req: RebuildBegin, payload: bytes | bytearray, flags: int) -> Answer:
         self._formatted().begin_rebuild()
         return GenReply(gen=self.store.table.gen), b""
 
     def handle(self, frame: Frame) -> Out:
         return dispatch(frame, self.handlers)
+
+    async def serve_in_order(self) -> None:
+        """The queue of metadata requests: one at a time, the disk-bound ones off the loop."""
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, frame = await self.queue.get()
+            self.in_order_conn = conn
+            if frame.type in OFF_LOOP:
+                out = await loop.run_in_executor(None, self.handle, frame)
+            else:
+                out = self.handle(frame)
+            conn.send(out)
 
 
 class Connection(FrameServer):
@@ -299,25 +344,16 @@ class Connection(FrameServer):
             self.server.lease_conn = None
 
     def on_frame(self, frame: Frame) -> None:
-        if frame.type == Msg.SYNC and not frame.is_reply:
-            in_background(self._sync(frame.req_id))
-            return
-        self.server.current_conn = self
-        self.send(self.server.handle(frame))
-
-    async def _sync(self, req_id: int) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(None, self.server.store.sync)
-            out = encode_reply(Msg.SYNC, req_id, GenReply(gen=self.server.store.table.gen))
-        except OSError as exc:
-            out = encode_error(req_id, Msg.SYNC, "EIO", f"fsync failed: {exc.strerror}")
-        self.send(out)
+        if frame.type in IN_ORDER and not frame.is_reply:
+            self.server.queue.put_nowait((self, frame))
+        else:
+            self.send(self.server.handle(frame))
 
 
 async def listen(store: Store, host: str, port: int) -> asyncio.Server:
     loop = asyncio.get_running_loop()
     server = BlockServer(store)
+    in_background(server.serve_in_order())
     try:
         return await loop.create_server(lambda: Connection(server), host, port, reuse_address=True)
     except OSError as exc:

@@ -208,3 +208,16 @@ def _writes(path: Path, count: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_a_checkpoint_damaged_on_one_server_is_read_from_another(cluster4, make_mount):
+    m = make_mount(cluster4)
+    data = os.urandom(3 * MiB)
+    (m.path / "f").write_bytes(data)
+    m.close()  # a checkpoint on every server
+    path = cluster4.data_dir(0) / "checkpoint.bin"  # the first one a mount would read
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(raw)
+    again = make_mount(cluster4, name="again")
+    assert (again.path / "f").read_bytes() == data
