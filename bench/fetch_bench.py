@@ -75,8 +75,9 @@ def main() -> int:
             chunk = os.urandom(64 << 20)
             for i in range(size // len(chunk)):
                 f.write(bytes([i % 256]) + chunk[1:])
-        http_ports = [free_base_port(1) for _ in range(most)]
-        own_ports = [free_base_port(1) for _ in range(most)]
+        base = free_base_port(2 * most)  # distinct ports: separate draws can repeat one
+        http_ports = list(range(base, base + most))
+        own_ports = list(range(base + most, base + 2 * most))
         listens = "\n".join(f"    listen 127.0.0.1:{port};" for port in http_ports)
         (tmp / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, listens=listens))
         nginx = subprocess.Popen(

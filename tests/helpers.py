@@ -24,6 +24,7 @@ __all__ = [
     "ServerProc",
     "cli",
     "free_base_port",
+    "free_ports",
     "run",
     "sha",
     "wait_for",
@@ -33,6 +34,12 @@ MOUNT = str(Path(sys.executable).parent / "mirrorfs-mount")
 BIN = Path(sys.executable).parent
 SERVER = str(BIN / "mirrorfs-server")
 CLI = str(BIN / "mirrorfs-cli")
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (separate draws can repeat one)."""
+    base = free_base_port(count)
+    return list(range(base, base + count))
 
 
 def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess[str]:

@@ -19,9 +19,9 @@ from typing import TypeVar
 
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, ServerError
-from mirrorfuse.wire.messages import Hello, Lease, Message, Reply, Request
+from mirrorfuse.wire.messages import Hello, Identity, Lease, Message, Reply, Request
 
-from .connection import Connection, ServerDown
+from .connection import Connection, ServerDown, WrongDirectory
 
 R = TypeVar("R", bound=Message)
 
@@ -38,6 +38,8 @@ class Cluster:
         self.on_gen = on_gen
         self.volume_id: str | None = None  # once known, HELLO refuses other volumes
         self.lease: Lease | None = None  # set by the mount once it holds the lease
+        # says why a server that answers HELLO must not be used (its directory), or None
+        self.check: Callable[[int, Identity], str | None] | None = None
         self._conns: dict[int, Connection] = {}
         self._connecting: dict[int, asyncio.Future[Connection]] = {}
         self.hung: dict[int, ServerDown] = {}  # server -> how it went silent
@@ -68,6 +70,10 @@ class Cluster:
                 f"{conn.address} answers as server {hello.server}, expected server {server} "
                 "(servers must be given in id order)"
             )
+        misfit = self.check(server, hello) if self.check is not None else None
+        if misfit:
+            conn.close()
+            raise WrongDirectory(server, conn.address, misfit)
         if self.lease is not None and hello.formatted:
             # a new connection: tell the server this is still the lease holder
             try:

@@ -46,6 +46,11 @@ class ServerDown(MirrorfsError):
         self.hung = hung
 
 
+class WrongDirectory(ServerDown):
+    """The server answers, but from a data directory other than the one the volume's
+    failure table counts for it (another one, or an older copy)."""
+
+
 class _Protocol(asyncio.BufferedProtocol):
     def __init__(self, conn: Connection) -> None:
         self.conn = conn

@@ -22,10 +22,10 @@ from collections.abc import Callable
 from mirrorfuse.core import failures
 from mirrorfuse.core.failures import Event
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, VolumeIOError
-from mirrorfuse.wire.messages import GetTable, SetTable, SetTableReply, State, Table
+from mirrorfuse.wire.messages import GetTable, Identity, SetTable, SetTableReply, State, Table
 
 from .cluster import Cluster
-from .connection import ServerDown
+from .connection import ServerDown, WrongDirectory
 from .retry import TryAgain, retry
 
 LAST_COPY_TRIES = 3  # attempts on the last live copy of a pair before EIO
@@ -74,7 +74,12 @@ class FailureTable:
         """Take a table some server holds when it is newer than ours."""
         newest = failures.newest(self.table, other)
         if newest is not None:
-            self.table = newest
+            self.table = failures.normalized(newest)
+
+    def misfit(self, server: int, hello: Identity) -> str | None:
+        """Why a server's directory cannot be the one the table counts alive (on every
+        connection: the generation is left to the check at open, when nothing moves)."""
+        return failures.misfit(self.table, server, hello.ident, self.table.gen)
 
     # -- keeping in step ------------------------------------------------------------------
 
@@ -103,26 +108,43 @@ class FailureTable:
             if not isinstance(reply, BaseException):
                 self.adopt(reply.body)
 
-    async def update(self, server: int, event: Event) -> None:
+    async def update(self, server: int, event: Event, ident: str = "") -> None:
         """Feed ``event`` to the newest table and persist it on every server taking writes.
 
         An event the newest table does not allow (another client got there
         first) changes nothing; the caller looks at ``states`` afterwards.
         Servers found unreachable on the way are marked failed in the same table.
+        ``ident``: the directory a heal begins on.
         """
-        events = [(server, event)]
+        await self._change([(server, event, ident)], {})
 
+    async def learn(self, idents: dict[int, str]) -> None:
+        """Record the identities of directories a table of an older version did not have
+        (and bring every server taking writes up to this table)."""
+        await self._change([], idents, always=True)
+
+    async def _change(
+        self,
+        events: list[tuple[int, Event, str]],
+        idents: dict[int, str],
+        always: bool = False,
+    ) -> None:
         async def attempt() -> None:
-            states = self.table.states
-            for s, ev in events:
+            table = self.table
+            for s, ev, idt in events:
                 try:
-                    states = failures.transition(states, s, ev)
+                    table = failures.transition(table, s, ev, idt)
                 except failures.NotAllowed:
                     continue
-            if states == self.table.states:
+            if idents:
+                known = tuple(idents.get(s) or i for s, i in enumerate(table.idents))
+                table = Table(gen=table.gen, states=table.states, idents=known, since=table.since)
+            if table == self.table and not always:
                 return
-            new = Table(gen=self.table.gen + 1, states=states)
-            targets = failures.holders(states)
+            new = Table(
+                gen=table.gen + 1, states=table.states, idents=table.idents, since=table.since
+            )
+            targets = failures.holders(new.states)
             replies = await asyncio.gather(
                 *(self.cluster.call(s, SetTable(table=new, epoch=self.epoch)) for s in targets),
                 return_exceptions=True,
@@ -144,8 +166,10 @@ class FailureTable:
             rejected = [a.table for a in answers if not a.accepted]
             for other in rejected:  # another client moved the table on: merge, go again
                 if other.gen >= self.table.gen:
-                    self.table = other
-            events.extend((s, Event.FAIL) for s in unreachable if (s, Event.FAIL) not in events)
+                    self.table = failures.normalized(other)
+            events.extend(
+                (s, Event.FAIL, "") for s in unreachable if (s, Event.FAIL, "") not in events
+            )
             if rejected or unreachable:
                 raise TryAgain
 
@@ -160,7 +184,7 @@ class FailureTable:
 
     async def fail(self, server: int, reason: str) -> None:
         """Mark a replica failed (persisted); raise EIO when it was the last of its pair."""
-        if self.table.states[server] == State.FAILED:
+        if self.table.states[server] in (State.FAILED, State.STALE):
             return
         self.cluster.drop(server)
         if not failures.may_fail(self.table.states, server):
@@ -185,9 +209,27 @@ class FailureTable:
             if self.on_failure is not None:
                 self.on_failure(server, reason)
 
+    async def stale(self, server: int, reason: str) -> None:
+        """A server whose directory is another one, or older: never read again until
+        healed in full (EIO for its pair when it was the last copy the table counted)."""
+        self.cluster.drop(server)
+        if self.table.states[server] == State.STALE:
+            return
+        if not failures.may_fail(self.table.states, server):
+            self._gone.add(server)
+            raise VolumeIOError(
+                f"mirror pair {server // 2} has no live server left: server {server} {reason}"
+            )
+        await self.update(server, Event.STALE)
+        if self.on_failure is not None and self.table.states[server] == State.STALE:
+            self.on_failure(server, reason)
+
     async def handle(self, server: int, exc: BaseException) -> bool:
         """Deal with one server's failed request; True when the caller must try again
         because its table was stale. Errors no retry can help are raised."""
+        if isinstance(exc, WrongDirectory):
+            await self.stale(server, exc.reason)
+            return False
         if isinstance(exc, ServerDown):
             await self.fail(server, exc.reason)
             return False

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import xxhash
 
+from mirrorfuse.core import failures
 from mirrorfuse.core.failures import Event
 from mirrorfuse.core.layout import Layout
 from mirrorfuse.wire.addresses import ClusterSpec
@@ -73,6 +74,7 @@ class Volume:
         self.cluster = Cluster(spec, timeout)
         self.table = FailureTable(self.cluster)
         self.cluster.on_gen = self.table.saw_gen
+        self.cluster.check = self.table.misfit
         self.stats = ClientStats([0] * spec.count, [0] * spec.count, [0] * spec.count)
         self._rr = [0] * self.layout.pairs
 
@@ -134,8 +136,8 @@ class Volume:
     async def fail(self, server: int, reason: str) -> None:
         await self.table.fail(server, reason)
 
-    async def update_table(self, server: int, event: Event) -> None:
-        await self.table.update(server, event)
+    async def update_table(self, server: int, event: Event, ident: str = "") -> None:
+        await self.table.update(server, event, ident)
 
     async def refresh_table(self) -> None:
         await self.table.refresh()
@@ -176,12 +178,10 @@ class Volume:
                 )
         self.block_size = int(newest.block_size or 0)
         self.table.adopt(newest.table)
-        for i in stats.keys() - formatted.keys():
-            if self.states[i] == State.ALIVE:
-                raise MirrorfsError(
-                    f"server {i} ({self.spec.addresses[i]}) is not formatted but the volume "
-                    "counts it alive"
-                )
+        await self._check_directories(formatted)
+        for i in sorted(stats.keys() - formatted.keys()):
+            if self.states[i] == State.ALIVE:  # an empty directory: healed in full
+                await self.table.stale(i, "holds an empty data directory")
         for pair in range(self.layout.pairs):
             live = self.readable(pair)
             if not any(s in stats for s in live):
@@ -190,6 +190,26 @@ class Volume:
         for i, reason in down.items():
             if self.states[i] != State.FAILED:
                 await self.fail(i, reason)
+
+    async def _check_directories(self, found: dict[int, StatReply]) -> None:
+        """Every server the table counts alive holds the directory it should, as new as the
+        table: a table one generation behind is an update a client did not finish (it is
+        brought up to date); further behind, or another directory, is stale."""
+        table = self.table.table
+        learn, behind = {}, False
+        for s, st in found.items():
+            if table.states[s] != State.ALIVE:
+                continue
+            gen = st.table.gen if st.table else 0
+            why = failures.misfit(table, s, st.ident, gen + 1)
+            if why:
+                await self.table.stale(s, why)
+                continue
+            behind |= gen < table.gen
+            if not table.idents[s]:
+                learn[s] = st.ident  # a table from before identities: note them now
+        if learn or behind:
+            await self.table.learn(learn)
 
     async def close(self) -> None:
         self.table.close()
@@ -225,6 +245,12 @@ class Volume:
                 answers[s] = res
         return answers, stale
 
+    def _raced(self, gen: int, done: Sequence[int] | dict[int, Any], targets: list[int]) -> bool:
+        """A change that reached only some replicas under a table since replaced (one of
+        them failed on the way): sent again under the new one, so the survivor notes it
+        for the failed one's heal."""
+        return len(done) < len(targets) and self.gen != gen
+
     def _stamp(self) -> dict[str, Any]:
         """The table generation and mount epoch that fence stale writers."""
         return {"gen": self.gen, "epoch": self.table.epoch}
@@ -244,7 +270,7 @@ class Volume:
                 raise VolumeIOError(f"mirror pair {pair} has no live server")
             req = Write(slot=slot, checksum=csum, **self._stamp())
             written, stale = await self.each(targets, lambda s: self.call(s, req, data))
-            if written and not stale:
+            if written and not stale and not self._raced(req.gen, written, targets):
                 return csum
             if not stale and not self.writable(pair):
                 raise VolumeIOError(f"mirror pair {pair} has no live server")
@@ -269,8 +295,9 @@ class Volume:
 
         async def attempt() -> None:
             req = Trim(slot=slot, **self._stamp())
-            _, stale = await self.each(self.writable(pair), lambda s: self.call(s, req))
-            if stale:
+            targets = self.writable(pair)
+            done, stale = await self.each(targets, lambda s: self.call(s, req))
+            if stale or self._raced(req.gen, done, targets):
                 raise TryAgain
 
         await retry(attempt, f"trimming block {block}: the failure table kept changing")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mirrorfuse.client.blocking import BlockingVolume
+from mirrorfuse.client.heal import AutoHealer
 from mirrorfuse.client.journal import Journal, JournalBroken, JournalUnavailable
 from mirrorfuse.client.table import Fenced, NoSpace
 from mirrorfuse.core.namespace import NAME_MAX, ROOT, LookupFailed, Namespace, name_too_long
@@ -76,6 +77,7 @@ class FileSystem(OpenFiles):
         # bytes fetched ahead of a sequential reader; 0 reads block by block
         self.readahead = int(os.environ.get("MIRRORFS_READAHEAD", READAHEAD_BYTES))
         self._turns: dict[tuple[str, ...], int] = {}
+        self.healer: AutoHealer | None = None  # the mount's own, set when it heals
         self.journal: Journal = journal_factory(self._committed)
 
     # -- records ------------------------------------------------------------------------
@@ -473,6 +475,8 @@ class FileSystem(OpenFiles):
 
     def shutdown(self) -> None:
         """Write out everything, checkpoint, and stop the journal."""
+        if self.healer is not None:
+            self.bvol.loop.call_soon_threadsafe(self.healer.stop)
         with self.lock:
             states = list(self.states.items())
         for ino, st in states:

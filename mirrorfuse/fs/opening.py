@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from mirrorfuse.client.blocking import BlockingVolume
+from mirrorfuse.client.heal import AutoHealer
 from mirrorfuse.client.journal import Journal
 from mirrorfuse.client.metastore import MetaStore, holder_info
 from mirrorfuse.core.replay import replay
@@ -17,9 +18,14 @@ from .filesystem import FileSystem
 
 
 def open_filesystem(
-    spec: ClusterSpec, mountpoint: str, force: bool = False, timeout: float = 3.0
+    spec: ClusterSpec,
+    mountpoint: str,
+    force: bool = False,
+    timeout: float = 3.0,
+    heal: bool = False,
 ) -> FileSystem:
-    """Take the lease (``force``: from another mount) and build the namespace it changes."""
+    """Take the lease (``force``: from another mount) and build the namespace it changes;
+    with ``heal``, servers that come back are healed in the background."""
     bvol = BlockingVolume(spec, timeout)
     try:
         meta = MetaStore(bvol.volume)
@@ -36,7 +42,11 @@ def open_filesystem(
         def journal(on_committed: Callable[[int], None]) -> Journal:
             return Journal(bvol, meta, seq, snapshot, on_committed)
 
-        return FileSystem(bvol, ns, journal, limit)
+        fs = FileSystem(bvol, ns, journal, limit)
+        if heal:
+            fs.healer = AutoHealer(bvol.volume)
+            bvol.loop.call_soon_threadsafe(fs.healer.start)
+        return fs
     except BaseException:
         bvol.close()
         raise

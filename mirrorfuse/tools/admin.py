@@ -5,32 +5,28 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from mirrorfuse.client.connection import Connection, ServerDown
-from mirrorfuse.client.retry import TryAgain, retry
+from mirrorfuse.client.heal import heal
 from mirrorfuse.client.volume import Volume
 from mirrorfuse.core import failures
-from mirrorfuse.core.failures import Event
 from mirrorfuse.core.layout import Layout
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError
-from mirrorfuse.wire.frames import Flag
 from mirrorfuse.wire.messages import (
     Format,
-    Hello,
-    ListSlots,
-    Read,
-    RebuildBegin,
+    Message,
+    Request,
+    SetTable,
     Stat,
     State,
     StatReply,
-    Sync,
-    Trim,
-    Write,
+    Table,
 )
 from mirrorfuse.wire.sizes import check_block_size, human
 
+R = TypeVar("R", bound=Message)
 DEFAULT_BLOCK = 1 << 20
 PROBE_TIMEOUT = 2.0
 
@@ -87,16 +83,22 @@ async def format_volume(
             f"({blocks} blocks); add --force to erase it"
         )
     volume = str(uuid.uuid4())
+    idents = []
     for i in range(spec.count):
-        conn = await Connection.open(i, spec.addresses[i], PROBE_TIMEOUT)
-        try:
-            req = Format(
-                volume=volume, server=i, count=spec.count, block_size=block_size, force=force
-            )
-            await conn.call(req)
-        finally:
-            conn.close()
+        req = Format(volume=volume, server=i, count=spec.count, block_size=block_size, force=force)
+        idents.append((await _ask(spec, i, req)).ident)
+    table = Table(gen=2, states=(State.ALIVE,) * spec.count, idents=tuple(idents))
+    for i in range(spec.count):  # which directory is each server's, from the start
+        await _ask(spec, i, SetTable(table=table))
     return volume
+
+
+async def _ask(spec: ClusterSpec, server: int, req: Request[R]) -> R:
+    conn = await Connection.open(server, spec.addresses[server], PROBE_TIMEOUT)
+    try:
+        return (await conn.call(req)).body
+    finally:
+        conn.close()
 
 
 async def status(spec: ClusterSpec, timeout: float = PROBE_TIMEOUT) -> dict[str, Any]:
@@ -111,8 +113,8 @@ async def status(spec: ClusterSpec, timeout: float = PROBE_TIMEOUT) -> dict[str,
         row: dict[str, Any] = {"id": i, "address": str(spec.addresses[i]), "pair": i // 2}
         known = table.states[i].value if table else "unknown"
         if isinstance(found, str):
-            failed = known == State.FAILED
-            row.update(state="failed" if failed else "unreachable", error=found, pid=None)
+            out = known in (State.FAILED, State.STALE)
+            row.update(state=known if out else "unreachable", error=found, pid=None)
         else:
             row.update(
                 state=known if found.formatted or known == State.FAILED else "unformatted",
@@ -124,7 +126,14 @@ async def status(spec: ClusterSpec, timeout: float = PROBE_TIMEOUT) -> dict[str,
                 repairs=found.repairs,
                 bytes_read=found.bytes_read,
                 bytes_written=found.bytes_written,
+                dirty=found.dirty,
             )
+            why = _misfit(table, i, found)
+            if why:  # the table has not caught up with it yet
+                row.update(state=State.STALE.value, error=f"{why}; it will be healed in full")
+            if known == State.HEALING and found.heal_total:
+                row.update(healing=heal_progress(found))
+                row["state"] = f"healing {row['healing']['percent']}%"
             if found.formatted and newest is not None and found.volume != newest.volume:
                 row["state"] = "foreign"
                 row["error"] = f"belongs to volume {found.volume}"
@@ -139,6 +148,28 @@ async def status(spec: ClusterSpec, timeout: float = PROBE_TIMEOUT) -> dict[str,
         "pairs": layout.pairs,
         "table_gen": table.gen if table else None,
         "rows": rows,
+    }
+
+
+def _misfit(table: Table | None, server: int, found: StatReply) -> str | None:
+    """Why a server the table counts alive cannot be (the check a client makes)."""
+    if table is None or table.states[server] != State.ALIVE:
+        return None
+    if not found.formatted:
+        return "holds an empty data directory"
+    gen = found.table.gen if found.table else 0
+    return failures.misfit(table, server, found.ident, gen + 1)
+
+
+def heal_progress(found: StatReply) -> dict[str, Any]:
+    """How far a heal is, and about how long it has to go at the rate so far."""
+    done, total, secs = found.heal_done, found.heal_total, found.heal_seconds
+    left = (total - done) * secs / done if done else None
+    return {
+        "done": done,
+        "total": total,
+        "percent": 100 * done // max(total, 1),
+        "seconds_left": round(left) if left is not None else None,
     }
 
 
@@ -185,6 +216,16 @@ def format_status(st: dict[str, Any]) -> str:
     for r in st["rows"]:
         if r.get("error"):
             out.append(f"server {r['id']}: {r['error']}")
+        if r.get("healing"):
+            h = r["healing"]
+            eta = f", about {h['seconds_left']} s left" if h["seconds_left"] is not None else ""
+            out.append(f"server {r['id']}: healing, {h['done']} of {h['total']} blocks{eta}")
+        if r.get("dirty"):
+            mirror = r["id"] ^ 1
+            out.append(
+                f"server {r['id']}: {r['dirty']} blocks changed while server {mirror} was out "
+                "(what its heal copies)"
+            )
     pairs_down = [
         p
         for p in range(st["pairs"])
@@ -200,134 +241,32 @@ async def rebuild(
     target: int,
     progress: Callable[[str], None] = print,
     timeout: float = 3.0,
-    concurrency: int = 16,
 ) -> int:
     """Copy every block of ``target``'s mirror onto it and re-admit it; returns blocks copied."""
-    if not 0 <= target < spec.count:
+    return await heal_servers(spec, target, progress, timeout, full=True)
+
+
+async def heal_servers(
+    spec: ClusterSpec,
+    target: int | None = None,
+    progress: Callable[[str], None] = print,
+    timeout: float = 3.0,
+    full: bool = False,
+) -> int:
+    """Heal ``target``, or every server that needs it and answers; returns blocks copied."""
+    if target is not None and not 0 <= target < spec.count:
         raise UsageError(f"there is no server {target} (servers are 0-{spec.count - 1})")
     vol = Volume(spec, timeout)
     await vol.open()
     try:
-        return await _rebuild(vol, target, progress, concurrency)
+        if target is not None:
+            return await heal(vol, target, full, progress)
+        todo = [s for s in range(spec.count) if vol.states[s] != State.ALIVE]
+        if not todo:
+            progress("every server is alive: there is nothing to heal")
+        copied = 0
+        for s in todo:
+            copied += await heal(vol, s, full, progress)
+        return copied
     finally:
         await vol.close()
-
-
-async def _prepare(vol: Volume, target: int) -> None:
-    """The target formatted for this volume, in rebuild mode (newer writes beat copies)."""
-    addr = vol.spec.addresses[target]
-    try:
-        conn = await Connection.open(target, addr, vol.timeout)
-    except ServerDown as exc:
-        raise MirrorfsError(f"cannot rebuild: {exc} (start it first)") from None
-    try:
-        info = (await conn.call(Hello())).body
-        if info.server != target:
-            raise MirrorfsError(f"{addr} is server {info.server}, not server {target}")
-        if info.formatted and info.volume != vol.volume_id:
-            raise MirrorfsError(
-                f"server {target} holds another volume ({info.volume}); "
-                "give it an empty data directory"
-            )
-        if not info.formatted:
-            assert vol.volume_id is not None
-            req = Format(
-                volume=vol.volume_id,
-                server=target,
-                count=vol.spec.count,
-                block_size=vol.block_size,
-            )
-            await conn.call(req)
-        await conn.call(RebuildBegin())
-    finally:
-        conn.close()
-
-
-async def _rebuild(
-    vol: Volume, target: int, progress: Callable[[str], None], concurrency: int
-) -> int:
-    mirror = vol.layout.mirror_of(target)
-    if vol.states[target] == State.ALIVE:
-        raise MirrorfsError(f"server {target} is alive: there is nothing to rebuild")
-    if vol.states[mirror] != State.ALIVE:
-        raise MirrorfsError(
-            f"server {target}'s mirror, server {mirror}, is {vol.states[mirror].value}: "
-            "there is no copy to rebuild from"
-        )
-    await _prepare(vol, target)
-    await vol.update_table(target, Event.BEGIN_REBUILD)
-    if vol.states[target] != State.REBUILDING:
-        raise MirrorfsError(f"server {target} could not be marked rebuilding")
-    progress(f"rebuilding server {target} from server {mirror}")
-    copied = await _copy_slots(vol, mirror, target, progress, concurrency)
-    await vol.call(target, Sync())
-    await vol.update_table(target, Event.REBUILT)
-    if vol.states[target] != State.ALIVE:
-        raise MirrorfsError(f"server {target} failed during the rebuild; run it again")
-    progress(f"server {target} rebuilt: {copied} blocks copied; it is alive again")
-    return copied
-
-
-async def _list_all(vol: Volume, server: int) -> list[int]:
-    slots: list[int] = []
-    start: int | None = 0
-    while start is not None:
-        reply = await vol.call(server, ListSlots(start=start, limit=65536))
-        slots += reply.body.slots
-        start = reply.body.next
-    return slots
-
-
-async def _copy_slots(
-    vol: Volume, source: int, target: int, progress: Callable[[str], None], concurrency: int
-) -> int:
-    """Copy the source's slots; trim the target's extra ones. Newer writes win (Flag.COPY)."""
-    wanted = await _list_all(vol, source)
-    extra = set(await _list_all(vol, target)) - set(wanted)
-    sem = asyncio.Semaphore(concurrency)
-    done = 0
-    step = max(len(wanted) // 10, 1)
-
-    async def send(slot: int, data: bytes | None, csum: int = 0) -> None:
-        """A copy (or a trim, for None) to the target, against the newest table."""
-
-        async def attempt() -> None:
-            try:
-                if data is None:
-                    await vol.call(target, Trim(slot=slot, gen=vol.gen), flags=Flag.COPY)
-                else:
-                    req = Write(slot=slot, checksum=csum, gen=vol.gen)
-                    await vol.call(target, req, data, Flag.COPY)
-            except ServerError as exc:
-                if exc.code != "STALE":
-                    raise
-                await vol.refresh_table()
-                if vol.states[target] != State.REBUILDING:
-                    raise MirrorfsError(
-                        f"server {target} was marked {vol.states[target].value}"
-                    ) from None
-                raise TryAgain from None
-
-        await retry(attempt, f"copying slot {slot}: the failure table kept changing")
-
-    async def copy(slot: int) -> None:
-        nonlocal done
-        async with sem:
-            reply = await vol.call(source, Read(slot=slot))
-            if reply.body.absent:
-                await send(slot, None)
-            else:
-                await send(slot, bytes(reply.payload), reply.body.checksum or 0)
-            done += 1
-            if done % step == 0:
-                progress(f"  {done}/{len(wanted)} blocks")
-
-    async def drop(slot: int) -> None:
-        async with sem:
-            await send(slot, None)
-
-    try:
-        await asyncio.gather(*(copy(s) for s in wanted), *(drop(s) for s in extra))
-    except (ServerDown, ServerError) as exc:
-        raise MirrorfsError(f"rebuild interrupted: {exc}; run it again") from None
-    return len(wanted)

@@ -47,6 +47,13 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_heal(args: argparse.Namespace) -> int:
+    spec = cluster_from_args(args)
+    say = lambda m: print(m, flush=True)  # noqa: E731
+    run_async(admin.heal_servers(spec, args.id, say, args.timeout, args.full))
+    return 0
+
+
 def cmd_fsck(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
     rep = run_async(fsck(spec, args.deep, args.timeout))
@@ -141,8 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     indexcmd.add_group_args(sp)
     sp.set_defaults(func=indexcmd.cmd_index_shell)
 
-    sp = command("rebuild", cmd_rebuild, "copy a failed server's blocks back from its mirror")
-    sp.add_argument("id", type=int, help="id of the failed server (running, old or empty data dir)")
+    sp = command(
+        "heal",
+        cmd_heal,
+        "bring failed or stale servers back: only what changed, or everything when their "
+        "directory is empty, another or older (a mount does this by itself)",
+    )
+    sp.add_argument("id", type=int, nargs="?", help="one server (default: every one that needs it)")
+    sp.add_argument("--full", action="store_true", help="copy everything, whatever it holds")
+
+    sp = command("rebuild", cmd_rebuild, "copy all of a server's mirror onto it (a full heal)")
+    sp.add_argument("id", type=int, help="id of the server (running, old or empty data dir)")
     return p
 
 

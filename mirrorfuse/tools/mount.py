@@ -68,7 +68,7 @@ def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
             ready_fd = None
 
     try:
-        fs = open_filesystem(spec, args.mountpoint, args.force, args.timeout)
+        fs = open_filesystem(spec, args.mountpoint, args.force, args.timeout, heal=True)
     except MirrorfsError as exc:
         report(f"error: {exc}")
         log.error("%s", exc)
@@ -120,7 +120,7 @@ def background(args: argparse.Namespace, spec: ClusterSpec) -> int:
             os.dup2(null, 0)
             os.dup2(out, 1)
             os.dup2(out, 2)
-            logs.setup(PROG, logging.WARNING, timestamps=True)  # its output is now the log
+            logs.setup(PROG, logging.INFO, timestamps=True)  # its output is now the log
             args.ready_fd = w
             code = serve(args, spec)
         except BaseException:

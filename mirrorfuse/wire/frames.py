@@ -43,7 +43,7 @@ class Msg(IntEnum):
     GET_TABLE = 8
     SET_TABLE = 9
     SYNC = 10
-    REBUILD_BEGIN = 11
+    HEAL_BEGIN = 11
     META_INFO = 12
     LEASE = 13
     JOURNAL_APPEND = 14

@@ -49,8 +49,9 @@ class State(StrEnum):
     """A server's state in the failure table."""
 
     ALIVE = "alive"
-    FAILED = "failed"
-    REBUILDING = "rebuilding"
+    FAILED = "failed"  # out of reach; the same directory may come back
+    STALE = "stale"  # another or an older directory: never read, healed in full
+    HEALING = "healing"  # taking writes while what it lacks is copied
 
 
 class Availability(StrEnum):
@@ -62,10 +63,14 @@ class Availability(StrEnum):
 
 
 class Table(Message):
-    """The failure table: one state per server id, versioned by a generation."""
+    """The failure table: one state per server id, versioned by a generation; per server
+    also the identity of the data directory it holds, and the generation at which it
+    stopped being alive (0 while it is)."""
 
     gen: int
     states: tuple[State, ...]
+    idents: tuple[str, ...] = ()
+    since: tuple[int, ...] = ()
 
 
 # -- block servers ----------------------------------------------------------------------------
@@ -75,6 +80,7 @@ class Identity(Message):
     server: int
     pid: int
     formatted: bool
+    ident: str = ""  # of its data directory: new at format and at a full heal
     volume: str | None = None
     count: int | None = None
     block_size: int | None = None
@@ -97,8 +103,11 @@ class StatReply(Identity):
     repairs: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
-    rebuilding: bool = False
     capacity_slots: int = 0
+    dirty: int = 0  # slots changed while its mirror was out (copied when the mirror heals)
+    heal_total: int = 0  # being healed: slots to copy, copied, seconds since the start
+    heal_done: int = 0
+    heal_seconds: float = 0.0
 
 
 class Stat(Request[StatReply]):
@@ -161,6 +170,7 @@ class ListSlots(Request[ListReply]):
     REPLY = ListReply
     start: Count
     limit: Annotated[int, msgspec.Meta(ge=1)]
+    dirty: bool = False  # only those changed while the mirror was out
 
 
 class GetTable(Request[Table]):
@@ -189,9 +199,14 @@ class Sync(Request[GenReply]):
     REPLY = GenReply
 
 
-class RebuildBegin(Request[GenReply]):
-    TYPE = Msg.REBUILD_BEGIN
+class HealBegin(Request[GenReply]):
+    """This server is about to be healed: copies lose against newer writes, its metadata
+    comes anew; ``total`` slots will be copied (for the progress it shows)."""
+
+    TYPE = Msg.HEAL_BEGIN
     REPLY = GenReply
+    healer: str  # who copies: a second healer is refused while the first one is at work
+    total: Count = 0
 
 
 class Holder(Message):
@@ -384,7 +399,7 @@ REQUESTS: dict[int, type[Request[Any]]] = {
         GetTable,
         SetTable,
         Sync,
-        RebuildBegin,
+        HealBegin,
         MetaInfo,
         Lease,
         JournalAppend,

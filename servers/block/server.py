@@ -35,6 +35,7 @@ from mirrorfuse.wire.messages import (
     Format,
     GenReply,
     GetTable,
+    HealBegin,
     Hello,
     Identity,
     JournalAppend,
@@ -47,7 +48,6 @@ from mirrorfuse.wire.messages import (
     MetaInfoReply,
     Read,
     ReadReply,
-    RebuildBegin,
     Request,
     SetTable,
     SetTableReply,
@@ -69,6 +69,7 @@ from ..net import (
     dispatch,
     in_background,
 )
+from .healing import Refusal
 from .meta import Meta
 from .store import Store, StoreError
 
@@ -77,7 +78,7 @@ LIST_LIMIT = 65536
 IN_ORDER = {
     Msg.FORMAT,
     Msg.SYNC,
-    Msg.REBUILD_BEGIN,
+    Msg.HEAL_BEGIN,
     Msg.META_INFO,
     Msg.LEASE,
     Msg.JOURNAL_APPEND,
@@ -108,7 +109,7 @@ class BlockServer:
             ListSlots: self.list_slots,
             GetTable: self.get_table,
             SetTable: self.set_table,
-            RebuildBegin: self.rebuild_begin,
+            HealBegin: self.heal_begin,
             MetaInfo: self.meta_info,
             Lease: self.take_lease,
             JournalAppend: self.journal_append,
@@ -152,6 +153,7 @@ class BlockServer:
             server=self.store.server_id,
             pid=os.getpid(),
             formatted=sb is not None,
+            ident=self.store.ident,
             volume=sb.volume if sb else None,
             count=sb.count if sb else None,
             block_size=sb.block_size if sb else None,
@@ -171,6 +173,7 @@ class BlockServer:
 
     def stat(self, req: Stat, payload: bytes | bytearray, flags: int) -> Answer:
         c = self.store.counters
+        healing = self.store.healing
         reply = StatReply(
             **msgspec.structs.asdict(self.identity()),
             table=self.store.table if self.store.formatted else None,
@@ -182,8 +185,11 @@ class BlockServer:
             repairs=c.repairs,
             bytes_read=c.bytes_read,
             bytes_written=c.bytes_written,
-            rebuilding=self.store.rebuilding,
             capacity_slots=self.store.capacity_slots(),
+            dirty=len(self.store.dirty.slots) if self.store.dirty else 0,
+            heal_total=healing.total if healing else 0,
+            heal_done=healing.done if healing else 0,
+            heal_seconds=healing.seconds if healing else 0.0,
         )
         return reply, b""
 
@@ -238,7 +244,8 @@ class BlockServer:
 
     def list_slots(self, req: ListSlots, payload: bytes | bytearray, flags: int) -> Answer:
         store = self._formatted()
-        slots, nxt = store.list_used(req.start, min(req.limit, LIST_LIMIT))
+        listing = store.list_dirty if req.dirty else store.list_used
+        slots, nxt = listing(req.start, min(req.limit, LIST_LIMIT))
         return ListReply(slots=slots, next=nxt, gen=store.table.gen), b""
 
     def get_table(self, req: GetTable, payload: bytes | bytearray, flags: int) -> Answer:
@@ -314,8 +321,11 @@ class BlockServer:
             raise Refused("EIO", f"fsync failed: {exc.strerror}") from None
         return GenReply(gen=self.store.table.gen), b""
 
-    def rebuild_begin(self, req: RebuildBegin, payload: bytes | bytearray, flags: int) -> Answer:
-        self._formatted().begin_rebuild()
+    def heal_begin(self, req: HealBegin, payload: bytes | bytearray, flags: int) -> Answer:
+        try:
+            self._formatted().begin_heal(req.healer, req.total)
+        except Refusal as exc:
+            raise Refused("HEALING", str(exc)) from None
         return GenReply(gen=self.store.table.gen), b""
 
     def handle(self, frame: Frame) -> Out:

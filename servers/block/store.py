@@ -16,6 +16,7 @@ import fcntl
 import logging
 import os
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.messages import State, Table
 
 from ..files import atomic_write
+from .healing import BeingHealed, DirtySet
 from .meta import Meta
 
 # 2: typed journal records and checkpoints; 1 (before) is read and upgraded
@@ -66,6 +68,11 @@ class Superblock(msgspec.Struct):
     server: int
     count: int
     block_size: int
+    ident: str = ""  # this directory's own identity (new at every format)
+
+
+def new_ident() -> str:
+    return uuid.uuid4().hex
 
 
 class Store:
@@ -78,8 +85,8 @@ class Store:
         self.superblock: Superblock | None = None
         self.table = Table(gen=0, states=())
         self.counters = Counters()
-        self.rebuilding = False
-        self._fresh: set[int] = set()
+        self.healing: BeingHealed | None = None
+        self.dirty: DirtySet | None = None
         self._index = bytearray()
         self._used = 0
         self._data_fd = -1
@@ -117,8 +124,9 @@ class Store:
             sb = msgspec.convert(raw, Superblock)
         except msgspec.ValidationError as exc:
             raise StoreError(f"superblock {sb_path} is damaged: {exc}") from None
-        if sb.format != FORMAT_NAME:  # the client reads the old metadata and rewrites it
+        if sb.format != FORMAT_NAME or not sb.ident:  # the client reads the old metadata
             sb.format = FORMAT_NAME
+            sb.ident = sb.ident or new_ident()
             atomic_write(sb_path, msgspec.json.encode(sb))
             log.info("data directory %s upgraded from %s to %s", self.path, found, FORMAT_NAME)
         if sb.server != self.server_id:
@@ -158,9 +166,11 @@ class Store:
             1 for off in range(0, len(self._index), ENTRY.size) if self._index[off + 12] & USED
         )
         self.meta = Meta(self.path)
+        self.dirty = DirtySet(self.path / "dirty.log")
         table_path = self.path / "table.json"
         if table_path.exists():
-            self.table = msgspec.json.decode(table_path.read_bytes(), type=Table)
+            raw = table_path.read_bytes().replace(b'"rebuilding"', b'"healing"')  # mirrorfs-1
+            self.table = failures.normalized(msgspec.json.decode(raw, type=Table))
         else:
             self.table = failures.fresh(self.superblock.count)
 
@@ -172,6 +182,9 @@ class Store:
         if self.meta is not None:
             self.meta.close()
             self.meta = None
+        if self.dirty is not None:
+            self.dirty.close()
+            self.dirty = None
 
     def format(self, volume: str, count: int, block_size: int) -> None:
         """Make this directory a fresh, empty member of ``volume`` (erases everything)."""
@@ -185,17 +198,17 @@ class Store:
             "checkpoint.bin",
             "checkpoint.tmp",
             "lease.json",
+            "dirty.log",
         ):
             (self.path / name).unlink(missing_ok=True)
-        sb = Superblock(FORMAT_NAME, volume, self.server_id, count, block_size)
+        sb = Superblock(FORMAT_NAME, volume, self.server_id, count, block_size, new_ident())
         self.table = failures.fresh(count)
         atomic_write(self.path / "table.json", msgspec.json.encode(self.table))
         atomic_write(self.path / "superblock.json", msgspec.json.encode(sb))
         self.superblock = sb
         self._index = bytearray()
         self._used = 0
-        self.rebuilding = False
-        self._fresh.clear()
+        self.healing = None
         self._load()
 
     @property
@@ -219,26 +232,38 @@ class Store:
 
     # -- the failure table --------------------------------------------------------
 
+    @property
+    def ident(self) -> str:
+        return self.superblock.ident if self.superblock else ""
+
     def set_table(self, table: Table) -> bool:
         """Adopt a newer table; an older or equal generation is ignored."""
         if table.gen <= self.table.gen:
             return False
-        self.table = table
-        atomic_write(self.path / "table.json", msgspec.json.encode(table))
-        if self.rebuilding and table.states[self.server_id] == State.ALIVE:
-            self.rebuilding = False  # the rebuild is done: no more copies to tell apart
-            self._fresh.clear()
+        self.table = failures.normalized(table)
+        atomic_write(self.path / "table.json", msgspec.json.encode(self.table))
+        states = self.table.states
+        if self.healing is not None and states[self.server_id] == State.ALIVE:
+            self.healing = None  # healed: no more copies to tell apart
+        if states[self.server_id ^ 1] == State.ALIVE and self.dirty and self.dirty.slots:
+            self.dirty.clear()  # the mirror has all of it again
         return True
 
-    def begin_rebuild(self) -> None:
-        """From now on, a normal write or trim of a slot wins over any rebuild copy of it.
+    def begin_heal(self, healer: str, total: int) -> None:
+        """From now on, a normal write or trim of a slot wins over any copy of it.
 
-        The metadata is dropped too: the rebuild or the mounted client sends it anew.
+        The metadata is dropped too: the healer or the mounted client sends it anew.
         """
-        self.rebuilding = True
-        self._fresh.clear()
-        assert self.meta is not None
-        self.meta.wipe()
+        if self.healing is None:
+            self.healing = BeingHealed(healer, total)
+            assert self.meta is not None
+            self.meta.wipe()
+        else:
+            self.healing = self.healing.takeover(healer, total)
+
+    def _mirror_out(self) -> bool:
+        states = self.table.states
+        return bool(states) and states[self.server_id ^ 1] in (State.FAILED, State.STALE)
 
     # -- slots --------------------------------------------------------------------
 
@@ -258,13 +283,11 @@ class Store:
         self._used += bool(flags & USED) - bool(was_used)
 
     def _skip_copy(self, slot: int, copy: bool) -> bool:
-        """During a rebuild, decide whether this write is stale (a copy of an overwritten slot)."""
-        if not self.rebuilding:
-            return False
-        if copy:
-            return slot in self._fresh
-        self._fresh.add(slot)
-        return False
+        """Whether this write is stale (a heal's copy of a slot written anew since); and a
+        normal change while the mirror is out is noted for its heal."""
+        if not copy and self.dirty is not None and self._mirror_out():
+            self.dirty.add(slot)
+        return self.healing is not None and self.healing.skip(slot, copy)
 
     def capacity_slots(self) -> int:
         """How many slots this server can hold: its --capacity, else what its disk allows."""
@@ -315,6 +338,9 @@ class Store:
         self.counters.trims += 1
         return True
 
+    def list_dirty(self, start: int, limit: int) -> tuple[list[int], int | None]:
+        return self.dirty.page(start, limit) if self.dirty else ([], None)
+
     def list_used(self, start: int, limit: int) -> tuple[list[int], int | None]:
         """Used slots from ``start``, at most ``limit``, and where to continue (None: done)."""
         out: list[int] = []
@@ -332,6 +358,8 @@ class Store:
                 os.fdatasync(fd)
         if self.meta is not None:
             self.meta.sync()
+        if self.dirty is not None:
+            self.dirty.sync()
 
     def close(self) -> None:
         if self.formatted:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli, free_base_port, sha, wait_for
+from helpers import cli, free_base_port, free_ports, sha, wait_for
 
 CLI = str(Path(sys.executable).parent / "mirrorfs-cli")
 MiB = 1 << 20
@@ -118,7 +118,7 @@ def partial_size(out: Path) -> int:
 
 def test_kill_one_pause_another_and_still_get_every_byte(tmp_path, servers_factory):
     src = make_file(tmp_path / "src.bin", 256)
-    ports = [free_base_port(1) for _ in range(4)]
+    ports = free_ports(4)
     srv = servers_factory(src, ports, rate=30)
     out = tmp_path / "out.bin"
     dl = download(out, ports)
@@ -142,7 +142,7 @@ def test_kill_one_pause_another_and_still_get_every_byte(tmp_path, servers_facto
 
 def test_all_servers_die_then_resume_fetches_only_the_rest(tmp_path, servers_factory):
     src = make_file(tmp_path / "src.bin", 256)
-    ports = [free_base_port(1) for _ in range(3)]
+    ports = free_ports(3)
     srv = servers_factory(src, ports, rate=25)
     out = tmp_path / "out.bin"
     dl = download(out, ports)
@@ -196,7 +196,7 @@ def http_server(root: Path, handler=RangeHandler):
 
 def test_mixed_http_mirrors_and_mirrorfs_servers(tmp_path, servers_factory):
     src = make_file(tmp_path / "src.bin", 64)
-    ports = [free_base_port(1) for _ in range(2)]
+    ports = free_ports(2)
     servers_factory(src, ports)
     good = http_server(tmp_path)
     plain = http_server(tmp_path, http.server.SimpleHTTPRequestHandler)  # no Range support
@@ -313,7 +313,7 @@ def test_get_of_a_missing_path_or_directory(cluster4, make_mount):
 
 def test_resume_state_survives_a_sigkill_of_the_client(tmp_path, servers_factory):
     src = make_file(tmp_path / "src.bin", 256)
-    ports = [free_base_port(1) for _ in range(4)]
+    ports = free_ports(4)
     servers_factory(src, ports, rate=25)
     out = tmp_path / "out.bin"
     killed_download(out, ports, 64 * MiB)
@@ -326,7 +326,7 @@ def test_resume_state_survives_a_sigkill_of_the_client(tmp_path, servers_factory
 
 def test_a_damaged_download_fails_its_checksum_and_is_not_renamed(tmp_path, servers_factory):
     src = make_file(tmp_path / "src.bin", 128)
-    ports = [free_base_port(1) for _ in range(2)]
+    ports = free_ports(2)
     servers_factory(src, ports, rate=20)
     out = tmp_path / "out.bin"
     killed_download(out, ports, 32 * MiB)

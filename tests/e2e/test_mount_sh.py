@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import cli, free_base_port, wait_for
+from helpers import ServerProc, cli, free_base_port, wait_for
 
 from mirrorfuse.tools import registry
 
@@ -89,3 +89,39 @@ def test_non_empty_mountpoint_and_missing_servers_are_clear_errors(local, tmp_pa
     assert "Traceback" not in res.stderr
     res = mount_sh("--count", "5", *args, str(empty))
     assert res.returncode != 0 and "odd number" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_an_old_directory_brought_back_is_stale_never_alive(local, tmp_path):
+    """The report: server 2 failed, came back on an empty directory and was healed;
+    later ./mount.sh started it from its old directory, which lacked what was written
+    meanwhile. It must not count alive: stale, healed in full, then its mirror may go."""
+    mnt, args, base = local
+    assert mount_sh(*args, str(mnt)).returncode == 0
+    data = tmp_path / "data"
+    (mnt / "before").write_bytes(os.urandom(3 << 20))
+    rows = json.loads(cli("status", "--json").stdout)["rows"]
+    os.kill(rows[2]["pid"], signal.SIGKILL)
+    after = os.urandom(5 << 20)
+    (mnt / "after").write_bytes(after)  # server 2 misses this
+    assert json.loads(cli("status", "--json").stdout)["rows"][2]["state"] == "failed"
+    spare = ServerProc(2, base + 2, tmp_path / "spare" / "2")  # an empty directory
+    try:  # the mount heals it by itself, in full
+        assert wait_for(lambda: cli("status", "--json").stdout.count('"alive"') == 4, 60)
+        assert mount_sh("-u", str(mnt)).returncode == 0
+    finally:
+        spare.terminate()
+    # a plain ./mount.sh: server 2 starts again from its old directory
+    old = ident_of(data / "2")
+    up = mount_sh(*args, str(mnt))
+    assert up.returncode == 0, up.stderr
+    first = json.loads(cli("status", "--json").stdout)["rows"]
+    assert first[2]["state"] != "alive" or ident_of(data / "2") != old  # never alive as it was
+    assert wait_for(lambda: cli("status", "--json").stdout.count('"alive"') == 4, 60)
+    assert ident_of(data / "2") != old  # healed in full: formatted anew, not caught up
+    os.kill(first[3]["pid"], signal.SIGKILL)  # which the README says is survivable
+    assert (mnt / "after").read_bytes() == after
+    assert mount_sh("-u", str(mnt)).returncode == 0
+
+
+def ident_of(directory: Path) -> str:
+    return json.loads((directory / "superblock.json").read_text())["ident"]

@@ -223,7 +223,7 @@ def test_rebuild_under_load_then_lose_the_other_mirror(make_cluster, replacement
         stop.set()
         t.join(60)
         assert res.returncode == 0, res.stderr
-        assert "server 1 rebuilt" in res.stdout
+        assert "server 1 healed" in res.stdout
         assert not errors, errors
         assert during > 0, "the load must run while the rebuild copies"
         assert vol.volume.states[1] == "alive" or wait_for(

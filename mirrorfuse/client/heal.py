@@ -1,0 +1,241 @@
+"""Healing a server: copy from its mirror what it lacks, while reads and writes go on.
+
+A server that failed and comes back with its own directory, as it left it,
+gets only the slots its mirror noted as changed meanwhile; any other (an
+empty, another or an older directory) is formatted anew and gets every slot.
+The order makes the copy complete: the server first learns it is being
+healed (a copy then never overwrites a newer write), then the table counts
+it healing (new writes reach it), and only then is the list of slots taken.
+The mount runs ``AutoHealer`` in the background; ``mirrorfs-cli heal`` and
+``rebuild`` call ``heal`` when no mount is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable
+
+from mirrorfuse.core import failures
+from mirrorfuse.core.failures import Event
+from mirrorfuse.wire.errors import MirrorfsError, ServerError
+from mirrorfuse.wire.frames import Flag
+from mirrorfuse.wire.messages import (
+    Format,
+    HealBegin,
+    Hello,
+    Identity,
+    ListSlots,
+    Read,
+    Stat,
+    State,
+    Sync,
+    Trim,
+    Write,
+)
+
+from .connection import Connection, ServerDown
+from .retry import TryAgain, retry
+from .volume import Volume
+
+log = logging.getLogger("mirrorfs")
+CONCURRENCY = 8  # copies in flight: enough to fill a disk, few enough to leave it to users
+
+
+async def list_slots(vol: Volume, server: int, dirty: bool = False) -> list[int]:
+    slots: list[int] = []
+    start: int | None = 0
+    while start is not None:
+        reply = await vol.call(server, ListSlots(start=start, limit=65536, dirty=dirty))
+        slots += reply.body.slots
+        start = reply.body.next
+    return slots
+
+
+async def _look(vol: Volume, target: int) -> None:
+    try:
+        await vol.call(target, Stat())
+    except (ServerDown, ServerError) as exc:
+        await vol.handle_error(target, exc)
+
+
+async def _identity(vol: Volume, target: int) -> Identity:
+    try:
+        conn = await Connection.open(target, vol.spec.addresses[target], vol.timeout)
+    except ServerDown as exc:
+        raise MirrorfsError(f"cannot heal: {exc} (start it first)") from None
+    try:
+        info = (await conn.call(Hello())).body
+    finally:
+        conn.close()
+    if info.server != target:
+        raise MirrorfsError(f"{vol.spec.addresses[target]} is server {info.server}, not {target}")
+    if info.formatted and info.volume != vol.volume_id:
+        raise MirrorfsError(
+            f"server {target} holds another volume ({info.volume}); give it an empty data directory"
+        )
+    return info
+
+
+async def _format(vol: Volume, target: int, wipe: bool) -> Identity:
+    assert vol.volume_id is not None
+    req = Format(
+        volume=vol.volume_id,
+        server=target,
+        count=vol.spec.count,
+        block_size=vol.block_size,
+        force=wipe,
+    )
+    conn = await Connection.open(target, vol.spec.addresses[target], vol.timeout)
+    try:
+        return (await conn.call(req)).body
+    finally:
+        conn.close()
+
+
+async def heal(
+    vol: Volume,
+    target: int,
+    full: bool = False,
+    progress: Callable[[str], None] = lambda _m: None,
+    concurrency: int = CONCURRENCY,
+) -> int:
+    """Heal ``target`` (in full with ``full``); returns the slots copied."""
+    mirror = vol.layout.mirror_of(target)
+    if vol.states[target] == State.ALIVE:
+        await _look(vol, target)  # a directory swapped under the table is found stale here
+    if vol.states[target] == State.ALIVE:
+        raise MirrorfsError(f"server {target} is alive: there is nothing to heal")
+    if vol.states[mirror] != State.ALIVE:
+        raise MirrorfsError(
+            f"server {target}'s mirror, server {mirror}, is {vol.states[mirror].value}: "
+            "there is no copy to heal from"
+        )
+    info = await _identity(vol, target)
+    catch_up = (
+        not full
+        and info.formatted
+        and failures.can_catch_up(vol.table.table, target, info.ident, info.gen)
+    )
+    if not catch_up:
+        info = await _format(vol, target, wipe=info.formatted)
+    vol.cluster.drop(target)  # a formatted server: connect anew
+    healer = f"{uuid.uuid4().hex[:12]}"
+    try:
+        await vol.call(target, HealBegin(healer=healer))
+    except ServerError as exc:
+        raise MirrorfsError(f"cannot heal server {target}: {exc}") from None
+    await vol.update_table(target, Event.BEGIN_HEAL, info.ident)
+    if vol.states[target] != State.HEALING:
+        raise MirrorfsError(f"server {target} could not be marked healing")
+    wanted = await list_slots(vol, mirror, dirty=catch_up)
+    extra = [] if catch_up else sorted(set(await list_slots(vol, target)) - set(wanted))
+    await vol.call(target, HealBegin(healer=healer, total=len(wanted) + len(extra)))
+    how = "what changed" if catch_up else "everything"
+    progress(f"healing server {target} from server {mirror}: {how}, {len(wanted)} blocks")
+    copied = await _copy(vol, mirror, target, wanted, extra, progress, concurrency)
+    await vol.call(target, Sync())
+    await vol.update_table(target, Event.HEALED)
+    if vol.states[target] != State.ALIVE:
+        raise MirrorfsError(f"server {target} failed during the heal; run it again")
+    progress(f"server {target} healed: {copied} blocks copied; it is alive again")
+    return copied
+
+
+async def _copy(
+    vol: Volume,
+    source: int,
+    target: int,
+    wanted: list[int],
+    extra: list[int],
+    progress: Callable[[str], None],
+    concurrency: int,
+) -> int:
+    """Copy the source's slots; trim the target's extra ones. Newer writes win (Flag.COPY)."""
+    sem = asyncio.Semaphore(concurrency)
+    done = 0
+    step = max(len(wanted) // 10, 1)
+
+    async def send(slot: int, data: bytes | None, csum: int = 0) -> None:
+        """A copy (or a trim, for None) to the target, against the newest table."""
+
+        async def attempt() -> None:
+            try:
+                if data is None:
+                    await vol.call(target, Trim(slot=slot, gen=vol.gen), flags=Flag.COPY)
+                else:
+                    req = Write(slot=slot, checksum=csum, gen=vol.gen)
+                    await vol.call(target, req, data, Flag.COPY)
+            except ServerError as exc:
+                if exc.code != "STALE":
+                    raise
+                await vol.refresh_table()
+                if vol.states[target] != State.HEALING:
+                    raise MirrorfsError(
+                        f"server {target} was marked {vol.states[target].value}"
+                    ) from None
+                raise TryAgain from None
+
+        await retry(attempt, f"copying slot {slot}: the failure table kept changing")
+
+    async def copy(slot: int) -> None:
+        nonlocal done
+        async with sem:
+            reply = await vol.call(source, Read(slot=slot))
+            if reply.body.absent:
+                await send(slot, None)
+            else:
+                await send(slot, bytes(reply.payload), reply.body.checksum or 0)
+            done += 1
+            if done % step == 0:
+                progress(f"  {done}/{len(wanted)} blocks")
+
+    async def drop(slot: int) -> None:
+        async with sem:
+            await send(slot, None)
+
+    try:
+        await asyncio.gather(*(copy(s) for s in wanted), *(drop(s) for s in extra))
+    except (ServerDown, ServerError) as exc:
+        raise MirrorfsError(f"heal interrupted: {exc}; run it again") from None
+    return len(wanted)
+
+
+class AutoHealer:
+    """The mount's own healer: every few seconds, a server that is not alive and answers,
+    with a live mirror, is healed, one at a time."""
+
+    def __init__(self, vol: Volume, interval: float = 2.0) -> None:
+        self.vol = vol
+        self.interval = interval
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            for server in range(self.vol.spec.count):
+                if await self._wanted(server):
+                    try:
+                        await heal(self.vol, server, progress=log.info)
+                    except MirrorfsError as exc:
+                        log.warning("healing server %d stopped: %s", server, exc)
+
+    async def _wanted(self, server: int) -> bool:
+        vol = self.vol
+        if vol.states[server] == State.ALIVE:
+            return False
+        if vol.states[vol.layout.mirror_of(server)] != State.ALIVE:
+            return False
+        try:
+            await _identity(vol, server)
+        except MirrorfsError:
+            return False  # not back yet
+        return True
