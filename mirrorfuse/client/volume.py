@@ -344,7 +344,7 @@ class Volume:
                 continue
             self.stats.reads[server] += 1
             for b in bad:
-                await self._repair(b, block, data)
+                await self.repair(b, block, data)
             return data, server
 
     async def read_via(self, block: int, expected: int, server: int) -> bytes:
@@ -364,7 +364,8 @@ class Volume:
     async def read(self, block: int, expected: int | None = None) -> bytes:
         return (await self.read_from(block, expected))[0]
 
-    async def _repair(self, server: int, block: int, data: bytes) -> None:
+    async def repair(self, server: int, block: int, data: bytes) -> bool:
+        """Rewrite a copy found bad from a good one; False: the server failed instead."""
         slot = self.layout.slot_of(block)
         try:
             if data:
@@ -373,9 +374,11 @@ class Volume:
             else:
                 await self.call(server, Trim(slot=slot, **self._stamp()), flags=Flag.REPAIR)
             self.stats.repaired[server] += 1
+            return True
         except (ServerDown, ServerError) as exc:
             with contextlib.suppress(VolumeIOError):
                 await self.handle_error(server, exc)
+            return False
 
     async def sync(self, pairs: Iterable[int] = ()) -> None:
         """Return when everything written so far is on stable storage of every live replica.

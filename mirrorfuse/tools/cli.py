@@ -14,6 +14,7 @@ from mirrorfuse.wire.sizes import check_block_size, human, parse_size
 from . import admin, download, indexcmd, logs, servefile, shell
 from .args import add_cluster_args, cluster_from_args, run, seconds_arg
 from .fsck import fsck
+from .fsck import summary as fsck_summary
 
 PROG = "mirrorfs-cli"
 
@@ -56,16 +57,22 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 def cmd_fsck(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
-    rep = run_async(fsck(spec, args.deep, args.timeout))
+    rep, found = run_async(fsck(spec, args.deep, args.timeout, args.repair))
     for problem in rep.problems:
         print(f"PROBLEM: {problem}")
-    what = "namespace and every data block" if args.deep else "namespace"
-    verdict = f"{len(rep.problems)} problem(s)" if rep.problems else "clean"
+    for line in fsck_summary(found):
+        print(line)
+    count = len(rep.problems) + (found.unrepaired if found else 0)
+    what = "namespace and every copy of every block" if found else "namespace"
+    verdict = f"{count} problem(s)" if count else "clean"
+    copies = f", {found.copies} copies compared" if found else ""
+    fixed = sum(found.repaired.values()) if found else 0
+    repaired = f"; {fixed} copies repaired" if fixed else ""
     print(
-        f"fsck ({what}): {verdict}; {rep.inodes} inodes, {rep.blocks} blocks, "
-        f"{rep.orphans} open-but-unlinked"
+        f"fsck ({what}): {verdict}{repaired}; {rep.inodes} inodes, {rep.blocks} blocks"
+        f"{copies}, {rep.orphans} open-but-unlinked"
     )
-    return 1 if rep.problems else 0
+    return 1 if count else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("where", nargs="?", metavar="MOUNTPOINT", help="same as --mount")
 
     sp = command("fsck", cmd_fsck, "check the namespace (and with --deep every block) of a volume")
-    sp.add_argument("--deep", action="store_true", help="also read and verify every data block")
+    sp.add_argument(
+        "--deep",
+        action="store_true",
+        help="also read every copy of every block and compare it with the block map",
+    )
+    sp.add_argument(
+        "--repair",
+        action="store_true",
+        help="rewrite bad copies from their mirror (implies --deep; not while mounted)",
+    )
 
     sp = sub.add_parser(
         "shell",
