@@ -131,9 +131,13 @@ def console_command(servers: list[VirtualServer], line: str) -> str:
     if srv.state == DEAD:
         return f"server {srv.number} has ended"
     if action == "pause":
+        if srv.state == PAUSED:
+            return f"server {srv.number} is already paused (r{srv.number} resumes it)"
         srv.state = PAUSED
         return f"server {srv.number} paused"
     if action == "r":
+        if srv.state != PAUSED:
+            return f"server {srv.number} is not paused: nothing to resume"
         srv.state = ALIVE
         return f"server {srv.number} resumed"
     if action == "e":

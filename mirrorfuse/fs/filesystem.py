@@ -174,6 +174,9 @@ class FileSystem(OpenFiles):
         return parent or "/", name
 
     def _check_name(self, name: str) -> None:
+        """A name to create or replace: "/" (an empty name), "." and ".." always exist."""
+        if name in ("", ".", ".."):
+            raise FsError(errno.EEXIST)
         if name_too_long(name):
             raise FsError(errno.ENAMETOOLONG)
 
@@ -348,6 +351,8 @@ class FileSystem(OpenFiles):
     def unlink(self, path: str) -> None:
         with self.lock:
             parent_path, name = self._split(path)
+            if name in ("", ".", ".."):
+                raise FsError(errno.EISDIR)
             parent = self._dir(parent_path)
             self._check_name(name)
             ino = names(parent).get(name)

@@ -123,6 +123,9 @@ def test_bad_input_never_kills_the_shell(seed_cluster):
         ("read /d", "Is a directory"),
         ('mkdir "/unterminated', "No closing quotation"),
         ("create /" + "n" * 256, "File name too long"),
+        ("mkdir /", "error: mkdir /: File exists"),
+        ("create /", "error: create /: File exists"),
+        ("mv /d /", "error: mv /d: File exists"),
     ]
     for line, answer in cases:
         cmd(child, line, answer)
@@ -131,6 +134,30 @@ def test_bad_input_never_kills_the_shell(seed_cluster):
     child.expect(pexpect.EOF)
     child.wait()
     assert child.exitstatus == 0
+    res = cli("fsck", *seed_cluster.args)  # nothing was made under an empty name
+    assert res.returncode == 0 and "clean" in res.stdout, res.stdout
+
+
+def test_exit_with_a_whole_pair_dead_says_so(seed_cluster):
+    c = seed_cluster
+    child = spawn(
+        "--delay", "0", "--read-delay", "0", "--base-port", str(c.base), "--yes", "--timeout", "1"
+    )
+    cmd(child, "write /one first", "wrote 5 bytes to /one")
+    c.kill(2)
+    c.kill(3)
+    cmd(child, "mkdir /later", "made directory /later")  # the journal is on every server
+    for i in range(4):  # blocks on both pairs: pair 1's fail, one by one
+        cmd(child, f"write /x{i} text{i}")
+        child.expect(f"(wrote 5 bytes to /x{i}|error: write /x{i}: .*pair 1)")
+    cmd(child, "exit")
+    child.expect(pexpect.EOF)
+    child.wait()
+    out = child.before
+    assert "Traceback" not in out and "JournalBroken" not in out, out
+    assert child.exitstatus == 0, out
+    m = [r["state"] for r in c.status()["rows"]]
+    assert m[:2] == ["alive", "alive"], m
 
 
 def test_server_killed_between_two_writes(seed_cluster):
