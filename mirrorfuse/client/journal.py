@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from mirrorfuse.core.replay import Batch
 from mirrorfuse.wire.errors import MirrorfsError
+from mirrorfuse.wire.messages import MetaInfo
 from mirrorfuse.wire.records import encode_batch
 
 from .blocking import BlockingVolume
@@ -36,6 +37,14 @@ MAX_BATCH_BYTES = 4 << 20
 class _Checkpoint:
     seq: int
     blob: bytes
+
+
+@dataclass
+class _BringUp:
+    """A healed server's metadata, brought up to date in journal order."""
+
+    server: int
+    done: asyncio.Future[None]
 
 
 RETRY_AFTER = 1.0  # seconds between tries of a batch no server took
@@ -66,7 +75,7 @@ class Journal:
         self._ckpt = _Checkpoint(seq, checkpoint)
         self._tail: list[Batch] = []
         self._tail_bytes = 0
-        self._queue: list[bytes | _Checkpoint] = []
+        self._queue: list[bytes | _Checkpoint | _BringUp] = []
         self._cond = threading.Condition()
         self._on_committed = on_committed
         self.error: BaseException | None = None  # permanent
@@ -128,14 +137,26 @@ class Journal:
 
     # -- the committer (event loop) ------------------------------------------------------
 
-    def _take(self) -> tuple[list[bytes], _Checkpoint | None]:
-        """Records up to the next checkpoint marker (and that marker)."""
+    async def bring_up(self, server: int) -> None:
+        """(On the event loop) bring a server's journal and checkpoint up to what is
+        committed, between two batches: a heal ends with this before the server counts
+        alive, so its metadata is whole even if no change follows."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if self.error is not None or self._closing:
+                raise MirrorfsError(f"the journal is stopped: {self.error or 'unmounting'}")
+            self._queue.append(_BringUp(server, done))
+        self._wake.set()
+        await done
+
+    def _take(self) -> tuple[list[bytes], _Checkpoint | _BringUp | None]:
+        """Records up to the next marker (and that marker)."""
         with self._cond:
             records: list[bytes] = []
             size = 0
             while self._queue:
                 item = self._queue[0]
-                if isinstance(item, _Checkpoint):
+                if isinstance(item, _Checkpoint | _BringUp):
                     if records:
                         break
                     self._queue.pop(0)
@@ -148,7 +169,7 @@ class Journal:
             return records, None
 
     async def _run(self) -> None:
-        item: Batch | _Checkpoint | None = None  # taken, not yet on the servers
+        item: Batch | _Checkpoint | _BringUp | None = None  # taken, not yet on the servers
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -184,7 +205,18 @@ class Journal:
                 if self._closing and not self._queue:
                     return
 
-    async def _store(self, item: Batch | _Checkpoint) -> None:
+    async def _store(self, item: Batch | _Checkpoint | _BringUp) -> None:
+        if isinstance(item, _BringUp):
+            try:
+                info = await self._meta.vol.call(item.server, MetaInfo())
+                await self._heal(item.server, info.body.last_seq)
+            except Exception as exc:  # the heal fails, not the journal
+                if not item.done.done():
+                    item.done.set_exception(exc)
+            else:
+                if not item.done.done():
+                    item.done.set_result(None)
+            return
         if isinstance(item, _Checkpoint):
             await self._meta.put_checkpoint(item.seq, item.blob)
             self._ckpt = item

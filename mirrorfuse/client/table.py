@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from mirrorfuse.core import failures
 from mirrorfuse.core.failures import Event
+from mirrorfuse.core.layout import mirror_of
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, VolumeIOError
 from mirrorfuse.wire.messages import GetTable, Identity, SetTable, SetTableReply, State, Table
 
@@ -49,6 +50,7 @@ class FailureTable:
         self.epoch: int | None = None  # the mount's lease epoch, once it holds one
         self._lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
+        self._pending: Table | None = None  # a table being persisted (connections check it)
         self._announced: set[int] = set()
         self._strikes: dict[int, int] = {}  # failed attempts on a pair's last live copy
         self._gone: set[int] = set()  # last copies that ran out of tries: EIO at once
@@ -77,9 +79,20 @@ class FailureTable:
             self.table = failures.normalized(newest)
 
     def misfit(self, server: int, hello: Identity) -> str | None:
-        """Why a server's directory cannot be the one the table counts alive (on every
-        connection: the generation is left to the check at open, when nothing moves)."""
-        return failures.misfit(self.table, server, hello.ident, self.table.gen)
+        """Why a server's directory cannot be the one the table counts alive or healing
+        (on every connection). Its age is checked while its mirror is alive: then every
+        table since reached it, or it was marked failed (one behind: an update under way).
+        The last copy of a pair may have missed tables; its identity must do."""
+        why = None
+        for table in (self.table, self._pending):  # the one being persisted fits too
+            if table is None:
+                continue
+            mirror_alive = table.states[mirror_of(server)] == State.ALIVE
+            gen = hello.gen + 1 if mirror_alive else table.gen
+            why = failures.misfit(table, server, hello.ident, gen)
+            if why is None:
+                return None
+        return why
 
     # -- keeping in step ------------------------------------------------------------------
 
@@ -108,15 +121,15 @@ class FailureTable:
             if not isinstance(reply, BaseException):
                 self.adopt(reply.body)
 
-    async def update(self, server: int, event: Event, ident: str = "") -> None:
+    async def update(self, server: int, event: Event, ident: str = "", full: bool = False) -> None:
         """Feed ``event`` to the newest table and persist it on every server taking writes.
 
         An event the newest table does not allow (another client got there
         first) changes nothing; the caller looks at ``states`` afterwards.
         Servers found unreachable on the way are marked failed in the same table.
-        ``ident``: the directory a heal begins on.
+        ``ident``: the directory a heal begins on; ``full``: that heal copies everything.
         """
-        await self._change([(server, event, ident)], {})
+        await self._change([(server, event, ident, full)], {})
 
     async def learn(self, idents: dict[int, str]) -> None:
         """Record the identities of directories a table of an older version did not have
@@ -125,15 +138,15 @@ class FailureTable:
 
     async def _change(
         self,
-        events: list[tuple[int, Event, str]],
+        events: list[tuple[int, Event, str, bool]],
         idents: dict[int, str],
         always: bool = False,
     ) -> None:
         async def attempt() -> None:
             table = self.table
-            for s, ev, idt in events:
+            for s, ev, idt, full in events:
                 try:
-                    table = failures.transition(table, s, ev, idt)
+                    table = failures.transition(table, s, ev, idt, full)
                 except failures.NotAllowed:
                     continue
             if idents:
@@ -145,10 +158,14 @@ class FailureTable:
                 gen=table.gen + 1, states=table.states, idents=table.idents, since=table.since
             )
             targets = failures.holders(new.states)
-            replies = await asyncio.gather(
-                *(self.cluster.call(s, SetTable(table=new, epoch=self.epoch)) for s in targets),
-                return_exceptions=True,
-            )
+            self._pending = new
+            try:
+                replies = await asyncio.gather(
+                    *(self.cluster.call(s, SetTable(table=new, epoch=self.epoch)) for s in targets),
+                    return_exceptions=True,
+                )
+            finally:
+                self._pending = None
             answers: list[SetTableReply] = []
             unreachable = []  # to be marked failed too: never a pair's last live copy
             for s, r in zip(targets, replies, strict=True):
@@ -168,7 +185,9 @@ class FailureTable:
                 if other.gen >= self.table.gen:
                     self.table = failures.normalized(other)
             events.extend(
-                (s, Event.FAIL, "") for s in unreachable if (s, Event.FAIL, "") not in events
+                (s, Event.FAIL, "", False)
+                for s in unreachable
+                if (s, Event.FAIL, "", False) not in events
             )
             if rejected or unreachable:
                 raise TryAgain

@@ -136,8 +136,10 @@ class Volume:
     async def fail(self, server: int, reason: str) -> None:
         await self.table.fail(server, reason)
 
-    async def update_table(self, server: int, event: Event, ident: str = "") -> None:
-        await self.table.update(server, event, ident)
+    async def update_table(
+        self, server: int, event: Event, ident: str = "", full: bool = False
+    ) -> None:
+        await self.table.update(server, event, ident, full)
 
     async def refresh_table(self) -> None:
         await self.table.refresh()
@@ -251,6 +253,15 @@ class Volume:
         for the failed one's heal."""
         return len(done) < len(targets) and self.gen != gen
 
+    @staticmethod
+    def _degraded(targets: list[int]) -> int:
+        """A change that leaves a replica of the pair out: the others note it for its heal
+        (whatever their own copy of the table says)."""
+        return Flag.DEGRADED if len(targets) < 2 else 0
+
+    def stamp(self) -> dict[str, Any]:
+        return self._stamp()
+
     def _stamp(self) -> dict[str, Any]:
         """The table generation and mount epoch that fence stale writers."""
         return {"gen": self.gen, "epoch": self.table.epoch}
@@ -269,7 +280,8 @@ class Volume:
             if not targets:
                 raise VolumeIOError(f"mirror pair {pair} has no live server")
             req = Write(slot=slot, checksum=csum, **self._stamp())
-            written, stale = await self.each(targets, lambda s: self.call(s, req, data))
+            flags = self._degraded(targets)
+            written, stale = await self.each(targets, lambda s: self.call(s, req, data, flags))
             if written and not stale and not self._raced(req.gen, written, targets):
                 return csum
             if not stale and not self.writable(pair):
@@ -286,7 +298,9 @@ class Volume:
         """
         csum = checksum(data)
         req = Write(slot=self.layout.slot_of(block), checksum=csum, **self._stamp())
-        await self.call(server, req, data)
+        await self.call(
+            server, req, data, self._degraded(self.writable(self.layout.pair_of(block)))
+        )
         return csum
 
     async def trim(self, block: int) -> None:
@@ -296,7 +310,8 @@ class Volume:
         async def attempt() -> None:
             req = Trim(slot=slot, **self._stamp())
             targets = self.writable(pair)
-            done, stale = await self.each(targets, lambda s: self.call(s, req))
+            flags = self._degraded(targets)
+            done, stale = await self.each(targets, lambda s: self.call(s, req, flags=flags))
             if stale or self._raced(req.gen, done, targets):
                 raise TryAgain
 

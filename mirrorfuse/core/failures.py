@@ -25,6 +25,7 @@ from mirrorfuse.wire.messages import State, Table
 from .layout import mirror_of, replicas
 
 ALIVE, FAILED, STALE, HEALING = State.ALIVE, State.FAILED, State.STALE, State.HEALING
+FULL = -1  # "since" of a server whose full heal began: only another full heal completes it
 
 
 class Event(Enum):
@@ -78,9 +79,12 @@ def may_fail(states: tuple[State, ...], server: int) -> bool:
     return states[server] != ALIVE or states[mirror_of(server)] == ALIVE
 
 
-def transition(table: Table, server: int, event: Event, ident: str = "") -> Table:
+def transition(
+    table: Table, server: int, event: Event, ident: str = "", full: bool = False
+) -> Table:
     """The table after ``event`` happened to ``server``, at the same generation (the same
-    table when nothing changes). ``ident``: the directory a heal begins on."""
+    table when nothing changes). ``ident``: the directory a heal begins on; ``full``: that
+    heal copies everything (until it ends, the directory is never caught up instead)."""
     table = normalized(table)
     states = table.states
     current = states[server]
@@ -100,6 +104,8 @@ def transition(table: Table, server: int, event: Event, ident: str = "") -> Tabl
         if not ident:
             raise NotAllowed("a heal needs the identity of the directory it fills")
         idents[server] = ident
+        if full:
+            since[server] = FULL
     if current == ALIVE:
         since[server] = table.gen + 1  # the generation this change will be stored as
     if nxt == ALIVE:
@@ -131,25 +137,28 @@ def newest(*tables: Table | None) -> Table | None:
 
 
 def misfit(table: Table, server: int, ident: str, gen: int) -> str | None:
-    """Why the directory a server answers with cannot be the one the table counts alive:
-    another identity, or a table older than the one it was alive in. None: it fits."""
+    """Why the directory a server answers with cannot be the one the table counts alive
+    (or healing): another identity, or (alive) a table older than the one it was alive
+    in. None: it fits."""
     table = normalized(table)
-    if table.states[server] != ALIVE:
+    state = table.states[server]
+    if state not in (ALIVE, HEALING):
         return None
     want = table.idents[server]
     if want and ident != want:
         return f"holds another data directory ({ident[:8]}; the volume counts {want[:8]})"
-    if gen < table.gen:
+    if state == ALIVE and gen < table.gen:
         return f"holds an older copy (failure table {gen}, the volume is at {table.gen})"
     return None
 
 
 def can_catch_up(table: Table, server: int, ident: str, gen: int) -> bool:
     """Whether a failed server's directory is the one it left with, as it left it: then
-    only what changed since needs copying."""
+    only what changed since needs copying. Not when a full heal of it never ended."""
     table = normalized(table)
     return (
         table.states[server] in (FAILED, HEALING)
+        and table.since[server] != FULL
         and bool(ident)
         and ident == table.idents[server]
         and gen >= table.since[server] - 1

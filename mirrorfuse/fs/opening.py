@@ -44,7 +44,7 @@ def open_filesystem(
 
         fs = FileSystem(bvol, ns, journal, limit)
         if heal:
-            fs.healer = AutoHealer(bvol.volume)
+            fs.healer = AutoHealer(bvol.volume, fs.journal.bring_up)
             bvol.loop.call_soon_threadsafe(fs.healer.start)
         return fs
     except BaseException:

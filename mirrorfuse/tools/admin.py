@@ -8,7 +8,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from mirrorfuse.client.connection import Connection, ServerDown
-from mirrorfuse.client.heal import heal
+from mirrorfuse.client.heal import copy_metadata, heal
+from mirrorfuse.client.metastore import Leased, MetaStore, describe_holder, holder_info
 from mirrorfuse.client.volume import Volume
 from mirrorfuse.core import failures
 from mirrorfuse.core.layout import Layout
@@ -259,14 +260,29 @@ async def heal_servers(
     vol = Volume(spec, timeout)
     await vol.open()
     try:
+        meta = MetaStore(vol)
+        try:  # the only writer while it heals: no mount may change anything meanwhile
+            await meta.take_lease(holder_info("mirrorfs-cli heal"), force=False)
+        except Leased:
+            infos = (await meta.infos()).values()
+            holder = next((i.holder for i in infos if i.holder_active), None)
+            by = describe_holder(holder) if holder else "another client"
+            raise MirrorfsError(
+                f"the volume is mounted ({by}): the mount heals servers "
+                "that come back by itself; `mirrorfs-cli status` shows how far it is"
+            ) from None
+
+        async def metadata(server: int) -> None:
+            await copy_metadata(meta, server)
+
         if target is not None:
-            return await heal(vol, target, full, progress)
+            return await heal(vol, target, full, progress, metadata=metadata)
         todo = [s for s in range(spec.count) if vol.states[s] != State.ALIVE]
         if not todo:
             progress("every server is alive: there is nothing to heal")
         copied = 0
         for s in todo:
-            copied += await heal(vol, s, full, progress)
+            copied += await heal(vol, s, full, progress, metadata=metadata)
         return copied
     finally:
         await vol.close()

@@ -183,6 +183,7 @@ class Shell:
         sums = []
         for (block, data), targets in zip(items, plans, strict=True):
             csum = None
+            written: list[int] = []
             for k, server in enumerate(targets):
                 if k:
                     self.say(f"next replica: {self.name(server)}")
@@ -197,14 +198,21 @@ class Shell:
                         f"{self.name(server)} is down: marked failed; the other replica carries on"
                     )
                     continue
-                csum = self._write_one(block, data, server) or csum
+                one = self._write_one(block, data, server)
+                if one is not None:
+                    csum = one
+                    written.append(server)
+            if written and len(written) < len(targets):
+                for server in written:  # again, now marked degraded: noted for the heal
+                    self._write_one(block, data, server, again=True)
             if csum is None:
                 raise VolumeIOError(f"block {block}: no replica took the write")
             sums.append(csum)
         return sums
 
-    def _write_one(self, block: int, data: bytes, server: int) -> int | None:
-        """One replica's write; None when it is down (it is marked failed, as the mount does)."""
+    def _write_one(self, block: int, data: bytes, server: int, again: bool = False) -> int | None:
+        """One replica's write; None when it is down (it is marked failed, as the mount does).
+        ``again``: a replica written before its mirror failed, so that it notes the block."""
         down: list[BaseException] = []
 
         async def attempt() -> int | None:
@@ -222,6 +230,8 @@ class Shell:
                 f"{self.name(server)} is down ({down[0]}): marked failed; "
                 "the other replica carries on"
             )
+        elif again:
+            self.say(f"written again to {self.name(server)}: it notes the block for its mirror")
         else:
             self.say(f"written to {self.name(server)}")
         return csum

@@ -64,6 +64,7 @@ class Flag(IntFlag):
     ERROR = 0x2
     REPAIR = 0x4  # a write that replaces a copy found bad (counted by the server)
     COPY = 0x8  # a rebuild copy: loses against any newer write to the same slot
+    DEGRADED = 0x10  # the writer's table leaves the slot's mirror out: note it for its heal
 
 
 class ProtocolError(Exception):

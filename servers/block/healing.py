@@ -58,6 +58,11 @@ class Refusal(Exception):
     """Another healer is at work on this server."""
 
 
+class NotHealing(Exception):
+    """A heal's copy reached a server that is not being healed (it restarted since the
+    heal began, and forgot which slots were written anew): the heal must begin again."""
+
+
 class BeingHealed:
     """This server while a healer copies to it: copies never overwrite newer writes."""
 

@@ -69,7 +69,7 @@ from ..net import (
     dispatch,
     in_background,
 )
-from .healing import Refusal
+from .healing import NotHealing, Refusal
 from .meta import Meta
 from .store import Store, StoreError
 
@@ -229,9 +229,9 @@ class BlockServer:
         if xxhash.xxh3_64_intdigest(payload) != req.checksum:
             raise Refused("CHECKSUM", "block data does not match its checksum")
         try:
-            applied = store.write(
-                req.slot, payload, req.checksum, bool(flags & Flag.COPY), bool(flags & Flag.REPAIR)
-            )
+            applied = store.write(req.slot, payload, req.checksum, Flag(flags))
+        except NotHealing as exc:
+            raise Refused("NOT_HEALING", str(exc)) from None
         except StoreError as exc:
             raise Refused("ENOSPC", str(exc)) from None
         return Applied(applied=applied, gen=store.table.gen), b""
@@ -239,7 +239,10 @@ class BlockServer:
     def trim(self, req: Trim, payload: bytes | bytearray, flags: int) -> Answer:
         store = self._formatted()
         self._check_gen(req.gen, req.epoch)
-        applied = store.trim(req.slot, bool(flags & Flag.COPY))
+        try:
+            applied = store.trim(req.slot, Flag(flags))
+        except NotHealing as exc:
+            raise Refused("NOT_HEALING", str(exc)) from None
         return Applied(applied=applied, gen=store.table.gen), b""
 
     def list_slots(self, req: ListSlots, payload: bytes | bytearray, flags: int) -> Answer:

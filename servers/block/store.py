@@ -24,10 +24,11 @@ import msgspec
 
 from mirrorfuse.core import failures
 from mirrorfuse.wire.errors import MirrorfsError
+from mirrorfuse.wire.frames import Flag
 from mirrorfuse.wire.messages import State, Table
 
 from ..files import atomic_write
-from .healing import BeingHealed, DirtySet
+from .healing import BeingHealed, DirtySet, NotHealing
 from .meta import Meta
 
 # 2: typed journal records and checkpoints; 1 (before) is read and upgraded
@@ -282,10 +283,14 @@ class Store:
         os.pwrite(self._index_fd, self._index[off : off + ENTRY.size], off)
         self._used += bool(flags & USED) - bool(was_used)
 
-    def _skip_copy(self, slot: int, copy: bool) -> bool:
+    def _skip_copy(self, slot: int, flags: Flag) -> bool:
         """Whether this write is stale (a heal's copy of a slot written anew since); and a
-        normal change while the mirror is out is noted for its heal."""
-        if not copy and self.dirty is not None and self._mirror_out():
+        normal change while the mirror is out (by our table or the writer's) is noted for
+        its heal. A copy to a server not being healed (it restarted) is refused."""
+        copy = bool(flags & Flag.COPY)
+        if copy and self.healing is None:
+            raise NotHealing(f"server {self.server_id} is not being healed (it restarted?)")
+        if not copy and self.dirty is not None and (flags & Flag.DEGRADED or self._mirror_out()):
             self.dirty.add(slot)
         return self.healing is not None and self.healing.skip(slot, copy)
 
@@ -310,12 +315,10 @@ class Store:
         self.counters.bytes_read += length
         return data, checksum
 
-    def write(
-        self, slot: int, data: bytes | bytearray, checksum: int, copy: bool, repair: bool
-    ) -> bool:
+    def write(self, slot: int, data: bytes | bytearray, checksum: int, flags: Flag) -> bool:
         if self.capacity is not None and slot >= self.capacity // self.block_size:
             raise StoreError(f"slot {slot} is beyond this server's capacity")
-        if self._skip_copy(slot, copy):
+        if self._skip_copy(slot, flags):
             return False
         try:
             os.pwrite(self._data_fd, data, slot * self.block_size)
@@ -326,11 +329,11 @@ class Store:
         self._set_entry(slot, checksum, len(data), USED)
         self.counters.writes += 1
         self.counters.bytes_written += len(data)
-        self.counters.repairs += repair
+        self.counters.repairs += bool(flags & Flag.REPAIR)
         return True
 
-    def trim(self, slot: int, copy: bool) -> bool:
-        if self._skip_copy(slot, copy):
+    def trim(self, slot: int, flags: Flag) -> bool:
+        if self._skip_copy(slot, flags):
             return False
         if self._entry(slot)[2] & USED:
             self._set_entry(slot, 0, 0, 0)

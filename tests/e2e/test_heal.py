@@ -16,7 +16,7 @@ from mirrorfuse.client.connection import request_once
 from mirrorfuse.client.heal import heal
 from mirrorfuse.tools import admin
 from mirrorfuse.wire.errors import MirrorfsError, ServerError
-from mirrorfuse.wire.messages import HealBegin
+from mirrorfuse.wire.messages import HealBegin, MetaInfo, Stat
 
 SIZE = 64 << 10
 
@@ -127,10 +127,82 @@ def test_a_mount_heals_a_returning_server_by_itself(c64k, make_mount):
     later = os.urandom(5 << 20)
     (m.path / "b").write_bytes(later)  # server 3 misses this
     assert wait_for(lambda: admin_rows(c64k)[3]["state"] == "failed", 10)
+    res = cli("heal", *c64k.args)  # one healer at a time: the mount's
+    assert res.returncode == 1 and "the mount heals servers that come back by itself" in (
+        res.stderr
+    )
     c64k.start(3)
     assert wait_for(lambda: [r["state"] for r in admin_rows(c64k)] == ["alive"] * 4, 30)
+    # its metadata too, although nothing changed since: it could carry the volume alone
+    assert wait_for(lambda: journal_end(c64k, 3) == journal_end(c64k, 2), 5)
     c64k.kill(2)
     assert (m.path / "b").read_bytes() == later
+
+
+def test_a_heal_from_the_command_line_brings_the_metadata_too(c64k, make_mount):
+    m = make_mount(c64k)
+    (m.path / "a").write_bytes(b"a" * 1000)
+    c64k.kill(1)
+    for i in range(20):
+        (m.path / f"n{i}").write_bytes(b"x")  # journal batches server 1 misses
+    m.close()
+    c64k.start(1)
+    res = cli("heal", *c64k.args)
+    assert res.returncode == 0, res.stderr
+    assert journal_end(c64k, 1) == journal_end(c64k, 0)
+
+
+def test_a_full_heal_cut_short_is_finished_in_full(c64k, tmp_path):
+    vol = BlockingVolume(c64k.spec, timeout=1.0)
+    with vol:
+        want = {b: data(9, b) for b in range(3000)}
+        vol.write_many(want.items())
+        c64k.kill(1)
+        empty = tmp_path / "empty"
+        c64k.start(1, empty)
+        job = vol.submit(heal(vol.volume, 1, concurrency=1))
+        assert wait_for(lambda: heal_done(c64k, 1) > 0, 30)
+        c64k.kill(1)
+        with pytest.raises(MirrorfsError):
+            job.result()
+        c64k.start(1, empty)  # its half-filled directory: it must not pass as caught up
+        assert vol.run(heal(vol.volume, 1)) == 1500
+        c64k.kill(0)
+        assert vol.read_many(sorted(want)) == [want[b] for b in sorted(want)]
+
+
+def test_a_target_restarted_during_its_heal_is_healed_again_whole(c64k):
+    vol = BlockingVolume(c64k.spec, timeout=1.0)
+    with vol:
+        want = {b: data(10, b) for b in range(200)}
+        vol.write_many(want.items())
+        c64k.kill(1)
+        again = {b: data(11, b) for b in range(3000)}
+        vol.write_many(again.items())
+        want.update(again)
+        c64k.start(1)
+        job = vol.submit(heal(vol.volume, 1, concurrency=1))
+        assert wait_for(lambda: heal_done(c64k, 1) > 0, 30)
+        c64k.kill(1)
+        c64k.start(1)
+        vol.write_many((b, want[b]) for b in range(0, 40, 2))  # written during it all
+        with pytest.raises(MirrorfsError):
+            job.result()
+        assert vol.run(heal(vol.volume, 1)) == 1500  # what its mirror noted is all still there
+        c64k.kill(0)
+        assert vol.read_many(sorted(want)) == [want[b] for b in sorted(want)]
+
+
+def heal_done(cluster, server: int) -> int:
+    try:
+        return run_async(request_once(cluster.spec.addresses[server], Stat(), 2.0)).body.heal_done
+    except MirrorfsError:
+        return 0
+
+
+def journal_end(cluster, server: int) -> tuple[int, int]:
+    info = run_async(request_once(cluster.spec.addresses[server], MetaInfo(), 2.0)).body
+    return info.checkpoint_seq, info.last_seq
 
 
 def test_a_server_that_is_not_back_cannot_be_healed(c64k):

@@ -160,6 +160,22 @@ def test_exit_with_a_whole_pair_dead_says_so(seed_cluster):
     assert m[:2] == ["alive", "alive"], m
 
 
+def test_a_replica_lost_after_its_mirror_took_the_block_is_noted_for_its_heal(seed_cluster):
+    c = seed_cluster
+    child = spawn(
+        "--delay", "1", "--read-delay", "0", "--base-port", str(c.base), "--yes", "--timeout", "1"
+    )
+    s0, s1 = f"server 0 (127.0.0.1:{c.base})", f"server 1 (127.0.0.1:{c.base + 1})"
+    cmd(child, "write /a hello", f"written to {s0}", f"waiting to write in another replica: {s1}")
+    c.kill(1)  # while the shell waits to write the second replica
+    child.expect_exact(f"{s1} is down")
+    child.expect_exact(f"written again to {s0}: it notes the block for its mirror")
+    child.expect_exact("wrote 5 bytes to /a")
+    cmd(child, "status", "server 0: 1 blocks changed while server 1 was out")
+    cmd(child, "exit")
+    child.expect(pexpect.EOF)
+
+
 def test_server_killed_between_two_writes(seed_cluster):
     c = seed_cluster
     child = spawn(

@@ -81,6 +81,20 @@ def test_which_directory_fits_and_which_can_catch_up():
     assert not failures.can_catch_up(failures.transition(t, 1, Event.STALE), 1, "d1", 5)
 
 
+def test_a_full_heal_cut_short_is_never_finished_as_a_catch_up():
+    t = failures.transition(table(A, A, A, A), 1, Event.STALE)
+    healing = failures.transition(t, 1, Event.BEGIN_HEAL, "new", full=True)
+    assert "another data directory" in str(failures.misfit(healing, 1, "zz", 9))
+    assert failures.misfit(healing, 1, "new", 1) is None  # healing: its table may lag
+    cut = failures.transition(healing, 1, Event.FAIL)  # it failed half-filled
+    assert cut.states[1] == F and not failures.can_catch_up(cut, 1, "new", 9)
+    again = failures.transition(cut, 1, Event.BEGIN_HEAL, "newer", full=True)
+    done = failures.transition(again, 1, Event.HEALED)
+    assert done.states[1] == A and done.since[1] == 0
+    later = failures.transition(done, 1, Event.FAIL)
+    assert failures.can_catch_up(later, 1, "newer", later.gen)
+
+
 def test_the_newest_table_wins_and_a_bad_one_is_named():
     old, new = table(A, A, A, A, gen=3), table(A, F, A, A, gen=4)
     assert failures.newest(old, None, new) is new and failures.newest() is None

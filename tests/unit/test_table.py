@@ -112,3 +112,22 @@ def test_the_last_copy_gets_a_few_tries_then_eio():
     with pytest.raises(VolumeIOError, match="mirror pair 0 has no live server left"):
         asyncio.run(three())
     assert t.states == (A, F, A, A)  # never marked failed
+
+
+def test_a_reconnected_server_must_be_as_new_as_the_table_while_its_mirror_lives():
+    from mirrorfuse.wire.messages import Identity
+
+    s = Servers()
+    t = table_of(s)
+    t.table = Table(gen=9, states=(A, A, F, A), idents=("d0", "d1", "d2", "d3"), since=(0,) * 4)
+
+    def hello(server: int, ident: str, gen: int) -> Identity:
+        return Identity(server=server, pid=1, formatted=True, ident=ident, gen=gen)
+
+    assert t.misfit(1, hello(1, "d1", 9)) is None
+    assert t.misfit(1, hello(1, "d1", 8)) is None  # one behind: an update under way
+    assert "older copy" in str(t.misfit(1, hello(1, "d1", 7)))  # restored from a backup
+    assert "another data directory" in str(t.misfit(1, hello(1, "x", 9)))
+    # the last copy of its pair may have missed tables: only its identity counts
+    assert t.misfit(3, hello(3, "d3", 2)) is None
+    assert "another data directory" in str(t.misfit(3, hello(3, "x", 9)))
