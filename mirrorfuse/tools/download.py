@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.transfer.download import Download
@@ -20,8 +20,14 @@ def cmd_download(args: argparse.Namespace) -> int:
     words = [*(args.ports or []), *args.urls]
     urls = [w for w in words if "://" in w]
     ports = [parse_port(w) for w in words if "://" not in w]
+    given = [f"port {p}" for p in ports] + urls
+    twice = sorted({w for w in given if given.count(w) > 1})
+    if twice:
+        raise UsageError(f"{twice[0]} is listed twice: each source must be another server")
     if args.count is not None and args.count != len(ports) + len(urls):
-        raise UsageError(f"-n {args.count} but {len(ports) + len(urls)} sources were given")
+        raise UsageError(
+            f"-n {args.count} does not match the {len(ports) + len(urls)} source(s) given"
+        )
     for u in urls:
         if not u.startswith(("http://", "https://")):
             raise UsageError(f"{u!r} is not an http:// URL")
@@ -37,9 +43,10 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def cmd_get(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
-    return run_async(
-        get(spec, args.path, Path(args.output), args.interval, args.resume, args.timeout)
-    )
+    out = Path(args.output)
+    if out.is_dir():  # as cp does: in it, under the file's own name
+        out = out / PurePosixPath(args.path).name
+    return run_async(get(spec, args.path, out, args.interval, args.resume, args.timeout))
 
 
 def add_download_args(sp: argparse.ArgumentParser) -> None:
@@ -50,7 +57,12 @@ def add_download_args(sp: argparse.ArgumentParser) -> None:
         default=1.0,
         help="seconds between progress reports (1)",
     )
-    sp.add_argument("-o", dest="output", required=True, help="where to save the file")
+    sp.add_argument(
+        "-o",
+        dest="output",
+        required=True,
+        help="where to save the file (a directory: in it, under the served name)",
+    )
     sp.add_argument("-n", dest="count", type=int, help="number of sources (checked)")
     sp.add_argument("-a", dest="address", default="127.0.0.1", help="address of the servers")
     sp.add_argument("-p", dest="ports", nargs="+", help="ports of the servers")

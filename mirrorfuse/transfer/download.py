@@ -54,9 +54,7 @@ class Download:
         say: Callable[[str], None] = lambda m: print(m, flush=True),
     ) -> None:
         self.sources = {s.name: s for s in sources}
-        self.output = output
-        self.partial = output.with_name(output.name + ".mfs-partial")
-        self.state_path = output.with_name(output.name + ".mfs-state")
+        self._place(output)
         self.interval = interval
         self.resume = resume
         self.make_segments = segments or (lambda size: split(size, SEGMENT))
@@ -66,6 +64,22 @@ class Download:
         self.tasks: dict[tuple[str, int], asyncio.Task[Any]] = {}
         self.holes: set[int] = set()  # segments that are zeros already (a sparse file's holes)
         self.wake = asyncio.Event()
+
+    def _place(self, output: Path) -> None:
+        self.output = output
+        self.partial = output.with_name(output.name + ".mfs-partial")
+        self.state_path = output.with_name(output.name + ".mfs-state")
+
+    def _into_directory(self, infos: list[Info]) -> None:
+        """-o names a directory: the file goes in it under the name its sources serve."""
+        names = {i.name for i in infos if i.name}
+        name = min(names, default="")  # sources of one file agree; any is fine
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise MirrorfsError(
+                f"{self.output} is a directory and the sources do not say the file's name: "
+                "give -o the path of the file to save"
+            )
+        self._place(self.output / name)
 
     # -- the state file ------------------------------------------------------------------
 
@@ -120,6 +134,8 @@ class Download:
                 self.say(f"source {n} is not available: {i}")
         if not good:
             raise MirrorfsError("no source answers")
+        if self.output.is_dir():
+            self._into_directory(list(good.values()))
         sizes = {i.size for i in good.values()}
         if len(sizes) != 1:
             raise MirrorfsError(f"the sources disagree on the size: {sorted(sizes)}")

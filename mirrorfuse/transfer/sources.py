@@ -7,6 +7,7 @@ SourceFailed (the scheduler gives its segments to others) or SourcePaused.
 
 from __future__ import annotations
 
+import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ class Info:
     size: int
     checksum: int | None  # xxh3-64 of the whole object, when the source knows it
     state: Availability = ALIVE
+    name: str = ""  # the file's name where the source says it (a directory -o saves it so)
 
 
 class Source(ABC):
@@ -84,7 +86,7 @@ class FileServerSource(Source):
 
     async def info(self) -> Info:
         b = (await self._request(FileInfo(name=self.file))).body
-        return Info(b.size, b.checksum, b.state)
+        return Info(b.size, b.checksum, b.state, b.name)
 
     async def read(self, seg: Segment) -> bytes:
         reply = await self._request(FileRead(offset=seg.start, length=seg.length, name=self.file))
@@ -132,7 +134,8 @@ class HttpSource(Source):
         rng = headers.get("Content-Range", "")
         if status != 206 or "/" not in rng:
             raise SourceFailed(f"does not serve byte ranges (HTTP {status})")
-        return Info(int(rng.rpartition("/")[2]), None)
+        name = urllib.parse.unquote(urllib.parse.urlsplit(self.url).path.rpartition("/")[2])
+        return Info(int(rng.rpartition("/")[2]), None, name=name)
 
     async def read(self, seg: Segment) -> bytes:
         status, _, data = await self._get(seg.start, seg.end - 1)

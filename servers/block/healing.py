@@ -76,14 +76,16 @@ class BeingHealed:
 
     def takeover(self, healer: str, total: int) -> BeingHealed:
         """A healer begins: the same one saying how much it will copy, or another one
-        once this one fell silent (copies it sent late are then the danger: new state)."""
+        once this one fell silent."""
         if healer == self.healer:
             self.total = total
             self.active = time.monotonic()
             return self
         if time.monotonic() - self.active < HEALER_QUIET:
             raise Refusal(f"being healed by another client ({self.healer})")
-        return BeingHealed(healer, total)
+        new = BeingHealed(healer, total)
+        new.fresh = self.fresh  # still newer than any copy the new healer reads
+        return new
 
     def skip(self, slot: int, copy: bool) -> bool:
         """Whether this write is a copy of a slot that has since been written anew."""

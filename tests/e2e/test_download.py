@@ -283,13 +283,31 @@ def test_get_reads_a_volume_file_through_every_server_even_when_one_dies(
         (["download", "-o", "/tmp/x", "-p", "99999"], "outside 1024-65535"),
         (["download", "-o", "/tmp/x", "ftp://mirror/file"], "is not an http:// URL"),
         (["download", "-o", "/nonexistent/dir/x", "-p", "7001"], "does not exist"),
-        (["download", "-o", "/tmp/x", "-n", "2", "-p", "7001"], "-n 2 but 1 sources"),
+        (["download", "-o", "/tmp/x", "-n", "2", "-p", "7001"], "-n 2 does not match the 1"),
+        (
+            ["download", "-o", "/tmp/x", "-n", "2", "-p", "7001", "7001"],
+            "port 7001 is listed twice",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, fragment):
     res = cli(*args)
     assert res.returncode != 0 and "Traceback" not in res.stderr
     assert fragment in res.stderr, res.stderr
+
+
+def test_download_into_a_directory_saves_under_the_served_name(tmp_path, servers_factory):
+    src = make_file(tmp_path / "served.bin", 16)
+    ports = free_ports(2)
+    servers_factory(src, ports)
+    into = tmp_path / "into"
+    into.mkdir()
+    dl = download(into, ports)
+    out, _ = dl.communicate(timeout=120)
+    assert dl.returncode == 0, out
+    assert sha(into / "served.bin") == sha(src)
+    assert sorted(p.name for p in into.iterdir()) == ["served.bin"]  # no partial left
+    assert "Traceback" not in out
 
 
 def test_download_from_servers_that_are_not_there(tmp_path):
