@@ -123,9 +123,11 @@ async def heal(
     progress: Callable[[str], None] = lambda _m: None,
     concurrency: int = CONCURRENCY,
     metadata: Callable[[int], Awaitable[None]] | None = None,
+    healer: str = "",
 ) -> int:
     """Heal ``target`` (in full with ``full``); returns the slots copied. ``metadata``
-    brings its journal and checkpoint up to date before it counts alive again."""
+    brings its journal and checkpoint up to date before it counts alive again;
+    ``healer`` names who heals (the same one may begin again at once)."""
     mirror = vol.layout.mirror_of(target)
     if vol.states[target] == State.ALIVE:
         await _look(vol, target)  # a directory swapped under the table is found stale here
@@ -136,7 +138,7 @@ async def heal(
             f"server {target}'s mirror, server {mirror}, is {vol.states[mirror].value}: "
             "there is no copy to heal from"
         )
-    healer = uuid.uuid4().hex[:12]
+    healer = healer or uuid.uuid4().hex[:12]
     info, catch_up = await _claim(vol, target, full, healer)
     vol.cluster.drop(target)  # connect anew: to the directory the table is about to name
     await vol.update_table(target, Event.BEGIN_HEAL, info.ident, full=not catch_up)
@@ -249,6 +251,7 @@ class AutoHealer:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._said: dict[int, str] = {}  # server -> why its last heal stopped
+        self.name = f"mount-{uuid.uuid4().hex[:8]}"  # its heals, begun again, are its own
 
     def start(self) -> None:
         self._task = asyncio.ensure_future(self._run())
@@ -266,7 +269,13 @@ class AutoHealer:
             for server in range(self.vol.spec.count):
                 if await self._wanted(server):
                     try:
-                        await heal(self.vol, server, progress=log.info, metadata=self.metadata)
+                        await heal(
+                            self.vol,
+                            server,
+                            progress=log.info,
+                            metadata=self.metadata,
+                            healer=self.name,
+                        )
                         self._said.pop(server, None)
                     except MirrorfsError as exc:
                         if self._said.get(server) != str(exc):  # not again every round

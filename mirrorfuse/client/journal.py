@@ -233,6 +233,8 @@ class Journal:
 
     async def _heal(self, server: int, last: int) -> None:
         """Bring a server whose journal ends at ``last`` up to our last committed batch."""
+        if last >= self.committed:
+            return  # up to date already (a GAP answered on the way healed it)
         starts = {b.first for b in self._tail}
         if last < self._ckpt.seq or (last > self._ckpt.seq and last + 1 not in starts):
             await self._meta.put_checkpoint(self._ckpt.seq, self._ckpt.blob, server)

@@ -132,7 +132,15 @@ def test_a_mount_heals_a_returning_server_by_itself(c64k, make_mount):
         res.stderr
     )
     c64k.start(3)
-    assert wait_for(lambda: [r["state"] for r in admin_rows(c64k)] == ["alive"] * 4, 30)
+    n = 0
+
+    def healed_while_writing() -> bool:  # changes go on during the heal, as they would
+        nonlocal n
+        n += 1
+        (m.path / f"during{n}").write_bytes(b"x" * 5000)
+        return [r["state"] for r in admin_rows(c64k)] == ["alive"] * 4
+
+    assert wait_for(healed_while_writing, 30)
     # its metadata too, although nothing changed since: it could carry the volume alone
     assert wait_for(lambda: journal_end(c64k, 3) == journal_end(c64k, 2), 5)
     c64k.kill(2)
