@@ -124,6 +124,15 @@ class Cluster:
             self._probes.pop(server, None)
             return
 
+    def revived(self, server: int) -> None:
+        """A server found silent answered on another connection (a healer's): use it again
+        at once, on a new connection."""
+        self.hung.pop(server, None)
+        probe = self._probes.pop(server, None)
+        if probe is not None:
+            probe.cancel()
+        self.drop(server)
+
     def drop(self, server: int) -> None:
         """Close the connection to a server given up on (a later call connects anew)."""
         conn = self._conns.pop(server, None)

@@ -140,7 +140,7 @@ async def heal(
         )
     healer = healer or uuid.uuid4().hex[:12]
     info, catch_up = await _claim(vol, target, full, healer)
-    vol.cluster.drop(target)  # connect anew: to the directory the table is about to name
+    vol.cluster.revived(target)  # connect anew: to the directory the table is about to name
     await vol.update_table(target, Event.BEGIN_HEAL, info.ident, full=not catch_up)
     if vol.states[target] != State.HEALING:
         raise MirrorfsError(f"server {target} could not be marked healing")

@@ -241,3 +241,18 @@ def test_an_empty_directory_no_client_noticed_is_shown_stale_and_healed_in_full(
     c64k.kill(0)
     with BlockingVolume(c64k.spec, timeout=2.0) as vol:
         assert vol.read_many(sorted(want)) == [want[b] for b in sorted(want)]
+
+
+def test_a_server_that_hung_is_healed_as_soon_as_it_is_back(c64k):
+    with BlockingVolume(c64k.spec, timeout=3.0) as vol:
+        want = {b: data(12, b) for b in range(20)}
+        vol.write_many(want.items())
+        c64k.stop(1)  # SIGSTOP: silent until the timeout
+        again = {b: data(13, b) for b in range(20)}
+        vol.write_many(again.items())
+        want.update(again)
+        assert vol.volume.cluster.hung.keys() == {1}
+        c64k.start(1)  # restarted at once: healed before a probe found it back
+        assert vol.run(heal(vol.volume, 1)) == 10
+        c64k.kill(0)
+        assert vol.read_many(sorted(want)) == [want[b] for b in sorted(want)]
