@@ -6,6 +6,10 @@ ordering logic is ``core.group.Replica``; this module only moves datagrams,
 keeps time and saves the state. A datagram that does not decode is dropped
 and counted, never fatal.
 
+A replica answers queries only once it has caught up with the group
+(``Replica.ready``); before that only ``status`` answers, saying so, so a
+client that takes the first reply never sees a half-filled index.
+
 A snapshot larger than a datagram is offered by token and read over TCP
 (``servers.blobs``; the reading side is given to ``serve`` by the command
 that starts the replica). Replies that would not fit in a datagram
@@ -59,6 +63,7 @@ PAGE_BYTES = 40_000  # a page of a paged reply stays well inside one datagram
 INLINE_SNAPSHOT = 40_000  # larger snapshots go by TCP
 HEARTBEAT = 1.0
 PEER_INTERVAL = 3.0  # a peer's heartbeat interval, unless it registered with its own
+MAX_WAITING = 10_000  # clients remembered for a reply still to come, at most
 
 V = TypeVar("V")
 _encoder = msgspec.msgpack.Encoder()
@@ -113,7 +118,8 @@ class IndexReplica(asyncio.DatagramProtocol):
         self.targets = targets  # the group address, or every replica's (unicast)
         self.fetch_blob = fetch_blob
         self.transport: asyncio.DatagramTransport | None = None
-        self.clients: dict[tuple[str, int], Sender] = {}  # (client, request) -> its sender
+        # (client, request) -> its sender, for the reply when the request is applied
+        self.clients: dict[tuple[str, int], Sender] = {}
         self.dropped = 0
         self.blobs = BlobStore()
         self.tcp = tcp  # where this replica hands out large snapshots
@@ -147,7 +153,7 @@ class IndexReplica(asyncio.DatagramProtocol):
                     self._sendto(pack(dg.answer(act.client, act.req, rid, act.reply)), addr)
             elif isinstance(act, AskFor):
                 if not self.fetching:
-                    self.send_group(dg.Ask(replica=rid, first=act.first))
+                    self.send_group(dg.Ask(replica=rid, first=act.first, to=act.to))
             elif isinstance(act, SendSnapshot):
                 offer = self.offer(act.seq, act.blob)
                 self.send_group(
@@ -161,7 +167,14 @@ class IndexReplica(asyncio.DatagramProtocol):
                     )
                 )
             elif isinstance(act, Heartbeat):
-                self.send_group(dg.Hb(replica=act.replica, seq=act.seq))
+                hb = dg.Hb(
+                    replica=act.replica,
+                    seq=act.seq,
+                    ready=act.ready,
+                    master=act.master,
+                    chain=act.chain,
+                )
+                self.send_group(hb)
 
     def offer(self, seq: int, blob: bytes) -> dg.SnapshotOffer:
         """A snapshot in the datagram itself, or a token to read it by over TCP."""
@@ -221,20 +234,26 @@ class IndexReplica(asyncio.DatagramProtocol):
         match m:
             case dg.Req():
                 req = Request(m.client, m.req, m.op, m.args)
+                self.clients.pop((req.client, req.req), None)
                 self.clients[(req.client, req.req)] = addr
+                if len(self.clients) > MAX_WAITING:  # the longest waiting is forgotten
+                    del self.clients[next(iter(self.clients))]
                 self.route(rep.on_request(req, now))
             case dg.Query():
+                if not rep.ready and m.q != "status":
+                    return  # catching up: another replica answers from a whole index
                 data = pack(dg.answer(m.client, m.req, rep.id, self.answer(m)))
                 if len(data) > MAX_DATAGRAM:
                     too_large = Result(ok=False, error="reply too large")
                     data = pack(dg.answer(m.client, m.req, rep.id, too_large))
                 self._sendto(data, addr)
-            case dg.Order() if m.master != rep.id:
+            case dg.Order():  # whoever numbered it: this replica too, before a restart
                 self.route(rep.on_order(order_from_wire(m), now))
             case dg.Hb() if m.replica != rep.id:
-                self.route(rep.on_heartbeat(Heartbeat(m.replica, m.seq), now))
+                hb = Heartbeat(m.replica, m.seq, m.ready, m.master, m.chain)
+                self.route(rep.on_heartbeat(hb, now))
             case dg.Ask() if m.replica != rep.id:
-                self.route(rep.on_ask(m.replica, m.first))
+                self.route(rep.on_ask(m.replica, m.first, now, m.to))
             case dg.Snap() if m.to == rep.id:
                 self.on_snap(m, addr[0])
 
@@ -272,6 +291,7 @@ class IndexReplica(asyncio.DatagramProtocol):
                 tcp_snapshots=self.tcp_snapshots,
                 peers=len(st.peers),
                 files=len(st.files),
+                ready=self.replica.ready,
             )
         if m.q == "state":  # the whole replicated state, to compare replicas
             return dg.StateDump(seq=st.seq, peers=st.peers, files=st.files, clients=st.clients)
@@ -299,6 +319,29 @@ def load_state(path: Path | None) -> IndexState | None:
     except (OSError, BadSnapshot) as exc:  # a torn or foreign file: start empty
         log.warning("ignoring %s: %s", path, exc)
         return None
+
+
+class Saver:
+    """Keeps a replica's state in its --data file, written whenever it changed."""
+
+    def __init__(
+        self, path: Path, saved: int, write: Callable[[Path, bytes], None] = atomic_write
+    ) -> None:
+        self.path = path
+        self.saved = saved  # the sequence the file holds
+        self.write = write
+
+    async def save(self, replica: Replica) -> None:
+        state = replica.state
+        if state.seq == self.saved:
+            return
+        seq = state.seq  # what this save holds: the state moves on while it is written
+        snapshot = state.snapshot()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.write, self.path, snapshot)
+            self.saved = seq
+        except OSError as exc:  # a full disk: go on serving from memory, say so
+            log.error("cannot save state to %s: %s", self.path, exc.strerror)
 
 
 @dataclass
@@ -339,21 +382,23 @@ async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], Non
         loop.add_signal_handler(sig, stop.set)
     loaded = f", state from {store_path} at sequence {state.seq}" if state else ""
     ready(loaded)
-    saved = state.seq if state else 0
+    saver = Saver(store_path, state.seq if state else 0) if store_path is not None else None
     proto.route(proto.replica.tick(time.time()))
+    resets = 0
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), HEARTBEAT)
         except TimeoutError:
             proto.route(proto.replica.tick(time.time(), PEER_INTERVAL))
-        if store_path is not None and proto.replica.state.seq != saved:
-            seq = proto.replica.state.seq  # what this save holds (the state moves on meanwhile)
-            snapshot = proto.replica.state.snapshot()
-            try:
-                await loop.run_in_executor(None, atomic_write, store_path, snapshot)
-                saved = seq
-            except OSError as exc:  # a full disk: go on serving from memory, say so
-                log.error("cannot save state to %s: %s", store_path, exc.strerror)
+        if proto.replica.resets != resets:
+            resets = proto.replica.resets
+            log.warning(
+                "replica %d held orders the master's history lacks (lost before a crash): "
+                "caught up again from scratch",
+                opts.id,
+            )
+        if saver is not None:
+            await saver.save(proto.replica)
     transport.close()
     tcp.close()
     return 0

@@ -1,79 +1,88 @@
-"""The P2P index as a replicated group: state and ordering, with no I/O.
+"""The P2P index as a replicated group: who orders, and how replicas keep up, with no I/O.
 
-Every replica holds the whole index. The live replica with the lowest id is
-the master: it gives each client request the next sequence number and sends
-the numbered *order* to the group; every replica applies orders strictly in
-sequence, so all hold the same state. A replica that sees a gap asks for the
-missing orders (or, when they are gone from everyone's recent log, a snapshot
-with its sequence number), which is also how a replica that joins late
-catches up. Requests carry (client id, request id): a retried or re-proposed
-request is applied once, and its reply is repeated.
+Every replica holds the whole index (``core.indexstate``). The master, the
+live *ready* replica with the lowest id, gives each client request the next
+sequence number and sends the numbered *order* to the group; every replica
+applies orders strictly in sequence, so all hold the same state. Requests
+carry (client id, request id): a retried or re-proposed request is applied
+once, and its original reply is repeated.
+
+A replica that starts (new, or restarted with or without its saved state)
+listens for a grace period, then catches up: it asks one replica, the one
+that showed the highest sequence, for the orders it lacks, a bounded batch
+at a time, or for a snapshot when they are gone from that replica's recent
+log. It is *ready* once past its grace and at the sequence the others showed
+it; only then does it answer queries (the caller's part) or count as a
+master. Heartbeats carry the sequence, readiness and whom the sender takes
+for the master: a replica that becomes master orders only once every other
+live replica that is ready, or has a lower id, names it, so the previous
+master has stepped down and its last orders are known (no two masters number
+the same sequence). A master orders only within a lease after its last
+heartbeat, and a process that was stopped for longer than the silence period
+listens again before it may order.
+
+Heartbeats also carry a hash chain of the orders applied: a replica whose
+history differs from the master's at the same sequence (it saved an order
+that reached nobody else before its crash, and the group numbered another
+one since) drops its state and catches up from scratch.
 
 A replica remembers requests it has seen but not seen ordered; when it
 becomes master (the old one fell silent), it orders them, so a request the
 old master never ordered is not lost. Like etcd's raft package, the methods
 return what to send; the caller does the sending, the sockets and the clock.
+Everything taken from the network is bounded: the requests waiting, the
+orders kept past a gap, the replicas remembered, the orders sent per ask.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import msgspec
-import xxhash
+from mirrorfuse.wire.datagrams import UpdateResult
 
-from mirrorfuse.wire.datagrams import (
-    UPDATES,
-    AdvertiseArgs,
-    ExpireArgs,
-    FileEntry,
-    HeartbeatArgs,
-    PeerEntry,
-    RegisterArgs,
-    RevokeArgs,
-    UpdateResult,
+from .indexstate import (
+    MISSED_BEATS,
+    BadSnapshot,
+    IndexState,
+    Order,
+    Request,
+    Snapshot,
+    parse_update,
+    peer_limit,
 )
+
+__all__ = [
+    "ASK_AGAIN",
+    "ASK_BATCH",
+    "LOG_KEEP",
+    "MISSED_BEATS",
+    "SILENCE",
+    "AskFor",
+    "BadSnapshot",
+    "Heartbeat",
+    "IndexState",
+    "Order",
+    "Replica",
+    "Request",
+    "SendOrder",
+    "SendReply",
+    "SendSnapshot",
+    "Snapshot",
+    "parse_update",
+    "peer_limit",
+]
 
 SILENCE = 3.0  # seconds without a heartbeat before a replica counts as gone
 LOG_KEEP = 10_000  # recent orders kept to fill other replicas' gaps
-MISSED_BEATS = 3  # a peer silent for this many of its heartbeat intervals is dropped
-
-
-def parse_update(op: str, args: dict[str, Any]) -> msgspec.Struct | str:
-    """The typed arguments of an update, or why they are unusable (the same on every replica)."""
-    kind = UPDATES.get(op)
-    if kind is None:
-        return f"unknown request {op!r}"
-    try:
-        parsed = msgspec.convert(args, kind)
-    except msgspec.ValidationError as exc:
-        return f"bad {op} request: {exc}"
-    name = getattr(parsed, "name", None)
-    if op == "advertise" and (not name or "/" in name or "\0" in name or len(name) > 255):
-        return f"{name!r} is not a file name (1-255 characters, no '/')"
-    return parsed
-
-
-def peer_limit(info: PeerEntry, default_interval: float) -> float:
-    """How long a peer may stay silent: three of the intervals it registered with."""
-    return MISSED_BEATS * (info.interval or default_interval)
-
-
-@dataclass(frozen=True)
-class Request:
-    client: str
-    req: int
-    op: str
-    args: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Order:
-    seq: int
-    master: int
-    request: Request
-    t: float  # the master's clock, so every replica expires peers alike
+ASK_BATCH = 100  # orders sent at most in answer to one ask (the asker asks on)
+ASK_AGAIN = 1.0  # seconds before an ask that brought nothing is repeated
+MAX_UNORDERED = 10_000  # requests waiting for a master, at most
+MAX_AHEAD = 10_000  # orders past a gap kept, at most this far ahead
+FORGET = 20 * SILENCE  # a replica silent this long is forgotten
+# a master orders only within this long of its last heartbeat: the others count it
+# live for SILENCE after they hear one, so it stops well before they may take over
+LEASE = SILENCE - 1.0
 
 
 # -- what a replica asks its caller to send ---------------------------------------------------
@@ -94,6 +103,7 @@ class SendReply:
 @dataclass(frozen=True)
 class AskFor:
     first: int  # "send me the orders from here"
+    to: int = -1  # the replica asked (-1: whichever is lowest, see Replica.on_ask)
 
 
 @dataclass(frozen=True)
@@ -107,130 +117,19 @@ class SendSnapshot:
 class Heartbeat:
     replica: int
     seq: int
-
-
-# -- the index itself -----------------------------------------------------------------------
-
-
-# -- the index itself -----------------------------------------------------------------------
-
-
-class Snapshot(msgspec.Struct, array_like=True):
-    seq: int
-    peers: dict[str, PeerEntry]
-    files: dict[str, FileEntry]
-    clients: dict[str, tuple[int, UpdateResult]]
-
-
-_encoder = msgspec.msgpack.Encoder()
-_snapshots = msgspec.msgpack.Decoder(Snapshot)
-
-
-class BadSnapshot(ValueError):
-    """A snapshot that does not decode: never adopted."""
+    ready: bool = True
+    master: int | None = None  # whom the sender takes for the master
+    chain: int = 0  # IndexState.chain at seq (0: not said)
 
 
 @dataclass
-class IndexState:
-    seq: int = 0
-    peers: dict[str, PeerEntry] = field(default_factory=dict)
-    files: dict[str, FileEntry] = field(default_factory=dict)
-    # client -> its last applied request id and the reply it got (retries get it again)
-    clients: dict[str, tuple[int, UpdateResult]] = field(default_factory=dict)
+class Member:
+    """What this replica last heard from another one."""
 
-    def apply(self, order: Order) -> UpdateResult:
-        """Apply the next order; the reply every replica gives its client."""
-        assert order.seq == self.seq + 1, (order.seq, self.seq)
-        self.seq = order.seq
-        r = order.request
-        last = self.clients.get(r.client)
-        if last is not None and r.req <= last[0]:
-            return last[1] if r.req == last[0] else UpdateResult(ok=False, error="stale request")
-        args = parse_update(r.op, r.args)
-        if isinstance(args, str):
-            reply = UpdateResult(ok=False, error=args)
-        else:
-            reply = self._apply(args, order.t)
-        self.clients[r.client] = (r.req, reply)
-        return reply
-
-    def _apply(self, a: msgspec.Struct, t: float) -> UpdateResult:
-        match a:
-            case RegisterArgs():
-                self.peers[a.peer] = PeerEntry(a.addr, t, a.interval)
-                return UpdateResult()
-            case HeartbeatArgs():
-                if a.peer not in self.peers:
-                    return UpdateResult(ok=False, error="unknown peer: register first")
-                self.peers[a.peer].seen = t
-                return UpdateResult()
-            case AdvertiseArgs():
-                return self._advertise(a)
-            case RevokeArgs():
-                held = self.files.get(a.name)
-                if held is None or a.peer not in held.holders:
-                    return UpdateResult(ok=False, error=f"{a.peer} does not share {a.name!r}")
-                self.drop_holder(a.name, a.peer)
-                return UpdateResult()
-            case ExpireArgs():
-                return UpdateResult(dropped=self._expire(a.interval, t))
-        raise AssertionError(f"no handler for {a!r}")
-
-    def _advertise(self, a: AdvertiseArgs) -> UpdateResult:
-        if a.peer not in self.peers:
-            return UpdateResult(ok=False, error="unknown peer: register first")
-        held = self.files.get(a.name)
-        if held is None:
-            self.files[a.name] = FileEntry(a.peer, a.size, a.checksum, [a.peer])
-            return UpdateResult()
-        if held.owner == a.peer:
-            return UpdateResult()
-        if (held.size, held.checksum) == (a.size, a.checksum):
-            if a.peer not in held.holders:
-                held.holders.append(a.peer)
-            return UpdateResult(holder=True)
-        return UpdateResult(ok=False, error=f"the name {a.name!r} is taken by peer {held.owner}")
-
-    def _expire(self, interval: float, t: float) -> list[str]:
-        """Drop peers silent for three of their heartbeat intervals, and their files."""
-        gone = sorted(
-            p for p, info in self.peers.items() if t - info.seen > peer_limit(info, interval)
-        )
-        for p in gone:
-            del self.peers[p]
-            for name in [n for n, f in self.files.items() if p in f.holders]:
-                self.drop_holder(name, p)
-        return gone
-
-    def drop_holder(self, name: str, peer: str) -> None:
-        held = self.files[name]
-        held.holders.remove(peer)
-        if not held.holders:
-            del self.files[name]
-        elif held.owner == peer:
-            held.owner = held.holders[0]
-
-    def snapshot(self) -> bytes:
-        return _encoder.encode(Snapshot(self.seq, self.peers, self.files, self.clients))
-
-    @classmethod
-    def from_snapshot(cls, blob: bytes) -> IndexState:
-        try:
-            snap = _snapshots.decode(blob)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise BadSnapshot(f"not an index snapshot ({exc})") from None
-        return cls(snap.seq, snap.peers, snap.files, snap.clients)
-
-    def digest(self) -> str:
-        canon = _encoder.encode(
-            [
-                self.seq,
-                sorted(self.peers.items()),
-                sorted(self.files.items()),
-                sorted(self.clients.items()),
-            ]
-        )
-        return xxhash.xxh3_64_hexdigest(canon)
+    heard: float
+    seq: int
+    ready: bool
+    master: int | None
 
 
 # -- one replica's ordering logic -----------------------------------------------------------------
@@ -249,25 +148,80 @@ class Replica:
         self.log_keep = log_keep
         # a replica that just started has heard nobody yet: it listens this long
         # before it may act as master (else a late joiner would number orders alone)
+        self.grace = grace
         self.grace_until = now + grace
         self.state = state if state is not None else IndexState()
-        self.seen: dict[int, float] = {rid: now}  # replica -> last heard
+        self.members: dict[int, Member] = {}  # the other replicas heard
         self.unordered: dict[tuple[str, int], Request] = {}
         self.ahead: dict[int, Order] = {}  # orders past a gap, waiting
         self.log: dict[int, Order] = {}
-        self.next_seq = self.state.seq + 1  # what this replica would number next as master
-        self.known_seq = 0  # the highest sequence number any replica has shown
+        self.chains: dict[int, int] = {}  # seq -> the state's chain there, as long as the log
+        self.expect: tuple[int, int] | None = None  # (seq, chain) the master showed ahead
+        self.resets = 0  # times its history was found to differ from the master's
+        self.ready = False  # caught up once, past the grace: answers, may lead
+        self.last_tick = now
+        self.asked: tuple[int, float] | None = None  # the last order asked for, and when
+        self.named: int | None = None  # the master this replica's last heartbeat named
+
+    # -- who is who ------------------------------------------------------------------------
+
+    def live(self, now: float) -> dict[int, Member]:
+        return {r: m for r, m in self.members.items() if now - m.heard <= SILENCE}
 
     def master(self, now: float) -> int | None:
-        live = [
-            r
-            for r, t in self.seen.items()
-            if (r == self.id and now >= self.grace_until) or (r != self.id and now - t <= SILENCE)
-        ]
-        return min(live) if live else None
+        """The lowest-id live ready replica, as this one sees the group."""
+        ids = [r for r, m in self.live(now).items() if m.ready]
+        if self.ready:
+            ids.append(self.id)
+        return min(ids) if ids else None
 
     def is_master(self, now: float) -> bool:
-        return self.master(now) == self.id
+        return self.ready and self.master(now) == self.id
+
+    def may_order(self, now: float) -> bool:
+        """Master, running (not just woken from a stop), and named master by every other
+        live replica that is ready (whoever led before has stepped down) or has a lower
+        id (it knows this one is ready, so it cannot become ready and lead unaware)."""
+        if not self.is_master(now) or now - self.last_tick > LEASE:
+            return False
+        return all(
+            m.master == self.id or (m.ready and m.master is None)  # None: an older replica
+            for r, m in self.live(now).items()
+            if m.ready or r < self.id
+        )
+
+    def known_seq(self, now: float) -> int:
+        """The highest sequence a live replica showed, or that this one holds orders up to."""
+        seqs = [m.seq for m in self.live(now).values()]
+        return max([self.state.seq, *seqs, max(self.ahead, default=0)])
+
+    def _heartbeat(self, now: float) -> Heartbeat:
+        self.named = self.master(now)
+        return Heartbeat(self.id, self.state.seq, self.ready, self.named, self.state.chain)
+
+    def _check_ready(self, now: float) -> list[Any]:
+        """Once past the grace and caught up: ready, and say so at once."""
+        if self.ready or now < self.grace_until or self.ahead:
+            return []
+        if self.state.seq < self.known_seq(now):
+            return []
+        self.ready = True
+        return [self._heartbeat(now)]
+
+    def _ask(self, now: float) -> list[Any]:
+        """Ask one replica for what this one lacks; not again while an answer may be coming."""
+        first = self.state.seq + 1
+        if self.asked is not None and first <= self.asked[0] and now - self.asked[1] < ASK_AGAIN:
+            return []
+        self.asked = (first + ASK_BATCH - 1, now)
+        return [AskFor(first, self._holder(first, now))]
+
+    def _holder(self, first: int, now: float) -> int:
+        having = [(-m.seq, r) for r, m in self.live(now).items() if m.seq >= first]
+        if having:
+            return min(having)[1]  # the highest sequence; of those, the lowest id
+        master = self.master(now)
+        return master if master is not None and master != self.id else -1
 
     # -- events ------------------------------------------------------------------------------
 
@@ -276,81 +230,140 @@ class Replica:
         last = self.state.clients.get(req.client)
         if last is not None and req.req <= last[0]:  # already applied: say it again
             return [SendReply(req.client, req.req, last[1])] if req.req == last[0] else []
+        if key not in self.unordered and len(self.unordered) >= MAX_UNORDERED:
+            return []  # the client sends it again
         self.unordered[key] = req
-        if self.is_master(now):
-            return self._order_unordered(now)
-        return []
+        out = self._check_ready(now)
+        if self.may_order(now):
+            out += self._order_unordered(now)
+        return out
 
     def _order_unordered(self, now: float) -> list[Any]:
-        if self.known_seq > self.state.seq:
+        if self.known_seq(now) > self.state.seq:
             # a new master first learns every order the old one gave out
-            return [AskFor(self.state.seq + 1)]
-        self.next_seq = max(self.next_seq, self.state.seq + 1)
+            return self._ask(now)
         out: list[Any] = []
-        for req in list(self.unordered.values()):
-            order = Order(self.next_seq, self.id, req, now)
-            self.next_seq += 1
+        for key, req in list(self.unordered.items()):
+            if self._applied(req):
+                del self.unordered[key]
+                continue
+            order = Order(self.state.seq + 1, self.id, req, now)
             out.append(SendOrder(order))
             out += self.on_order(order, now)
         return out
 
     def on_order(self, order: Order, now: float) -> list[Any]:
-        self.seen[order.master] = now
-        self.known_seq = max(self.known_seq, order.seq)
-        if order.seq <= self.state.seq:
-            return []
+        """An order, whoever numbered it (this replica too, before a restart)."""
+        if order.seq <= self.state.seq or order.seq > self.state.seq + MAX_AHEAD:
+            return []  # applied already, or too far ahead to keep: asked for later
         self.ahead[order.seq] = order
+        return self._advance(now)
+
+    def _advance(self, now: float) -> list[Any]:
+        """Apply what follows the state without a gap; ask for the rest."""
         out: list[Any] = []
         while self.state.seq + 1 in self.ahead:
             o = self.ahead.pop(self.state.seq + 1)
             reply = self.state.apply(o)
             self.log[o.seq] = o
             self.log.pop(o.seq - self.log_keep, None)
+            self.chains[o.seq] = self.state.chain
+            self.chains.pop(o.seq - self.log_keep, None)
             self.unordered.pop((o.request.client, o.request.req), None)
             out.append(SendReply(o.request.client, o.request.req, reply))
-        if self.ahead:
-            out.append(AskFor(self.state.seq + 1))
-        return out
+        if self.expect is not None and self.expect[0] <= self.state.seq:
+            seq, chain = self.expect
+            self.expect = None
+            if self.chains.get(seq, chain) != chain:
+                return out + self._diverged(now)
+        if self.known_seq(now) > self.state.seq:
+            out += self._ask(now)
+        return out + self._check_ready(now)
 
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[Any]:
-        self.seen[hb.replica] = now
-        self.known_seq = max(self.known_seq, hb.seq)
-        return [AskFor(self.state.seq + 1)] if hb.seq > self.state.seq else []
-
-    def on_ask(self, asker: int, first: int) -> list[Any]:
-        """Another replica misses orders from ``first``: send them, or a snapshot."""
-        if first > self.state.seq:
+        if hb.replica == self.id:
             return []
-        if all(s in self.log for s in range(first, self.state.seq + 1)):
-            return [SendOrder(self.log[s]) for s in range(first, self.state.seq + 1)]
+        self.members[hb.replica] = Member(now, hb.seq, hb.ready, hb.master)
+        if hb.chain and hb.ready and hb.replica == self.master(now):
+            mine = self.state.chain if hb.seq == self.state.seq else self.chains.get(hb.seq)
+            if mine is None and hb.seq > self.state.seq:
+                self.expect = (hb.seq, hb.chain)  # compared once this replica is there
+            elif mine is not None and mine != hb.chain:
+                return self._diverged(now)
+        out: list[Any] = []
+        if hb.seq > self.state.seq:
+            out += self._ask(now)
+        out += self._check_ready(now)
+        if self.master(now) != self.named:  # say at once whom we follow now
+            out.append(self._heartbeat(now))
+        if self.unordered and self.may_order(now):  # the last replica named us: lead
+            out += self._order_unordered(now)
+        return out
+
+    def _diverged(self, now: float) -> list[Any]:
+        """This replica's history is not the master's: start again from nothing."""
+        self.resets += 1
+        self.state = IndexState()
+        self.log.clear()
+        self.chains.clear()
+        self.ahead.clear()
+        self.ready = False
+        self.expect = self.asked = None
+        return self._ask(now)
+
+    def on_ask(self, asker: int, first: int, now: float, to: int = -1) -> list[Any]:
+        """Another replica misses orders from ``first``: a batch of them, or a snapshot.
+
+        Only the replica asked answers (``to``); an ask to nobody in particular is
+        answered by the lowest live ready replica other than the asker, so one answers.
+        """
+        if asker == self.id or first > self.state.seq:
+            return []
+        if to != self.id and not (to == -1 and self._answers_for(asker, now)):
+            return []
+        last = min(self.state.seq, first + ASK_BATCH - 1)
+        if all(s in self.log for s in range(first, last + 1)):
+            return [SendOrder(self.log[s]) for s in range(first, last + 1)]
         return [SendSnapshot(asker, self.state.seq, self.state.snapshot())]
 
+    def _answers_for(self, asker: int, now: float) -> bool:
+        ids = [r for r, m in self.live(now).items() if m.ready and r != asker]
+        return self.ready and min([self.id, *ids]) == self.id
+
     def on_snapshot(self, seq: int, blob: bytes, now: float) -> list[Any]:
-        self.known_seq = max(self.known_seq, seq)
         if seq <= self.state.seq:
             return []
         try:
-            self.state = IndexState.from_snapshot(blob)
+            state = IndexState.from_snapshot(blob)
         except BadSnapshot:
             return []  # never adopt what does not decode: ask again later
+        if state.seq != seq:
+            return []
+        self.state = state
+        self.chains[seq] = state.chain
         self.ahead = {s: o for s, o in self.ahead.items() if s > seq}
         self.unordered = {k: r for k, r in self.unordered.items() if not self._applied(r)}
-        out: list[Any] = []
-        if self.state.seq + 1 in self.ahead:
-            out += self.on_order(self.ahead.pop(self.state.seq + 1), now)
-        return out
+        return self._advance(now)
 
     def _applied(self, req: Request) -> bool:
         last = self.state.clients.get(req.client)
         return last is not None and req.req <= last[0]
 
     def tick(self, now: float, peer_interval: float | None = None) -> list[Any]:
-        """Every heartbeat interval: say we are here; as master, order what waits.
+        """Every heartbeat interval: say we are here; catch up; as master, order what waits.
 
         ``peer_interval`` is the heartbeat interval of peers that did not give theirs.
         """
-        out: list[Any] = [Heartbeat(self.id, self.state.seq)]
-        if self.is_master(now):
+        if now - self.last_tick > SILENCE:  # this process was stopped: others led meanwhile
+            self.ready = False
+            self.grace_until = now + max(self.grace, SILENCE)
+        self.last_tick = now
+        for r in [r for r, m in self.members.items() if now - m.heard > FORGET]:
+            del self.members[r]
+        out = self._check_ready(now) or [self._heartbeat(now)]
+        if self.known_seq(now) > self.state.seq:
+            out += self._ask(now)
+        if self.may_order(now):
             if peer_interval is not None and self.state.peers:
                 stale = any(
                     now - p.seen > peer_limit(p, peer_interval) for p in self.state.peers.values()

@@ -153,6 +153,7 @@ async def run_command(ix: Index, words: list[str], output: str | None = None) ->
                 f"replica {r.replica}: sequence {r.seq}, master {r.master}, "
                 f"{r.peers} peers, {r.files} files, "
                 f"state {r.digest}, dropped datagrams {r.dropped}"
+                + ("" if r.ready else ", catching up (answers no queries yet)")
             )
     elif cmd == "peers":
         peers = await ix.peers()

@@ -31,8 +31,11 @@ class _Kind(msgspec.Struct):
     v: int = 1  # datagrams of version 1 carried none
 
 
+MAX_CLIENT = 200  # the longest client id: the group keeps one entry per client
+
+
 class Req(Datagram, tag="req"):
-    client: str
+    client: Annotated[str, msgspec.Meta(max_length=MAX_CLIENT)]
     req: int
     op: str
     args: dict[str, Any]
@@ -60,11 +63,15 @@ class Order(Datagram, tag="order"):
 class Hb(Datagram, tag="hb"):
     replica: int
     seq: int
+    ready: bool = True  # caught up and past its start-up grace (older replicas: always)
+    master: int | None = None  # whom it takes for the master (older replicas: not said)
+    chain: int = 0  # the hash chain of the orders applied up to seq (0: not said)
 
 
 class Ask(Datagram, tag="ask"):
     replica: int
     first: int  # "send me the orders from here"
+    to: int = -1  # the one replica asked (-1: the lowest live one other than the asker)
 
 
 class Snap(Datagram, tag="snap"):
@@ -133,12 +140,19 @@ class ExpireArgs(msgspec.Struct):
     interval: float
 
 
+class LeaveArgs(msgspec.Struct):
+    """A peer that stops: it and its files go at once."""
+
+    peer: str
+
+
 UPDATES: dict[str, type[msgspec.Struct]] = {
     "register": RegisterArgs,
     "heartbeat": HeartbeatArgs,
     "advertise": AdvertiseArgs,
     "revoke": RevokeArgs,
     "expire": ExpireArgs,
+    "leave": LeaveArgs,
 }
 
 
@@ -186,6 +200,7 @@ class ReplicaStatus(Result):
     tcp_snapshots: int = 0
     peers: int = 0
     files: int = 0
+    ready: bool = True  # False: still catching up (it answers no other query meanwhile)
 
 
 class StateDump(Result):

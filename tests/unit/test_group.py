@@ -8,8 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirrorfuse.core.group import (
+    ASK_BATCH,
     AskFor,
     Heartbeat,
+    IndexState,
+    Order,
     Replica,
     Request,
     SendOrder,
@@ -26,6 +29,7 @@ class Lan:
         self.now = 0.0
         self.replicas = {i: Replica(i, 0.0, grace=0.0) for i in range(n)}  # the founders
         self.acked: dict[tuple[str, int], UpdateResult] = {}  # first reply a client saw
+        self.tick(0.0)  # the founders hear each other
 
     def route(self, sender: int, actions: list) -> None:
         for act in actions:
@@ -42,7 +46,7 @@ class Lan:
                             r.id,
                             [
                                 a if not isinstance(a, SendOrder) else _Direct(a, sender)
-                                for a in r.on_ask(sender, act.first)
+                                for a in r.on_ask(sender, act.first, self.now, act.to)
                             ],
                         )
             elif isinstance(act, _Direct):
@@ -63,9 +67,15 @@ class Lan:
             self.route(r.id, r.on_request(req, self.now))
 
     def tick(self, dt: float = 1.0) -> None:
-        self.now += dt
-        for r in list(self.replicas.values()):
-            self.route(r.id, r.tick(self.now))
+        """Time passes, in heartbeat intervals of at most a second."""
+        while True:
+            step = min(dt, 1.0)
+            self.now += step
+            dt -= step
+            for r in list(self.replicas.values()):
+                self.route(r.id, r.tick(self.now))
+            if dt <= 0:
+                return
 
     def kill(self, rid: int) -> None:
         del self.replicas[rid]
@@ -256,3 +266,139 @@ def test_bad_requests_get_the_same_error_everywhere_and_change_nothing():
     files_and_peers = {(tuple(r.state.files), tuple(r.state.peers)) for r in lan.replicas.values()}
     assert files_and_peers == {((), ("p",))}
     assert before != lan.digests()  # the requests were ordered (and remembered), not lost
+
+
+# -- restarts, catching up, handing over ---------------------------------------------------
+
+
+def restart(lan: Lan, rid: int, state=None) -> Replica:
+    """kill -9 and start again under the same id (``state``: what it saved, if anything)."""
+    lan.replicas.pop(rid, None)
+    lan.replicas[rid] = r = Replica(rid, lan.now, state=state)
+    lan.tick(0.0)
+    return r
+
+
+def test_a_restarted_lowest_replica_catches_up_follows_then_leads():
+    lan = Lan(3)
+    lan.request(reg("c", 1, "p"))
+    for req in range(2, 30):
+        lan.request(adv("c", req, "p", f"f{req}"))
+    lan.kill(0)
+    lan.tick(4.0)
+    lan.request(adv("c", 30, "p", "while-0-is-down"))
+    r0 = restart(lan, 0)  # empty: it numbered most of these orders before it died
+    assert r0.state.seq == 30 and not r0.ready  # caught up, still in its grace
+    lan.request(adv("c", 31, "p", "during-its-grace"))  # replica 1 still orders
+    assert ("c", 31) in lan.acked and lan.replicas[1].is_master(lan.now)
+    assert not r0.is_master(lan.now) and lan.replicas[2].master(lan.now) == 1
+    lan.tick(4.0)
+    assert r0.ready and {r.master(lan.now) for r in lan.replicas.values()} == {0}
+    lan.request(adv("c", 32, "p", "after"))
+    assert ("c", 32) in lan.acked and len(lan.digests()) == 1 and r0.state.seq == 32
+
+
+def test_a_replica_restarted_from_its_saved_state_catches_up_on_what_it_missed():
+    lan = Lan(3)
+    lan.request(reg("c", 1, "p"))
+    saved = lan.replicas[0].state.snapshot()
+    for req in range(2, 20):
+        lan.request(adv("c", req, "p", f"f{req}"))
+    lan.kill(0)
+    lan.tick(4.0)
+    r0 = restart(lan, 0, IndexState.from_snapshot(saved))
+    assert r0.state.seq == 19
+    lan.tick(4.0)
+    lan.request(adv("c", 20, "p", "last"))
+    assert lan.acked[("c", 20)].ok and len(lan.digests()) == 1
+
+
+def test_a_replica_behind_is_not_ready_and_not_master():
+    lan = Lan(2)
+    lan.request(reg("c", 1, "p"))
+    late = Replica(0, lan.now, grace=0.0)  # past its grace at once, but empty
+    assert AskFor(1, 1) in late.on_heartbeat(Heartbeat(1, 1, True, 1), lan.now)
+    assert not late.ready and late.master(lan.now) == 1 and not late.may_order(lan.now)
+    assert late.on_request(adv("c", 2, "p", "x"), lan.now) == []  # waits, orders nothing
+    out = late.on_order(lan.replicas[1].log[1], lan.now)
+    chain = late.state.chain
+    assert late.ready and Heartbeat(0, 1, True, 0, chain) in out  # caught up: says so at once
+    assert not late.may_order(lan.now)  # until replica 1 names it master
+
+
+def test_an_ask_is_answered_by_the_replica_asked_with_a_bounded_batch():
+    lan = Lan(4)
+    lan.request(reg("c", 1, "p"))
+    for req in range(2, 3 * ASK_BATCH):
+        lan.request(adv("c", req, "p", f"f{req}"))
+    now = lan.now
+    answers = {r.id: r.on_ask(3, 5, now, to=1) for r in lan.replicas.values()}
+    assert [len(a) for a in answers.values()] == [0, ASK_BATCH, 0, 0]
+    assert [a.order.seq for a in answers[1]] == list(range(5, 5 + ASK_BATCH))
+    # asked nobody in particular: only the lowest live replica other than the asker
+    assert [len(r.on_ask(0, 5, now)) for r in lan.replicas.values()] == [0, ASK_BATCH, 0, 0]
+    assert [len(r.on_ask(2, 5, now)) for r in lan.replicas.values()] == [ASK_BATCH, 0, 0, 0]
+    lan.replicas[1].log.clear()  # gone from its recent log: a snapshot instead
+    (snap,) = lan.replicas[1].on_ask(3, 5, now, to=1)
+    assert isinstance(snap, SendSnapshot) and snap.to == 3 and snap.seq == 3 * ASK_BATCH - 1
+
+
+def test_a_replica_asks_again_only_when_an_answer_is_overdue():
+    r = Replica(5, 0.0)
+
+    def asks(out: list) -> list:
+        return [a for a in out if isinstance(a, AskFor)]
+
+    assert asks(r.on_heartbeat(Heartbeat(1, 500, True, 1), 0.1)) == [AskFor(1, 1)]
+    assert asks(r.on_heartbeat(Heartbeat(2, 600, True, 1), 0.2)) == []  # an answer is coming
+    assert asks(r.tick(0.5)) == []
+    assert asks(r.tick(1.5)) == [AskFor(1, 2)]  # none came: ask the one that showed the most
+
+
+def test_a_retry_during_a_failover_gets_the_original_reply():
+    lan = Lan(3)
+    for p in ("a", "b"):
+        lan.request(reg(p, 1, p))
+    lan.request(adv("a", 2, "a", "film", 10, "x"))
+    lan.request(adv("b", 2, "b", "film", 10, "x"))
+    original = lan.acked.pop(("b", 2))  # the client never saw it
+    assert original == UpdateResult(holder=True)
+    lan.kill(0)
+    lan.request(adv("b", 2, "b", "film", 10, "x"))  # the retry, same id, no master yet
+    assert lan.acked[("b", 2)] == original  # from a replica that applied it
+    lan.tick(4.0)
+    assert lan.replicas[1].state.seq == 4 and len(lan.digests()) == 1  # applied once
+
+
+def test_a_master_stopped_and_resumed_does_not_order_before_it_has_listened_again():
+    lan = Lan(3)
+    lan.request(reg("c", 1, "p"))
+    stopped = lan.replicas.pop(0)  # SIGSTOP: hears nothing, says nothing
+    lan.tick(5.0)
+    lan.request(adv("c", 2, "p", "x"))
+    assert lan.replicas[1].is_master(lan.now) and ("c", 2) in lan.acked
+    # SIGCONT: a request it finds waiting is not ordered from its stale state
+    assert stopped.on_request(adv("c", 3, "p", "y"), lan.now) == []
+    lan.replicas[0] = stopped
+    lan.tick(0.0)  # it notices it was stopped: listens again, catches up
+    assert not stopped.ready and stopped.state.seq == 2
+    lan.request(adv("c", 3, "p", "y"))
+    lan.tick(4.0)
+    lan.request(adv("c", 4, "p", "z"))
+    assert stopped.is_master(lan.now) and len(lan.digests()) == 1 and stopped.state.seq == 4
+
+
+def test_a_replica_restarted_with_an_order_nobody_else_got_starts_again_from_scratch():
+    lan = Lan(3)
+    lan.request(reg("c", 1, "p"))
+    # the master numbered and saved an order, which reached nobody before it died
+    saved = IndexState.from_snapshot(lan.replicas[0].state.snapshot())
+    saved.apply(Order(2, 0, adv("c", 2, "p", "private"), lan.now))
+    lan.kill(0)
+    lan.tick(4.0)
+    for req in range(3, 6):  # replica 1 numbers others from 2 on
+        lan.request(adv("c", req, "p", f"f{req}"))
+    r0 = restart(lan, 0, saved)
+    lan.tick(4.0)
+    assert r0.resets == 1 and "private" not in r0.state.files
+    assert len(lan.digests()) == 1 and r0.state.seq == 4 and r0.ready
