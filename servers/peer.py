@@ -12,7 +12,9 @@ replica answers, peers go on without the group: each one asks the peers it
 knows for theirs (PEER_INDEX), learning peers it did not know and the files
 they hold, forgetting peers that stop answering, and serves its cached index
 to clients that ask it. When a replica is back, the peer registers and
-advertises everything again.
+advertises everything again. Stopped by SIGTERM or SIGINT, it leaves the
+group (it and its files are dropped at once), waiting for that a bounded
+time.
 
 Everything runs on one event loop; checksums of large files are computed in
 a worker thread that shares nothing. The index client and the call to
@@ -55,6 +57,7 @@ from .fileserver import VirtualServer, file_checksum
 from .net import Answer, FrameServer, Refused, dispatch, in_background
 
 CACHE_EVERY = 5.0  # at most this often, a changed index is copied again
+LEAVE_WITHIN = 5.0  # seconds a stopping peer waits for the group to drop it
 GOSSIP_MISSES = 3  # a peer that misses this many exchanges in a row is forgotten
 _encoder = msgspec.msgpack.Encoder()
 
@@ -292,28 +295,59 @@ class Peer:
         self.cached_at = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                async with self.changing:
-                    await self.step()
-                if not self.online:
-                    self.say("an index replica answers: registered and advertised")
-                self.online = self.ever_online = True
-            except MirrorfsError as exc:
-                if not self.ever_online and self.online:
-                    self.say(f"no index replica answers yet ({exc}); serving, will retry")
-                elif self.online:
-                    self.say(
-                        f"index unreachable ({exc}); serving on from the cached index "
-                        f"(sequence {self.cache.seq}) and {len(self.peers)} known peer(s)"
-                    )
-                self.online = False
-                self.registered = False
-                async with self.changing:
-                    await self.serve_unconfirmed()
-                await self.gossip()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.opts.interval)
+        """Rounds with the group until ``stop``; a round under way then is cut short."""
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                one = asyncio.ensure_future(self.round())
+                await asyncio.wait({one, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not one.done():
+                    one.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await one
+                    break
+                one.result()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.opts.interval)
+        finally:
+            stopping.cancel()
+        await self.leave()
+
+    async def round(self) -> None:
+        try:
+            if not self.online or not self.ever_online:
+                await self.index.query("status")  # a quick look: is a replica back?
+            async with self.changing:
+                await self.step()
+            if not self.online:
+                self.say("an index replica answers: registered and advertised")
+            self.online = self.ever_online = True
+        except MirrorfsError as exc:
+            if not self.ever_online and self.online:
+                self.say(f"no index replica answers yet ({exc}); serving, will retry")
+            elif self.online:
+                self.say(
+                    f"index unreachable ({exc}); serving on from the cached index "
+                    f"(sequence {self.cache.seq}) and {len(self.peers)} known peer(s)"
+                )
+            self.online = False
+            self.registered = False
+            async with self.changing:
+                await self.serve_unconfirmed()
+            await self.gossip()
+
+    async def leave(self) -> None:
+        """Stopping: the group drops this peer and its files now, not when it falls silent."""
+        if not (self.registered or self.ever_online):
+            return  # the group never heard of this peer
+        try:
+            reply = await asyncio.wait_for(
+                self.index.request("leave", {"peer": self.id}), LEAVE_WITHIN
+            )
+        except (MirrorfsError, TimeoutError) as exc:
+            self.say(f"could not leave the index group ({exc or 'no reply'}); it drops us later")
+            return
+        self.say("left the index group" if reply.ok else f"leaving: {reply.error}")
 
     # -- without the group: peers exchange what they know ------------------------------------
 

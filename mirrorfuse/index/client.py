@@ -3,7 +3,12 @@
 Every replica answers every request. The client takes the first reply to
 each of its request ids and ignores the rest: duplicates, and late replies
 to earlier requests. A request that gets no reply in time is sent again
-with the same id, which the group applies only once. ``IndexClient`` runs on
+with the same id, which the group applies only once (a retry of an applied
+update gets its original reply); updates are sent again for long enough to
+outlast a change of master. Each client object is an incarnation of its own:
+its id ends in a random part, so a process restarted under the same name
+(a peer's ``--id``) is not taken for the old one, whose request ids it
+would repeat. ``IndexClient`` runs on
 the caller's event loop; ``BlockingIndexClient`` gives the same calls to
 code without one (the command line, tests).
 """
@@ -22,9 +27,10 @@ from typing import Any, TypeVar
 
 from mirrorfuse.client.blocking import new_event_loop
 from mirrorfuse.client.retry import GaveUp, TryAgain, retry
-from mirrorfuse.core.group import BadSnapshot, IndexState
+from mirrorfuse.core.group import SILENCE, BadSnapshot, IndexState
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.datagrams import (
+    MAX_CLIENT,
     Answer,
     BadDatagram,
     FilesPage,
@@ -48,6 +54,10 @@ from .blobs import fetch_blob
 
 T = TypeVar("T")
 
+# an update keeps being sent for this long: a master's silence, its successor
+# taking over (a heartbeat or two) and catching up, with room to spare
+PATIENCE = 4 * SILENCE
+
 QUERY_REPLIES: dict[str, type[Result]] = {
     "peers": PeersPage,
     "files": FilesPage,
@@ -63,6 +73,15 @@ def backoff(attempt: int, limit: float) -> float:
     """How long to wait for a reply before sending again: a lost datagram costs a
     quarter of a second, a group without a master (failover) is not flooded."""
     return min(0.25 * 2**attempt, limit)
+
+
+def tries_for(patience: float, limit: float) -> int:
+    """How many tries, backing off up to ``limit`` each, wait ``patience`` seconds in all."""
+    n, waited = 0, 0.0
+    while waited < patience:
+        waited += backoff(n, limit)
+        n += 1
+    return max(n, 1)
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -82,10 +101,13 @@ class IndexClient:
         client_id: str | None = None,
     ) -> None:
         self.targets = replicas or [Address(group, port)]
-        self.client = client_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        name = client_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.client = f"{name[: MAX_CLIENT - 9]}-{uuid.uuid4().hex[:8]}"  # this incarnation
         self.ids = itertools.count(1)
         self.ignored = 0  # duplicate, late and foreign replies seen
-        self.timeout, self.tries = 2.0, 5  # per try; updates are retried more than queries
+        self.timeout = 2.0  # the longest wait for a reply before sending again
+        self.patience = PATIENCE  # how long an update is tried
+        self.tries = 3  # how often a query is tried (another replica's answer is as good)
         self.last_sender = "127.0.0.1"  # who sent the last reply taken
         self._transport: asyncio.DatagramTransport | None = None
         self._opening = asyncio.Lock()
@@ -165,7 +187,8 @@ class IndexClient:
         def make(req: int) -> Req:
             return Req(client=self.client, req=req, op=op, args=args)
 
-        msg = await self._ask(make, timeout or self.timeout, tries or self.tries)
+        limit = timeout or self.timeout
+        msg = await self._ask(make, limit, tries or tries_for(self.patience, limit))
         return self._result(msg, UpdateResult)
 
     async def query(
@@ -176,7 +199,7 @@ class IndexClient:
         def make(req: int) -> Query:
             return Query(client=self.client, req=req, q=q, **kw)
 
-        msg = await self._ask(make, timeout or self.timeout, tries or max(1, self.tries - 2))
+        msg = await self._ask(make, timeout or self.timeout, tries or self.tries)
         return self._result(msg, QUERY_REPLIES.get(q, Result))
 
     @staticmethod

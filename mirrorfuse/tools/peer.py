@@ -93,8 +93,10 @@ def write_record(peer: Peer, index: str) -> Path:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    # the client id gets a random part: this process is not taken for an earlier one
     index = IndexClient(args.group, args.group_port, args.replica_list, client_id=f"peer-{args.id}")
-    index.timeout, index.tries = 1.0, 4  # notice soon (2.75 s) that the group is gone
+    # updates outlast a change of master; a query finds soon (0.75 s) that none answers
+    index.timeout, index.tries = 1.0, 2
     opts = PeerOptions(args.id, Path(args.share), args.interval, args.peer_list)
     peer = Peer(opts, index, ask_peer)
     loop = asyncio.get_running_loop()

@@ -24,6 +24,12 @@ GROUP, PORT = "235.1.1.2", 55556
 BIN = Path(sys.executable).parent
 
 
+def peer(name: str, share: Path, interval: str = "0.5") -> tuple[subprocess.Popen, str]:
+    cmd = [str(BIN / "mirrorfs-peer"), "--index", f"{GROUP}:{PORT}", "--share", str(share)]
+    p, line = start([*cmd, "--id", name, "--interval", interval], "serving")
+    return p, line.split(" on ")[1].split()[0]  # and its address
+
+
 async def escape(addr: str) -> str:
     host, _, port = addr.rpartition(":")
     conn = await Connection.open(0, Address(host, int(port)), 2.0)
@@ -101,6 +107,36 @@ def main() -> None:
         out["escape"] = asyncio.run(escape(peers["pa"]))
         (a / "only-a.txt").unlink()
         out["revoked"] = wait(lambda: "only-a.txt" not in c.query("files").files, 20)
+
+        # pa killed and started again under its id: it registers again, at its new address
+        (a / "after-restart.txt").write_text("a again")
+        procs[2].kill()
+        procs[2].wait()
+        procs[2], addr = peer("pa", a)
+
+        def back() -> bool:
+            files = c.query("files").files
+            return c.query("peers").peers.get("pa") == addr and "after-restart.txt" in files
+
+        out["pa_back"] = wait(back, 20)
+        out["pa_holds"] = sorted(c.query("files").files["shared.bin"].holders)
+
+        # a peer with a long heartbeat interval, stopped: it leaves with its files at once
+        c_dir = tmp / "c"
+        c_dir.mkdir()
+        (c_dir / "only-c.txt").write_text("c")
+        pc, _ = peer("pc", c_dir, interval="60")  # silent for 3 minutes before it expires
+        procs.append(pc)
+        out["pc_listed"] = wait(lambda: "only-c.txt" in c.query("files").files, 20)
+        pc.terminate()
+        said, _ = pc.communicate(timeout=30)
+        out["pc_exit"] = [pc.returncode, said.splitlines()[-1] if said else ""]
+        out["pc_gone"] = wait(
+            lambda: (
+                "pc" not in c.query("peers").peers and "only-c.txt" not in c.query("files").files
+            ),
+            10,
+        )
     finally:
         for p in procs:
             stop(p)

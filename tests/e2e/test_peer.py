@@ -28,3 +28,14 @@ def test_a_peer_serves_only_what_it_shares(outcome):
 
 def test_a_removed_file_is_revoked(outcome):
     assert outcome["revoked"]
+
+
+def test_a_peer_restarted_under_its_id_registers_again(outcome):
+    assert outcome["pa_back"]  # its new address, and a file it shares since
+    assert outcome["pa_holds"] == ["pa", "pb"]
+
+
+def test_a_stopped_peer_leaves_with_its_files(outcome):
+    assert outcome["pc_listed"]
+    assert outcome["pc_exit"] == [0, "mirrorfs-peer pc: left the index group"]
+    assert outcome["pc_gone"]  # long before its 3 silent intervals of 60 s

@@ -9,7 +9,8 @@ import threading
 import msgpack
 import pytest
 
-from mirrorfuse.index.client import BlockingIndexClient
+from mirrorfuse.core.group import SILENCE
+from mirrorfuse.index.client import PATIENCE, BlockingIndexClient, backoff, tries_for
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import VERSION
@@ -85,3 +86,50 @@ def test_a_replica_of_another_version_is_named_when_none_answers():
         t.join(5)
         c.close()
         old.close()
+
+
+def test_each_client_object_is_an_incarnation_of_its_own():
+    a = BlockingIndexClient("235.1.1.1", 1, client_id="peer-x")
+    b = BlockingIndexClient("235.1.1.1", 1, client_id="peer-x")  # the peer, restarted
+    try:
+        assert a.client.startswith("peer-x-") and b.client.startswith("peer-x-")
+        assert a.client != b.client
+    finally:
+        a.close()
+        b.close()
+
+
+def test_an_update_is_tried_long_enough_to_outlast_a_failover():
+    """The group is silent for a while (its master died, another takes over), then the
+    retry, carrying the same request id, gets the reply."""
+    srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    srv.bind(("127.0.0.1", 0))
+    seen: list[int] = []
+
+    def failover() -> None:
+        while True:
+            data, who = srv.recvfrom(65536)
+            m = msgpack.unpackb(data)
+            seen.append(m["req"])
+            if len(seen) == 8:  # the eighth copy: a new master has ordered it
+                reply(srv, who, m, "two", 2)
+                return
+
+    t = threading.Thread(target=failover, daemon=True)
+    t.start()
+    c = BlockingIndexClient("235.1.1.1", 1, replicas=[Address(*srv.getsockname())])
+    c.aio.timeout = 0.1  # short waits between tries keep the test short
+    try:
+        assert c.request("advertise", {}).ok
+        assert len(set(seen)) == 1  # one request id throughout
+    finally:
+        t.join(5)
+        c.close()
+        srv.close()
+
+
+def test_the_patience_of_an_update_covers_a_change_of_master():
+    # a master's silence, a heartbeat for the successor to be named, one to catch up
+    assert PATIENCE >= SILENCE + 2 * 1.0 + 2.0
+    for limit in (0.1, 1.0, 2.0):
+        assert sum(backoff(i, limit) for i in range(tries_for(PATIENCE, limit))) >= PATIENCE
