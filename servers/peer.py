@@ -11,10 +11,10 @@ It keeps a copy of the whole index (refreshed when it changed). When no
 replica answers, peers go on without the group: each one asks the peers it
 knows for theirs (PEER_INDEX), learning peers it did not know and the files
 they hold, forgetting peers that stop answering, and serves its cached index
-to clients that ask it. When a replica is back, the peer registers and
-advertises everything again. Stopped by SIGTERM or SIGINT, it leaves the
-group (it and its files are dropped at once), waiting for that a bounded
-time.
+to clients that ask it, with its own files as they are in its directory
+now. When a replica is back, the peer registers and advertises everything
+again. Stopped by SIGTERM or SIGINT, it leaves the group (it and its files
+are dropped at once), waiting for that a bounded time.
 
 Everything runs on one event loop; checksums of large files are computed in
 a worker thread that shares nothing. The index client and the call to
@@ -202,8 +202,9 @@ class Peer:
             srv.close()
 
     async def serve_unconfirmed(self) -> None:
-        """Without the group, serve what the directory holds now; the group decides
-        about the names (unique or not) when it is back."""
+        """Without the group, serve what the directory holds now, and list it so in the
+        cached index others are answered from; the group decides about the names
+        (unique or not) when it is back."""
         now = self.scan()
         for name, (path, size, _) in now.items():
             held = self.files.get(name)
@@ -214,6 +215,25 @@ class Peer:
                     continue
         for name in [n for n in self.files if n not in now]:
             self.stop_serving(name)
+        self.cache_own_files()
+
+    def cache_own_files(self) -> None:
+        """The cached index lists this peer as holder of exactly the files it serves
+        (a name another peer holds with other content is left to the group)."""
+        files = self.cache.files
+        for name in [n for n, f in files.items() if self.id in f.holders]:
+            srv = self.files.get(name)
+            if srv is None or (files[name].size, files[name].checksum) != (srv.size, srv.checksum):
+                self.cache.drop_holder(name, self.id)
+        for name, srv in self.files.items():
+            held = files.get(name)
+            if held is None:
+                files[name] = FileEntry(self.id, srv.size, srv.checksum, [self.id])
+            elif self.id not in held.holders and (held.size, held.checksum) == (
+                srv.size,
+                srv.checksum,
+            ):
+                held.holders.append(self.id)
 
     async def revoke(self, name: str) -> None:
         await self.index.request("revoke", {"peer": self.id, "name": name})

@@ -166,6 +166,21 @@ def main() -> None:
             dirs["d"] / "only-d.bin"
         )
 
+        # pa's own list follows its directory: a file added is listed and fetched from
+        # it, one removed goes
+        (dirs["a"] / "new-offline.bin").write_bytes(os.urandom(200_000))
+
+        def pa_lists(name: str) -> bool:
+            return f"{name}  " in cli("files", "--peer", addr["pa"]).stdout
+
+        out["pa_lists_new"] = wait(lambda: pa_lists("new-offline.bin"), 20)
+        res = cli("fetch", "new-offline.bin", "-o", str(tmp / "new.got"), "--peer", addr["pa"])
+        out["pa_new_fetched"] = res.returncode == 0 and sha(tmp / "new.got") == sha(
+            dirs["a"] / "new-offline.bin"
+        )
+        (dirs["a"] / "new-offline.bin").unlink()
+        out["pa_drops_removed"] = wait(lambda: not pa_lists("new-offline.bin"), 20)
+
         # a replica comes back with its saved state; the peers register again
         line = procs.replica(1, "--data", str(dirs["data"]))
         out["restart_line"] = line

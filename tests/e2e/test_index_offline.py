@@ -48,6 +48,11 @@ def test_without_replicas_peers_search_and_fetch_from_their_cache(outcome):
     assert outcome["offline_same"]
 
 
+def test_without_replicas_a_peer_lists_what_its_directory_holds_now(outcome):
+    assert outcome["pa_lists_new"] and outcome["pa_new_fetched"]
+    assert outcome["pa_drops_removed"]
+
+
 def test_without_replicas_peers_exchange_lists(outcome):
     assert outcome["pd_known_to_pb"]  # pd knew only pa; pb learnt of pd and its file
     assert "pd at 127.0.0.1:" in outcome["pb_peers"]

@@ -1,4 +1,5 @@
-"""The peer daemon with a stand-in for the index group: a stopped peer leaves the group."""
+"""The peer daemon with a stand-in for the index group: its cached list follows its own
+directory while the group is gone, and a stopped peer leaves the group."""
 
 from __future__ import annotations
 
@@ -55,6 +56,35 @@ def listed(peer: Peer) -> dict[str, FileEntry]:
     """The files the peer answers others with (PEER_INDEX)."""
     _, payload = peer.exchange(PeerIndex(), b"", 0)
     return msgspec.msgpack.decode(payload, type=dict[str, FileEntry])
+
+
+def test_without_the_group_the_cached_list_follows_the_shared_directory(tmp_path: Path):
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "old.bin").write_bytes(b"old")
+    peer = Peer(PeerOptions("pa", share, 0.5, []), Group(up=False), nobody)
+    peer.cache.files = {  # the index as it was when the group went away
+        "old.bin": FileEntry("pa", 3, 0, ["pa"]),
+        "theirs.bin": FileEntry("pb", 5, 7, ["pb"]),
+        "clash.bin": FileEntry("pb", 5, 7, ["pb"]),
+    }
+
+    async def rounds() -> None:
+        await peer.round()
+        (share / "new.bin").write_bytes(b"new file")
+        (share / "clash.bin").write_bytes(b"other content")
+        (share / "old.bin").unlink()
+        await peer.round()
+
+    asyncio.run(rounds())
+    files = listed(peer)
+    assert files["new.bin"].holders == ["pa"] and files["new.bin"].size == 8
+    assert "old.bin" not in files and "new.bin" in peer.files and "old.bin" not in peer.files
+    assert files["theirs.bin"].holders == ["pb"]
+    assert files["clash.bin"].holders == ["pb"]  # other content: the group decides later
+    assert "clash.bin" in peer.files  # served by name all the same
+    for srv in peer.files.values():
+        srv.close()
 
 
 def test_a_stopped_peer_leaves_the_group(tmp_path: Path):
