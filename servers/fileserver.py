@@ -43,7 +43,14 @@ def file_checksum(path: Path) -> int:
 
 class VirtualServer:
     def __init__(
-        self, number: int, port: int, path: Path, size: int, checksum: int, rate: float = 0
+        self,
+        number: int,
+        port: int,
+        path: Path,
+        size: int,
+        checksum: int,
+        rate: float = 0,
+        fd: int | None = None,  # already open (a peer's checked open): served, then closed
     ) -> None:
         self.rate = rate  # bytes per second, 0: as fast as it goes
         self._free_at = 0.0
@@ -54,7 +61,7 @@ class VirtualServer:
         self.checksum = checksum
         self.state = ALIVE
         self.sent = 0
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
         self.listener: asyncio.AbstractServer | None = None
         self.conns: set[FileConnection] = set()
         self.handlers: dict[type, Handler] = {FileInfo: self.info, FileRead: self.read}

@@ -7,6 +7,10 @@ or single files a local user shared with ``mirrorfs-cli index share``: no
 path can escape), over the same FILE_INFO / FILE_READ messages as
 serve-file, so downloads go through the segmented downloader.
 
+Who may ask for ``share`` and ``unshare``, and how shared files are opened
+so that a symbolic link or a swapped file is never served, is in
+``sharing``.
+
 It keeps a copy of the whole index (refreshed when it changed). When no
 replica answers, peers go on without the group: each one asks the peers it
 knows for theirs (PEER_INDEX), learning peers it did not know and the files
@@ -26,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -39,7 +44,6 @@ from mirrorfuse.wire.datagrams import FileEntry, UpdateResult
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import MAX_PAYLOAD, Frame
 from mirrorfuse.wire.messages import (
-    BadMessage,
     FileInfo,
     FileRead,
     Outcome,
@@ -48,13 +52,11 @@ from mirrorfuse.wire.messages import (
     PeerShare,
     PeerUnshare,
     SharedFile,
-    decode_request,
-    encode_error,
-    encode_reply,
 )
 
-from .fileserver import VirtualServer, file_checksum
+from .fileserver import VirtualServer
 from .net import Answer, FrameServer, Refused, dispatch, in_background
+from .sharing import CONTROL_TYPES, Caller, NotShareable, Single, answer, open_checked
 
 CACHE_EVERY = 5.0  # at most this often, a changed index is copied again
 LEAVE_WITHIN = 5.0  # seconds a stopping peer waits for the group to drop it
@@ -91,8 +93,8 @@ class PeerServer(FrameServer):
         self.peer = peer
 
     def on_frame(self, frame: Frame) -> None:
-        if frame.type in (PeerShare.TYPE, PeerUnshare.TYPE) and not frame.is_reply:
-            in_background(self.control(frame))
+        if frame.type in CONTROL_TYPES and not frame.is_reply:
+            in_background(answer(self, frame, self.tcp_caller(), self.peer.control))
             return
         self.send(
             dispatch(
@@ -105,6 +107,10 @@ class PeerServer(FrameServer):
             )
         )
 
+    def tcp_caller(self) -> Caller | None:
+        """Who asks over TCP: nobody, until connections prove the group key."""
+        return None
+
     def serve_file(
         self, req: FileInfo | FileRead, payload: bytes | bytearray, flags: int
     ) -> Answer:
@@ -114,24 +120,6 @@ class PeerServer(FrameServer):
         if isinstance(req, FileInfo):
             return srv.info(req, payload, flags)
         return srv.read(req, payload, flags)
-
-    async def control(self, frame: Frame) -> None:
-        """share / unshare, only from this machine: a remote peer cannot make us serve a path."""
-        if self.peer_host() not in ("127.0.0.1", "::1"):
-            msg = "share and unshare are taken only from this machine"
-            self.send(encode_error(frame.req_id, frame.type, "BAD_REQUEST", msg))
-            return
-        try:
-            req = decode_request(frame)
-        except BadMessage as exc:
-            self.send(encode_error(frame.req_id, frame.type, "BAD_REQUEST", str(exc)))
-            return
-        if isinstance(req, PeerShare):
-            outcome = await self.peer.share_file(Path(req.path), req.name)
-        else:
-            assert isinstance(req, PeerUnshare)
-            outcome = await self.peer.unshare_file(req.name)
-        self.send(encode_reply(frame.type, frame.req_id, outcome))
 
 
 class Peer:
@@ -143,7 +131,7 @@ class Peer:
         self.ask = ask
         self.files: dict[str, VirtualServer] = {}  # what the index accepted, served
         self.known: dict[str, tuple[int, float]] = {}  # name -> size, mtime advertised
-        self.extra: dict[str, Path] = {}  # single files shared by name (index share)
+        self.extra: dict[str, Single] = {}  # single files shared by path (index share)
         self.changing = asyncio.Lock()  # one change to what is shared at a time
         self.registered = False
         self.addr = ""  # host:port it serves on, known once listening
@@ -160,39 +148,59 @@ class Peer:
 
     # -- what this peer shares ----------------------------------------------------------------
 
-    def scan(self) -> dict[str, tuple[Path, int, float]]:
+    def scan(self) -> dict[str, tuple[int, float]]:
+        """name -> (size, mtime) of what this peer shares now: regular files directly in its
+        directory (not hidden; never a symbolic link), and each file shared by path while it
+        is still the file that was shared (replaced or gone: revoked like a removed file)."""
         out = {}
         for entry in os.scandir(self.share):
             if entry.is_file(follow_symlinks=False) and not entry.name.startswith("."):
-                st = entry.stat()
-                out[entry.name] = (Path(entry.path), st.st_size, st.st_mtime)
-        for name, path in self.extra.items():
+                st = entry.stat(follow_symlinks=False)
+                out[entry.name] = (st.st_size, st.st_mtime)
+        for name, single in self.extra.items():
             try:
-                st = path.stat()
+                st = os.lstat(single.path)
             except OSError:
-                continue  # gone: revoked below like a removed file
-            out[name] = (path, st.st_size, st.st_mtime)
+                continue
+            if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == single.identity:
+                out[name] = (st.st_size, st.st_mtime)
         return out
 
-    async def checksum(self, path: Path) -> int:
-        return await asyncio.get_running_loop().run_in_executor(None, file_checksum, path)
+    def where(self, name: str) -> tuple[Path, tuple[int, int] | None]:
+        single = self.extra.get(name)
+        return (single.path, single.identity) if single else (self.share / name, None)
 
-    async def advertise(self, name: str, path: Path, size: int, mtime: float) -> UpdateResult:
-        csum = await self.checksum(path)
-        args = {"peer": self.id, "name": name, "size": size, "checksum": csum}
-        reply = await self.index.request("advertise", args)
-        self.known[name] = (size, mtime)
+    async def advertise(self, name: str, size: int, mtime: float) -> UpdateResult:
+        try:
+            fd, st, csum = await open_checked(*self.where(name))
+        except NotShareable as exc:
+            self.known[name] = (size, mtime)  # tried again once it changes
+            self.stop_serving(name)
+            self.say(f"cannot share {name}: {exc}")
+            return UpdateResult(ok=False, error=str(exc))
+        return await self.publish(name, fd, st, csum)
+
+    async def publish(self, name: str, fd: int, st: os.stat_result, csum: int) -> UpdateResult:
+        """Advertise an opened file; serve it from that descriptor if the group accepts it."""
+        try:
+            args = {"peer": self.id, "name": name, "size": st.st_size, "checksum": csum}
+            reply = await self.index.request("advertise", args)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.known[name] = (st.st_size, st.st_mtime)
         if reply.ok:
-            self.serve(name, path, size, csum)
+            self.serve(name, fd, st.st_size, csum)
             self.say(f"shares {name}")
         else:
+            os.close(fd)
             self.stop_serving(name)
             self.say(f"cannot share {name}: {reply.error}")
         return reply
 
-    def serve(self, name: str, path: Path, size: int, csum: int) -> None:
+    def serve(self, name: str, fd: int, size: int, csum: int) -> None:
         old = self.files.get(name)
-        self.files[name] = VirtualServer(0, 0, path, size, csum)
+        self.files[name] = VirtualServer(0, 0, self.where(name)[0], size, csum, fd=fd)
         if old is not None:
             old.close()
 
@@ -206,13 +214,15 @@ class Peer:
         cached index others are answered from; the group decides about the names
         (unique or not) when it is back."""
         now = self.scan()
-        for name, (path, size, _) in now.items():
+        for name, (size, _) in now.items():
             held = self.files.get(name)
             if held is None or held.size != size:
                 try:
-                    self.serve(name, path, size, await self.checksum(path))
-                except OSError:
+                    fd, st, csum = await open_checked(*self.where(name))
+                except NotShareable:
+                    self.stop_serving(name)
                     continue
+                self.serve(name, fd, st.st_size, csum)
         for name in [n for n in self.files if n not in now]:
             self.stop_serving(name)
         self.cache_own_files()
@@ -241,25 +251,36 @@ class Peer:
         self.stop_serving(name)
         self.say(f"stopped sharing {name}")
 
-    async def share_file(self, path: Path, name: str) -> Outcome:
-        """mirrorfs-cli index share: one more file, under a name of its own."""
+    async def control(self, req: PeerShare | PeerUnshare, caller: Caller) -> Outcome:
+        """share / unshare, from a caller sharing.answer accepted (this peer's user or root)."""
+        if isinstance(req, PeerShare):
+            return await self.share_file(Path(req.path), req.name, caller)
+        return await self.unshare_file(req.name)
+
+    async def share_file(self, path: Path, name: str, caller: Caller | None = None) -> Outcome:
+        """mirrorfs-cli index share: one more file, under a name of its own. The peer opens
+        it itself (never through a final symbolic link, only a regular file) and serves
+        that file only: the device and inode are checked at every later open."""
         if not name or "/" in name or name.startswith("."):
             return Outcome(ok=False, error=f"{name!r} is not a name to share under")
-        if not path.is_absolute() or not path.is_file():
-            return Outcome(ok=False, error=f"{path} is not a regular file")
-        if name in self.files:
+        if not path.is_absolute():
+            return Outcome(ok=False, error=f"{path} is not an absolute path")
+        if name in self.files or name in self.extra:
             return Outcome(ok=False, error=f"this peer already shares {name!r}")
         async with self.changing:
             try:
-                st = path.stat()
-                reply = await self.advertise(name, path, st.st_size, st.st_mtime)
-            except MirrorfsError as exc:
+                fd, st, csum = await open_checked(path, None)
+            except NotShareable as exc:
                 return Outcome(ok=False, error=str(exc))
-            except OSError as exc:
-                return Outcome(ok=False, error=f"{path}: {exc.strerror}")
+            self.extra[name] = Single(path, (st.st_dev, st.st_ino))
+            try:
+                reply = await self.publish(name, fd, st, csum)
+            except MirrorfsError as exc:
+                reply = UpdateResult(ok=False, error=str(exc))
             if reply.ok:
-                self.extra[name] = path
+                self.say(f"{path} shared as {name} for {caller or 'this process'}")
             else:
+                self.extra.pop(name, None)
                 self.known.pop(name, None)
         return Outcome(ok=reply.ok, error=reply.error)
 
@@ -296,11 +317,11 @@ class Peer:
             self.registered = False
             return
         now = self.scan()
-        for name, (path, size, mtime) in now.items():
+        for name, (size, mtime) in now.items():
             if self.known.get(name) != (size, mtime):
-                await self.advertise(name, path, size, mtime)
-        for name in [n for n in self.known if n not in now]:
-            self.extra.pop(name, None)
+                await self.advertise(name, size, mtime)
+        for name in [n for n in {*self.known, *self.files} if n not in now]:
+            self.extra.pop(name, None)  # gone, or replaced since it was shared
             await self.revoke(name)
         await self.refresh_cache()
 

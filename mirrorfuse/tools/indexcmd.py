@@ -25,9 +25,10 @@ from mirrorfuse.transfer.sources import FileServerSource
 from mirrorfuse.wire.addresses import parse_address, parse_address_list
 from mirrorfuse.wire.datagrams import FileEntry
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError
-from mirrorfuse.wire.messages import Outcome, PeerIndex, PeerShare, PeerUnshare, Request
+from mirrorfuse.wire.messages import Outcome, PeerIndex, PeerShare, PeerUnshare
 
 from .args import port_arg
+from .peerctl import ask_control, control_path
 from .registry import live_peers
 
 HELP = """commands: status | peers | files | search PATTERN | fetch NAME OUTPUT |
@@ -88,20 +89,30 @@ class Index:
         except MirrorfsError as exc:
             return (await self.from_peer(exc))[1]
 
-    async def control(self, req: Request[Outcome]) -> Outcome:
-        """share/unshare, through the one peer running here (or --peer)."""
-        addrs = self.local_peers()
-        if not addrs:
+    async def control(self, req: PeerShare | PeerUnshare) -> Outcome:
+        """share/unshare, through the control socket of the one peer running here (or of
+        --peer); a --peer not running here is asked over TCP, which it takes only from its
+        own machine and user, with the group key."""
+        records = live_peers()
+        if self.peer_addrs:
+            if len(self.peer_addrs) > 1:
+                raise UsageError("share and unshare talk to one peer: give one --peer")
+            records = [r for r in records if r["addr"] == self.peer_addrs[0]]
+            if not records:
+                try:
+                    addr = parse_address(self.peer_addrs[0])
+                    return (await request_once(addr, req, 30.0)).body
+                except ServerError as exc:
+                    return Outcome(ok=False, error=exc.detail)
+        if not records:
             raise UsageError(
                 "no mirrorfs-peer runs on this machine: start one "
                 "(mirrorfs-peer --index GROUP:PORT --share DIR) or give --peer HOST:PORT"
             )
-        if len(addrs) > 1:
-            raise UsageError(f"several peers run here ({', '.join(addrs)}): choose with --peer")
-        try:
-            return (await request_once(parse_address(addrs[0]), req, 30.0)).body
-        except ServerError as exc:
-            return Outcome(ok=False, error=exc.detail)
+        if len(records) > 1:
+            addrs = ", ".join(r["addr"] for r in records)
+            raise UsageError(f"several peers run here ({addrs}): choose with --peer")
+        return await ask_control(control_path(records[0]), req, 30.0)
 
 
 async def fetch(ix: Index, name: str, output: str) -> None:

@@ -28,10 +28,11 @@ from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.messages import PeerIndex, PeerIndexReply
 from servers.files import atomic_write
 from servers.peer import Peer, PeerOptions, PeerServer
+from servers.sharing import ControlServer, bind_control
 
 from . import logs
 from .args import listen_port_arg, run
-from .registry import peer_dir
+from .registry import control_socket, peer_dir
 
 PROG = "mirrorfs-peer"
 
@@ -84,10 +85,16 @@ async def ask_peer(addr: str, req: PeerIndex) -> PeerIndexReply:
     return (await request_once(parse_address(addr), req, 3.0)).body
 
 
-def write_record(peer: Peer, index: str) -> Path:
+def write_record(peer: Peer, index: str, control: Path) -> Path:
     path = peer_dir() / f"{peer.id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"id": peer.id, "addr": peer.addr, "pid": os.getpid(), "index": index}
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    rec = {
+        "id": peer.id,
+        "addr": peer.addr,
+        "pid": os.getpid(),
+        "index": index,
+        "control": str(control),
+    }
     atomic_write(path, json.dumps(rec).encode())
     return path
 
@@ -105,15 +112,25 @@ async def serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise MirrorfsError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     peer.addr = str(Address(args.host, server.sockets[0].getsockname()[1]))
+    control_path = control_socket(peer.id)
+    try:
+        control = await loop.create_unix_server(
+            lambda: ControlServer(peer.control), sock=bind_control(control_path)
+        )
+    except BaseException:
+        server.close()
+        raise
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    record = write_record(peer, args.index)
+    record = write_record(peer, args.index, control_path)
     peer.say(f"serving {peer.share} on {peer.addr} (pid {os.getpid()})")
     try:
         await peer.run(stop)
     finally:
         record.unlink(missing_ok=True)
+        control.close()
+        control_path.unlink(missing_ok=True)
         server.close()
         index.close()
     return 0

@@ -113,8 +113,14 @@ def default_cluster(mountpoint: str | None = None) -> ClusterSpec:
 
 
 def peer_dir() -> Path:
-    """Running mirrorfs-peer processes leave a record here (id, address, pid, index)."""
+    """Running mirrorfs-peer processes leave a record here (id, address, pid, index, control
+    socket) and their control socket; the directory is its user's only (mode 0700)."""
     return state_dir() / "peers"
+
+
+def control_socket(peer_id: str) -> Path:
+    """Where the peer ``peer_id`` takes share and unshare from its own user (or root)."""
+    return peer_dir() / f"{peer_id}.sock"
 
 
 def live_peers() -> list[dict[str, Any]]:
