@@ -336,8 +336,12 @@ class Replica:
         try:
             state = IndexState.from_snapshot(blob)
         except BadSnapshot:
-            return []  # never adopt what does not decode: ask again later
-        if state.seq != seq:
+            return []  # never adopt what does not decode or check out: ask again later
+        return self.adopt(seq, state, now)
+
+    def adopt(self, seq: int, state: IndexState, now: float) -> list[Any]:
+        """A snapshot, decoded and checked (``IndexState.from_snapshot``), said to be at seq."""
+        if seq <= self.state.seq or state.seq != seq:
             return []
         self.state = state
         self.chains[seq] = state.chain

@@ -33,6 +33,14 @@ MISSED_BEATS = 3  # a peer silent for this many of its heartbeat intervals is dr
 # forgotten, checked every PRUNE_EVERY orders (alike everywhere: by the order).
 CLIENT_KEEP = 3600.0
 PRUNE_EVERY = 256
+MAX_SEQ = 1 << 62  # no group numbers this many orders; a snapshot claiming more is bad
+
+
+def bad_name(name: str) -> str | None:
+    """Why a shared file's name is unusable (None: it is fine)."""
+    if not name or "/" in name or "\0" in name or len(name) > 255:
+        return f"{name!r} is not a file name (1-255 characters, no '/')"
+    return None
 
 
 def parse_update(op: str, args: dict[str, Any]) -> msgspec.Struct | str:
@@ -44,9 +52,8 @@ def parse_update(op: str, args: dict[str, Any]) -> msgspec.Struct | str:
         parsed = msgspec.convert(args, kind)
     except msgspec.ValidationError as exc:
         return f"bad {op} request: {exc}"
-    name = getattr(parsed, "name", None)
-    if op == "advertise" and (not name or "/" in name or "\0" in name or len(name) > 255):
-        return f"{name!r} is not a file name (1-255 characters, no '/')"
+    if isinstance(parsed, AdvertiseArgs) and (why := bad_name(parsed.name)) is not None:
+        return why
     return parsed
 
 
@@ -87,7 +94,38 @@ _snapshots = msgspec.msgpack.Decoder(Snapshot)
 
 
 class BadSnapshot(ValueError):
-    """A snapshot that does not decode: never adopted."""
+    """A snapshot that does not decode, or that no run of the group could hold: never adopted."""
+
+
+def check_snapshot(snap: Snapshot) -> None:
+    """What applying orders always keeps true; raises BadSnapshot, in one line, if it is not.
+
+    Every file has holders, each one a registered peer and listed once, and
+    its owner among them; names are file names, sizes are not negative;
+    numbers fit what the wire can carry. (Only what every version kept true:
+    a state the group can reach must never be refused, or nobody catches up.)
+    """
+    if not 0 <= snap.seq <= MAX_SEQ or not 0 <= snap.chain < 1 << 64:
+        raise BadSnapshot(f"sequence {snap.seq} or chain {snap.chain} out of range")
+    for name, f in snap.files.items():
+        why = bad_name(name) or _file_problem(f, snap.peers)
+        if why is not None:
+            raise BadSnapshot(f"file {name[:100]!r}: {why}")
+    for peer, p in snap.peers.items():
+        if p.interval is not None and not p.interval > 0:
+            raise BadSnapshot(f"peer {peer[:100]!r} has heartbeat interval {p.interval}")
+
+
+def _file_problem(f: FileEntry, peers: dict[str, PeerEntry]) -> str | None:
+    if not f.holders or len(set(f.holders)) != len(f.holders):
+        return f"{len(f.holders)} holders, {len(set(f.holders))} different"
+    if f.owner not in f.holders:
+        return "its owner is not one of its holders"
+    if any(h not in peers for h in f.holders):
+        return "held by a peer that is not registered"
+    if f.size < 0:
+        return f"size {f.size}"
+    return None
 
 
 @dataclass
@@ -208,8 +246,9 @@ class IndexState:
     def from_snapshot(cls, blob: bytes) -> IndexState:
         try:
             snap = _snapshots.decode(blob)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise BadSnapshot(f"not an index snapshot ({exc})") from None
+        check_snapshot(snap)
         return cls(snap.seq, snap.peers, snap.files, snap.clients, snap.client_seen, snap.chain)
 
     def digest(self) -> str:
