@@ -120,7 +120,7 @@ def main() -> int:
             [CLI, "format", *cluster.args, "--block-size", str(bs)], check=True, capture_output=True
         )
         pool = os.urandom(64 << 20)
-        with BlockingVolume(cluster.spec, timeout=args.timeout) as vol:
+        with BlockingVolume(cluster.spec, timeout=args.timeout, writer="bench") as vol:
             print(f"writing {human(size)} ({human(size // 2)} on each pair)...", flush=True)
             write(vol, list(range(size // bs)), pool, bs, 1)
             cluster.kill(1)

@@ -66,7 +66,7 @@ def volume_run(root: Path, servers: int, total: int, block: int, batch: int) -> 
             check=True,
             capture_output=True,
         )
-        with BlockingVolume(cluster.spec) as vol:
+        with BlockingVolume(cluster.spec, writer="bench") as vol:
             blocks = total // block
             gen = pattern(total, block)
             os.sync()

@@ -27,9 +27,10 @@ from mirrorfuse.wire.messages import (
     FileReadReply,
 )
 
-from .net import Answer, FrameServer, Handler, ListenError, Out, Refused, dispatch
+from .net import Answer, FrameServer, Handler, Limits, ListenError, Out, Refused, dispatch
 
 READ_LIMIT = 8 << 20
+MAX_DELAYED = 4  # replies one connection may have waiting for their turn under --rate
 assert READ_LIMIT <= MAX_PAYLOAD  # a read must fit in one frame
 
 
@@ -64,6 +65,7 @@ class VirtualServer:
         self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
         self.listener: asyncio.AbstractServer | None = None
         self.conns: set[FileConnection] = set()
+        self.limits = Limits(max_payload=0)  # its requests carry no payload
         self.handlers: dict[type, Handler] = {FileInfo: self.info, FileRead: self.read}
 
     def info(self, req: FileInfo, payload: bytes | bytearray, flags: int) -> Answer:
@@ -107,23 +109,34 @@ class VirtualServer:
 
 class FileConnection(FrameServer):
     def __init__(self, server: VirtualServer) -> None:
-        super().__init__()
+        super().__init__(limits=server.limits)
         self.server = server
+        self.delayed = 0  # replies held back by --rate, each up to READ_LIMIT bytes
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.server.conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         self.server.conns.discard(self)
 
     def on_frame(self, frame: Frame) -> None:
         out = self.server.handle(frame)
         delay = self.server.delay_for(len(out[-1])) if frame.type == Msg.FILE_READ else 0
         if delay > 0:
-            asyncio.get_running_loop().call_later(delay, self.send, out)
+            self.delayed += 1
+            if self.delayed >= MAX_DELAYED:
+                self.hold("rate")
+            asyncio.get_running_loop().call_later(delay, self._send_late, out)
         else:
             self.send(out)
+
+    def _send_late(self, out: Out) -> None:
+        self.delayed -= 1
+        self.send(out)
+        if self.delayed < MAX_DELAYED:
+            self.unhold("rate")
 
 
 def console_command(servers: list[VirtualServer], line: str) -> str:

@@ -14,6 +14,8 @@ from helpers import Cluster, Mount
 # The tests' own registry of mounts, so they neither see nor disturb the user's.
 _STATE = tempfile.mkdtemp(prefix="mirrorfs-test-state-")
 os.environ["MIRRORFS_STATE_DIR"] = _STATE
+# and their own key directory: the volumes they format never touch the user's keys
+os.environ["MIRRORFS_KEYS"] = os.path.join(_STATE, "keys")
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from mirrorfuse.tools.admin import format_volume
 from mirrorfuse.tools.spawn import LocalCluster, ServerProc, free_base_port
+from mirrorfuse.wire.auth import KEY_NAME
 from mirrorfuse.wire.sizes import parse_size
+from servers.files import read_key
 
 __all__ = [
     "Cluster",
@@ -61,6 +63,10 @@ class Cluster(LocalCluster):
         args = opts.parse_args(extra)
         size = parse_size(args.block_size)
         return asyncio.run(format_volume(self.spec, size, args.force))
+
+    def key(self) -> bytes:
+        """The volume's key, as server 0 keeps it."""
+        return read_key(self.data_dir(0) / KEY_NAME)
 
     def status(self) -> dict:
         res = cli("status", *self.args, "--json")

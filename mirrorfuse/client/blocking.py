@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from mirrorfuse.wire.addresses import ClusterSpec
 
+from .metastore import MetaStore, holder_info
 from .volume import DEFAULT_TIMEOUT, Volume
 
 T = TypeVar("T")
@@ -37,13 +38,19 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
 
 
 class BlockingVolume:
-    def __init__(self, spec: ClusterSpec, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, spec: ClusterSpec, timeout: float = DEFAULT_TIMEOUT, writer: str | None = None
+    ) -> None:
+        """``writer``: take the volume's lease under that name (the servers refuse
+        writes from anyone else)."""
         self._loop = new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="volume")
         self._thread.start()
         self.volume = Volume(spec, timeout)
         try:
             self.run(self.volume.open())
+            if writer is not None:
+                self.run(MetaStore(self.volume).take_lease(holder_info(writer), force=False))
         except BaseException:
             self.close()
             raise

@@ -22,6 +22,7 @@ from mirrorfuse.wire.errors import MirrorfsError, ServerError
 from mirrorfuse.wire.messages import Hello, Identity, Lease, Message, Reply, Request
 
 from .connection import Connection, ServerDown, WrongDirectory
+from .keys import Keyring, open_server
 
 R = TypeVar("R", bound=Message)
 
@@ -34,6 +35,7 @@ class Cluster:
         on_gen: Callable[[int, int], None] | None = None,
     ) -> None:
         self.spec = spec
+        self.keys = Keyring(spec.key_file)
         self.timeout = timeout
         self.on_gen = on_gen
         self.volume_id: str | None = None  # once known, HELLO refuses other volumes
@@ -58,7 +60,7 @@ class Cluster:
         return await asyncio.shield(pending)
 
     async def _connect(self, server: int) -> Connection:
-        conn = await Connection.open(server, self.spec.addresses[server], self.timeout, self.on_gen)
+        conn = await open_server(self.spec, server, self.timeout, self.on_gen, self.keys)
         try:
             hello = (await conn.call(Hello(volume=self.volume_id))).body
         except ServerError as exc:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.auth import REPLY_SIZE, ClientHandshake, KeyLookup, fingerprint
 from mirrorfuse.wire.errors import MirrorfsError, ServerError
-from mirrorfuse.wire.frames import Frame, FrameDecoder, ProtocolError
+from mirrorfuse.wire.frames import MAGIC, VERSION, Frame, FrameDecoder, ProtocolError
 from mirrorfuse.wire.messages import (
     BadMessage,
     Message,
@@ -32,6 +34,7 @@ from mirrorfuse.wire.messages import (
 R = TypeVar("R", bound=Message)
 
 MAX_IN_FLIGHT = 32
+FRAME_MAGIC = MAGIC + bytes([VERSION])  # what a frame starts with, unlike a handshake
 
 
 class ServerDown(MirrorfsError):
@@ -51,23 +54,75 @@ class WrongDirectory(ServerDown):
     failure table counts for it (another one, or an older copy)."""
 
 
+class KeyRefused(ServerDown):
+    """The server and this client do not share the volume's key (or it has none here)."""
+
+
 class _Protocol(asyncio.BufferedProtocol):
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, keys: KeyLookup | None) -> None:
         self.conn = conn
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.writable = asyncio.Event()
         self.writable.set()
+        self.keys = keys
+        self.handshake: ClientHandshake | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._hs_buf = bytearray(REPLY_SIZE)
+        self._early: bytearray | None = bytearray()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        if self.keys is None:
+            self.ready.set_result(None)
+            return
+        binding = b""
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            binding = fingerprint(ssl_object.getpeercert(binary_form=True) or b"")
+        self.handshake = ClientHandshake(self.keys, binding)
+        self.transport.write(self.handshake.hello())
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if not self.ready.done():
+            return memoryview(self._hs_buf)
         return self.decoder.get_buffer(sizehint)
+
+    def _handshake(self, data: bytes) -> None:
+        hs = self.handshake
+        assert hs is not None and self.transport is not None
+        if self._early is not None:  # the first bytes: a handshake, or an error frame?
+            self._early += data
+            if len(self._early) < len(FRAME_MAGIC):
+                return
+            data, self._early = bytes(self._early), None
+            if data.startswith(FRAME_MAGIC):  # refused before the handshake (busy, too old)
+                self.ready.set_result(None)
+                self.decoder.feed(data)
+                self._deliver()
+                return
+        try:
+            proof = hs.receive(data)
+        except MirrorfsError as exc:  # no key for it here, or it did not prove the key
+            self.conn._abort(str(exc), refused_key=True)
+            return
+        if hs.done:
+            self.transport.write(proof)
+            self.ready.set_result(None)
+            if hs.rest:
+                self.decoder.feed(hs.rest)
+                self._deliver()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.conn.last_rx = time.monotonic()
+        if not self.ready.done():
+            if self.handshake is not None:
+                self._handshake(bytes(self._hs_buf[:nbytes]))
+            return
         self.decoder.buffer_updated(nbytes)
+        self._deliver()
+
+    def _deliver(self) -> None:
         try:
             while (frame := self.decoder.next_frame()) is not None:
                 self.conn._deliver(frame)
@@ -75,6 +130,8 @@ class _Protocol(asyncio.BufferedProtocol):
             self.conn._abort(f"sent a malformed frame ({exc})")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
         self.conn._abort(
             "closed the connection" if exc is None else f"reset the connection ({exc})"
         )
@@ -109,6 +166,9 @@ class Connection:
         self._hung = False  # closed because the server went silent
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._watchdog: asyncio.Task[None] | None = None
+        self._key_refused = False
+        self.keyed = False  # the server proved the key (False: it has none yet)
+        self.volume: str | None = None  # as the server named it in the handshake
 
     @classmethod
     async def open(
@@ -117,15 +177,23 @@ class Connection:
         address: Address,
         timeout: float,
         on_gen: Callable[[int, int], None] | None = None,
+        keys: KeyLookup | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> Connection:
+        """Connect and, when ``keys`` is given, prove the key and check the server's proof."""
         conn = cls(server, address, timeout, on_gen)
         loop = asyncio.get_running_loop()
         try:
             _, proto = await asyncio.wait_for(
-                loop.create_connection(lambda: _Protocol(conn), address.host, address.port),
+                loop.create_connection(
+                    lambda: _Protocol(conn, keys), address.host, address.port, ssl=tls
+                ),
                 timeout,
             )
+            conn._proto = proto
+            await asyncio.wait_for(asyncio.shield(proto.ready), timeout)
         except TimeoutError:
+            conn._abort("did not answer the key handshake in time", hung=True)
             raise ServerDown(
                 server, address, f"did not accept a connection within {timeout:g}s", hung=True
             ) from None
@@ -133,7 +201,10 @@ class Connection:
             # asyncio's own text is "Connect call failed (...)": the errno says it better
             reason = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
             raise ServerDown(server, address, f"is not reachable: {reason.lower()}") from None
-        conn._proto = proto
+        if conn._closed is not None:
+            raise conn._down()
+        if proto.handshake is not None:
+            conn.keyed, conn.volume = proto.handshake.keyed, proto.handshake.volume
         conn._watchdog = asyncio.ensure_future(conn._watch())
         return conn
 
@@ -189,19 +260,22 @@ class Connection:
         if not frame.is_reply:
             return
         if frame.req_id == 0 and frame.is_error:  # the server gave up on this connection
-            self._abort(f"refused the connection: {decode_error(frame.body).msg}")
+            err = decode_error(frame.body)
+            self._abort(f"refused the connection: {err.msg}", refused_key=err.code == "AUTH")
             return
         fut = self._pending.pop(frame.req_id, None)
         if fut is not None and not fut.done():
             fut.set_result(frame)
 
     def _down(self) -> ServerDown:
-        return ServerDown(self.server, self.address, str(self._closed), self._hung)
+        kind = KeyRefused if self._key_refused else ServerDown
+        return kind(self.server, self.address, str(self._closed), self._hung)
 
-    def _abort(self, reason: str, hung: bool = False) -> None:
+    def _abort(self, reason: str, hung: bool = False, refused_key: bool = False) -> None:
         if self._closed is None:
             self._closed = reason
             self._hung = hung
+            self._key_refused = refused_key
         for fut in self._pending.values():
             if not fut.done():
                 fut.set_exception(self._down())
@@ -232,9 +306,10 @@ async def request_once(
     timeout: float,
     connect: float = 3.0,
     payload: bytes = b"",
+    keys: KeyLookup | None = None,
 ) -> Reply[R]:
     """Connect, ask one question, close: for peers asked now and then, not kept open."""
-    conn = await Connection.open(0, address, connect)
+    conn = await Connection.open(0, address, connect, keys=keys)
     try:
         return await asyncio.wait_for(conn.call(req, payload), timeout)
     finally:

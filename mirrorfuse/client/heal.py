@@ -36,7 +36,8 @@ from mirrorfuse.wire.messages import (
     Write,
 )
 
-from .connection import Connection, ServerDown
+from .connection import ServerDown
+from .keys import open_server
 from .metastore import MetaStore
 from .retry import TryAgain, retry
 from .volume import Volume
@@ -67,7 +68,7 @@ async def _claim(vol: Volume, target: int, full: bool, healer: str) -> tuple[Ide
     count yet): check the target, format it unless it can catch up, and tell it a heal
     begins. Returns its identity and whether it only catches up."""
     try:
-        conn = await Connection.open(target, vol.spec.addresses[target], vol.timeout)
+        conn = await open_server(vol.spec, target, vol.timeout, keys=vol.cluster.keys)
     except ServerDown as exc:
         raise MirrorfsError(f"cannot heal: {exc} (start it first)") from None
     try:
@@ -94,6 +95,7 @@ async def _claim(vol: Volume, target: int, full: bool, healer: str) -> tuple[Ide
                 count=vol.spec.count,
                 block_size=vol.block_size,
                 force=info.formatted,
+                key=None if conn.keyed else vol.cluster.keys(vol.volume_id),
             )
             info = (await conn.call(req)).body
         await conn.call(HealBegin(healer=healer))
@@ -109,7 +111,7 @@ async def _claim(vol: Volume, target: int, full: bool, healer: str) -> tuple[Ide
 async def reachable(vol: Volume, target: int) -> bool:
     """Whether the target answers at all (the mount heals only servers that are back)."""
     try:
-        conn = await Connection.open(target, vol.spec.addresses[target], vol.timeout)
+        conn = await open_server(vol.spec, target, vol.timeout, keys=vol.cluster.keys)
     except ServerDown:
         return False
     conn.close()

@@ -93,6 +93,7 @@ class MetaStore:
         lease = Lease(epoch=self.epoch, holder=holder, force=force)
         await self._all(lambda s: self.vol.call(s, lease))
         self.vol.hold_lease(lease)
+        await self.vol.table.persist()
 
     # -- sending to every server taking writes ----------------------------------------------
 

@@ -48,6 +48,7 @@ class FailureTable:
         self.table = failures.fresh(cluster.spec.count)
         self.on_failure: Callable[[int, str], None] | None = None
         self.epoch: int | None = None  # the mount's lease epoch, once it holds one
+        self.unpersisted = False  # changed here while no lease was held
         self._lock = asyncio.Lock()
         self._refresh: asyncio.Task[None] | None = None
         self._pending: Table | None = None  # a table being persisted (connections check it)
@@ -157,6 +158,12 @@ class FailureTable:
             new = Table(
                 gen=table.gen + 1, states=table.states, idents=table.idents, since=table.since
             )
+            if self.epoch is None:
+                # without the lease nothing may change on the servers (they fence it):
+                # kept here, and written by ``persist`` once the lease is held
+                self.table = new
+                self.unpersisted = True
+                return
             targets = failures.holders(new.states)
             self._pending = new
             try:
@@ -194,6 +201,12 @@ class FailureTable:
 
         async with self._lock:
             await retry(attempt, "could not persist the failure table")
+
+    async def persist(self) -> None:
+        """Write what was learned before the lease was held (a server found down)."""
+        if self.unpersisted:
+            self.unpersisted = False
+            await self._change([], {}, always=True)
 
     def close(self) -> None:
         if self._refresh is not None:

@@ -380,7 +380,10 @@ class Volume:
         return (await self.read_from(block, expected))[0]
 
     async def repair(self, server: int, block: int, data: bytes) -> bool:
-        """Rewrite a copy found bad from a good one; False: the server failed instead."""
+        """Rewrite a copy found bad from a good one; False: the server failed instead (or
+        this client holds no lease, so may change nothing: the next mount repairs it)."""
+        if self.table.epoch is None:
+            return False
         slot = self.layout.slot_of(block)
         try:
             if data:

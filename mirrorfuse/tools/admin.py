@@ -7,8 +7,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mirrorfuse.client.connection import Connection, ServerDown
+from mirrorfuse.client.connection import ServerDown
 from mirrorfuse.client.heal import copy_metadata, heal
+from mirrorfuse.client.keys import Keyring, open_server
 from mirrorfuse.client.metastore import Leased, MetaStore, describe_holder, holder_info
 from mirrorfuse.client.volume import Volume
 from mirrorfuse.core import failures
@@ -37,7 +38,7 @@ async def probe(spec: ClusterSpec, timeout: float = PROBE_TIMEOUT) -> list[StatR
 
     async def one(i: int) -> StatReply | str:
         try:
-            conn = await Connection.open(i, spec.addresses[i], timeout)
+            conn = await open_server(spec, i, timeout)
         except ServerDown as exc:
             return exc.reason
         try:
@@ -84,18 +85,21 @@ async def format_volume(
             f"({blocks} blocks); add --force to erase it"
         )
     volume = str(uuid.uuid4())
+    key = Keyring(spec.key_file).create(volume)  # kept where clients look for it
     idents = []
     for i in range(spec.count):
-        req = Format(volume=volume, server=i, count=spec.count, block_size=block_size, force=force)
+        req = Format(
+            volume=volume, server=i, count=spec.count, block_size=block_size, force=force, key=key
+        )
         idents.append((await _ask(spec, i, req)).ident)
     table = Table(gen=2, states=(State.ALIVE,) * spec.count, idents=tuple(idents))
     for i in range(spec.count):  # which directory is each server's, from the start
-        await _ask(spec, i, SetTable(table=table))
+        await _ask(spec, i, SetTable(table=table, epoch=0))
     return volume
 
 
 async def _ask(spec: ClusterSpec, server: int, req: Request[R]) -> R:
-    conn = await Connection.open(server, spec.addresses[server], PROBE_TIMEOUT)
+    conn = await open_server(spec, server, PROBE_TIMEOUT)
     try:
         return (await conn.call(req)).body
     finally:

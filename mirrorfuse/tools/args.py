@@ -7,9 +7,11 @@ A command's bad input is one line, ``PROG: error: ...``, and a non-zero exit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from mirrorfuse.wire.addresses import (
     DEFAULT_HOST,
@@ -65,20 +67,39 @@ def add_cluster_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HOST,
         help=f"host of the servers with --base-port ({DEFAULT_HOST})",
     )
+    add_key_args(parser)
+
+
+def add_key_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the volume's key (default: <volume id>.key in ~/.config/mirrorfs/keys)",
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="encrypt traffic (the servers run with --tls)"
+    )
 
 
 def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
     if args.servers and args.base_port is not None:
         raise UsageError("give either --servers or --base-port/--count, not both")
     if args.servers:
-        return parse_servers(args.servers)
-    if args.base_port is not None:
+        spec = parse_servers(args.servers)
+    elif args.base_port is not None:
         if args.count is None:
             raise UsageError("--base-port needs --count (the number of servers)")
-        return from_base_port(args.base_port, args.count, args.host)
-    from . import registry
+        spec = from_base_port(args.base_port, args.count, args.host)
+    else:
+        from . import registry
 
-    return registry.default_cluster(getattr(args, "mount", None))
+        spec = registry.default_cluster(getattr(args, "mount", None))
+    key_file = getattr(args, "key_file", None)
+    if key_file:
+        spec = dataclasses.replace(spec, key_file=str(Path(key_file).resolve()))
+    if getattr(args, "tls", False):
+        spec = dataclasses.replace(spec, tls=True)
+    return spec
 
 
 def run(prog: str, command: Callable[[], int], usage_exit: int = 2) -> int:

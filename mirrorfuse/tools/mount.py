@@ -82,6 +82,8 @@ def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
                 "servers": [str(a) for a in spec.addresses],
                 "mount_pid": os.getpid(),
                 "volume": volume,
+                "key_file": spec.key_file,
+                "tls": spec.tls,
             },
         )
         report(f"ok {volume}")

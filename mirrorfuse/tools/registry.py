@@ -8,6 +8,7 @@ mountpoint it is given.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -90,7 +91,10 @@ def live_records() -> list[dict[str, Any]]:
 
 
 def spec_of(record: dict[str, Any]) -> ClusterSpec:
-    return parse_servers(",".join(record["servers"]))
+    spec = parse_servers(",".join(record["servers"]))
+    return dataclasses.replace(
+        spec, key_file=record.get("key_file") or None, tls=bool(record.get("tls"))
+    )
 
 
 def default_cluster(mountpoint: str | None = None) -> ClusterSpec:

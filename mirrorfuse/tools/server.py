@@ -13,6 +13,8 @@ from mirrorfuse.client.blocking import run_async
 from mirrorfuse.wire.addresses import DEFAULT_HOST, MAX_SERVERS
 from servers.block.server import listen
 from servers.block.store import Store
+from servers.files import read_key
+from servers.tls import server_tls
 
 from . import logs
 from .args import port_arg, run, size_arg
@@ -28,6 +30,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on ({DEFAULT_HOST})")
     p.add_argument("--volume", help="refuse a data directory of any other volume id")
     p.add_argument(
+        "--key-file",
+        type=Path,
+        help="the volume's key, kept in the data directory as volume.key (default: the one "
+        "there, or the one the format gives)",
+    )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every connection (its certificate is made in the data directory)",
+    )
+    p.add_argument(
         "--capacity",
         type=size_arg,
         help="most data this server may hold, e.g. 64M or 10G (default: its disk)",
@@ -39,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, store: Store) -> int:
-    listener = await listen(store, args.host, args.port)
+    tls, binding = server_tls(args.data) if args.tls else (None, b"")
+    listener = await listen(store, args.host, args.port, tls, binding)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -59,7 +73,8 @@ async def serve(args: argparse.Namespace, store: Store) -> int:
 
 
 def start(args: argparse.Namespace) -> int:
-    store = Store(args.data, args.id, args.volume, args.capacity)
+    key = read_key(args.key_file) if args.key_file else None
+    store = Store(args.data, args.id, args.volume, args.capacity, key)
     return run_async(serve(args, store))
 
 

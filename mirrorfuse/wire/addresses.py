@@ -29,9 +29,12 @@ class Address:
 
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
-    """The servers of one volume, in id order (server i is ``addresses[i]``)."""
+    """The servers of one volume, in id order (server i is ``addresses[i]``), and how
+    to reach them: the key file to prove (None: the key directory's, by volume) and TLS."""
 
     addresses: tuple[Address, ...]
+    key_file: str | None = None
+    tls: bool = False
 
     @property
     def count(self) -> int:

@@ -1,6 +1,7 @@
 """Keys and the handshake that proves them, before a daemon reads any request.
 
-A key is 32 random bytes, kept as one line of hex in a file of mode 0600.
+A key is 32 random bytes, kept as one line of hex in a file of mode 0600
+(``servers.files`` reads and writes it).
 A connection to a block server opens with a mutual challenge-response, in
 fixed-size messages so that nothing is buffered before the key is proven:
 
@@ -23,10 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from collections.abc import Callable
-from pathlib import Path
 
 from .errors import MirrorfsError
 
@@ -61,34 +60,6 @@ def parse_key(text: bytes, where: str) -> bytes:
     if len(key) != KEY_BYTES:
         raise KeyFileError(f"{where} holds {len(key)} bytes of key, not {KEY_BYTES}")
     return key
-
-
-def read_key(path: Path) -> bytes:
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"key file {path} does not exist") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
-    return parse_key(text[:4096], f"key file {path}")
-
-
-def write_key(path: Path, key: bytes) -> None:
-    """Write a key durably, readable by its owner only (never visible with wider modes)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, key.hex().encode() + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def fingerprint(cert_der: bytes) -> bytes:
@@ -136,11 +107,12 @@ class ServerHandshake:
     def receive(self, data: bytes) -> bytes:
         self._buf += data
         out = b""
+        if not self._client_nonce and not self._buf[: len(MAGIC)] == MAGIC[: len(self._buf)]:
+            # said at once: an old client's first frame may be shorter than a hello
+            raise AuthError("not a mirrorfs client of this version (no key handshake)")
         if not self._client_nonce and len(self._buf) >= HELLO_SIZE:
             hello = bytes(self._buf[:HELLO_SIZE])
             del self._buf[:HELLO_SIZE]
-            if hello[: len(MAGIC)] != MAGIC:
-                raise AuthError("not a mirrorfs client of this version (no key handshake)")
             self._client_nonce = hello[len(MAGIC) :]
             mac = (
                 _mac(self.key, b"server", self._client_nonce, self.nonce, self.binding)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Any
@@ -25,7 +26,10 @@ VERSION = 2
 HEADER = struct.Struct(">2sBBQHII")
 HEADER_SIZE = HEADER.size
 MAX_BODY = 1 << 20
-MAX_PAYLOAD = 16 << 20
+MAX_PAYLOAD = 16 << 20  # of any frame: a reply may carry 8 MiB of a file or a journal
+# of a request to a block server: a block (4 MiB at most), a journal batch or a
+# checkpoint chunk (4 MiB each); a daemon never reads a larger one
+MAX_REQUEST_PAYLOAD = 8 << 20
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -78,6 +82,7 @@ class Frame:
     flags: int = 0
     body: bytes = b""  # msgpack, decoded against a schema by ``messages``
     payload: bytes | bytearray = b""
+    held: int = 0  # bytes reserved for it from the receiver's budget, until handled
 
     @property
     def is_reply(self) -> bool:
@@ -115,11 +120,21 @@ class FrameDecoder:
     has arrived gets its own buffer, and ``get_buffer`` then hands out that
     buffer so the socket writes block data straight into it (no extra copy).
     ``feed`` is the same machine for callers that already hold bytes.
+
+    ``reserve`` (a daemon's budget of bytes in flight) is asked before a
+    payload's buffer is allocated; when it says no, the decoder stops at that
+    header (``blocked``) until ``retry`` is called, so memory follows what the
+    daemon can take, not what a peer announces.
     """
 
     SCRATCH = 64 << 10
 
-    def __init__(self) -> None:
+    def __init__(
+        self, max_payload: int = MAX_PAYLOAD, reserve: Callable[[int], bool] | None = None
+    ) -> None:
+        self.max_payload = max_payload
+        self.reserve = reserve
+        self.blocked = False
         self._scratch = bytearray(self.SCRATCH)
         self._start = 0  # first unparsed byte in the scratch buffer
         self._end = 0  # end of received bytes in the scratch buffer
@@ -169,20 +184,29 @@ class FrameDecoder:
             self.buffer_updated(n)
             view = view[n:]
 
-    @staticmethod
-    def _check(magic: bytes, version: int, body_len: int, payload_len: int) -> str | None:
+    @property
+    def partial(self) -> bool:
+        """A frame has begun to arrive and is not complete."""
+        return self._end > self._start or self._waiting is not None
+
+    def retry(self) -> None:
+        """Try again to take the frame the budget refused."""
+        self.blocked = False
+        self._parse()
+
+    def _check(self, magic: bytes, version: int, body_len: int, payload_len: int) -> str | None:
         if magic != MAGIC:
             return "bad magic (not a mirrorfs peer?)"
         if version != VERSION:
             return f"protocol version {version} is not supported (this side speaks {VERSION})"
         if body_len > MAX_BODY:
             return f"body length {body_len} exceeds {MAX_BODY}"
-        if payload_len > MAX_PAYLOAD:
-            return f"payload length {payload_len} exceeds {MAX_PAYLOAD}"
+        if payload_len > self.max_payload:
+            return f"payload length {payload_len} exceeds {self.max_payload}"
         return None
 
     def _parse(self) -> None:
-        while self._waiting is None and self._broken is None:
+        while self._waiting is None and self._broken is None and not self.blocked:
             avail = self._end - self._start
             if avail < HEADER_SIZE:
                 break
@@ -197,10 +221,16 @@ class FrameDecoder:
             if avail < HEADER_SIZE + body_len:
                 break
             pos = self._start + HEADER_SIZE
+            have = min(self._end - pos - body_len, payload_len)
+            held = 0
+            if self.reserve is not None and payload_len > have:
+                held = body_len + payload_len
+                if not self.reserve(held):
+                    self.blocked = True
+                    break
             body = bytes(self._scratch[pos : pos + body_len])
             pos += body_len
-            frame = Frame(type_, req_id, flags, body, b"")
-            have = min(self._end - pos, payload_len)
+            frame = Frame(type_, req_id, flags, body, b"", held)
             if have == payload_len:
                 frame.payload = bytes(self._scratch[pos : pos + have])
                 self._ready.append(frame)
@@ -212,6 +242,14 @@ class FrameDecoder:
             self._start = pos + have
         if self._start == self._end:
             self._start = self._end = 0
+
+    def drop(self) -> int:
+        """Forget every frame not handed out; the bytes they held, to give back."""
+        held = sum(f.held for f in self._ready) + (self._waiting.held if self._waiting else 0)
+        self._ready.clear()
+        self._waiting, self._payload, self._filled = None, bytearray(), 0
+        self._start = self._end = 0
+        return held
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, None if more bytes are needed.

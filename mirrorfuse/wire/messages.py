@@ -123,6 +123,7 @@ class Format(Request[Identity]):
     count: Count
     block_size: Count
     force: bool = False
+    key: bytes | None = None  # the volume's, for a server that has none (or a new volume)
 
 
 class ReadReply(Message):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import ssl
 from typing import Any
 
 import msgspec
@@ -23,6 +24,7 @@ import xxhash
 
 from mirrorfuse.core import failures
 from mirrorfuse.wire.addresses import MAX_SERVERS, MIN_SERVERS
+from mirrorfuse.wire.auth import ServerHandshake
 from mirrorfuse.wire.frames import MAX_PAYLOAD, Flag, Frame, Msg
 from mirrorfuse.wire.messages import (
     AppendReply,
@@ -63,6 +65,7 @@ from ..net import (
     Answer,
     FrameServer,
     Handler,
+    Limits,
     ListenError,
     Out,
     Refused,
@@ -86,6 +89,8 @@ IN_ORDER = {
     Msg.CHECKPOINT_PUT,
     Msg.CHECKPOINT_GET,
 }
+# what a connection that proved no key may ask of a server that has none
+KEYLESS = {Msg.HELLO, Msg.STAT, Msg.FORMAT}
 OFF_LOOP = {
     Msg.FORMAT,
     Msg.SYNC,
@@ -97,8 +102,10 @@ OFF_LOOP = {
 
 
 class BlockServer:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, binding: bytes = b"") -> None:
         self.store = store
+        self.binding = binding  # the SHA-256 of its TLS certificate, when it has one
+        self.limits = Limits()
         self.handlers: dict[type[Request[Any]], Handler] = {
             Hello: self.hello,
             Stat: self.stat,
@@ -139,13 +146,17 @@ class BlockServer:
     def _check_gen(self, gen: int, epoch: int | None) -> None:
         """Fence writers whose failure table is older than ours: they may skip a replica.
 
-        Writers that say which mount epoch they act for are fenced by it too:
-        a client that lost its lease to a newer mount must not change anything.
+        And every change names the mount epoch it acts for: a client without
+        the lease, or that lost it to a newer mount, must not change anything.
         """
         if gen < self.store.table.gen:
             raise Refused("STALE", f"failure table generation {gen} < {self.store.table.gen}")
-        if epoch is not None:
-            self._meta().check_epoch(epoch)
+        self._check_epoch(epoch)
+
+    def _check_epoch(self, epoch: int | None) -> None:
+        if epoch is None:
+            raise Refused("FENCED", "a change without a mount epoch: take the volume's lease")
+        self._meta().check_epoch(epoch)
 
     def identity(self) -> Identity:
         sb = self.store.superblock
@@ -210,7 +221,13 @@ class BlockServer:
                 f"server {req.server} already holds volume {sb.volume} "
                 f"({self.store.blocks_used} blocks)",
             )
-        self.store.format(req.volume, req.count, bs)
+        try:
+            self.store.format(req.volume, req.count, bs, req.key)
+        except StoreError as exc:
+            raise Refused("NO_KEY", str(exc)) from None
+        asker = self.in_order_conn
+        if isinstance(asker, Connection):
+            asker.trusted = True  # it gave the key (to a server that had none)
         return self.identity(), b""
 
     def read(self, req: Read, payload: bytes | bytearray, flags: int) -> Answer:
@@ -257,8 +274,7 @@ class BlockServer:
 
     def set_table(self, req: SetTable, payload: bytes | bytearray, flags: int) -> Answer:
         store = self._formatted()
-        if req.epoch is not None:
-            self._meta().check_epoch(req.epoch)
+        self._check_epoch(req.epoch)
         assert store.superblock is not None
         problem = failures.problem(req.table, store.superblock.count)
         if problem:
@@ -307,8 +323,8 @@ class BlockServer:
         meta = self._meta()
         if req.gen is not None:
             self._check_gen(req.gen, req.epoch)
-        elif req.epoch is not None:
-            meta.check_epoch(req.epoch)
+        else:
+            self._check_epoch(req.epoch)
         done = meta.put_checkpoint(req.seq, req.offset, req.total, payload, req.final)
         return CheckpointPutReply(done=done, last=meta.last_seq), b""
 
@@ -340,35 +356,65 @@ class BlockServer:
         while True:
             conn, frame = await self.queue.get()
             self.in_order_conn = conn
-            if frame.type in OFF_LOOP:
-                out = await loop.run_in_executor(None, self.handle, frame)
-            else:
-                out = self.handle(frame)
-            conn.send(out)
+            try:
+                if frame.type in OFF_LOOP:
+                    out = await loop.run_in_executor(None, self.handle, frame)
+                else:
+                    out = self.handle(frame)
+                conn.send(out)
+            finally:
+                self.limits.release(frame.held)
+                conn.queued -= 1
+                if conn.queued < self.limits.queued:
+                    conn.unhold("queue")
+
+    def handshake(self) -> ServerHandshake:
+        sb = self.store.superblock
+        return ServerHandshake(self.store.key, sb.volume if sb else None, self.binding)
 
 
 class Connection(FrameServer):
     def __init__(self, server: BlockServer) -> None:
-        super().__init__()
+        super().__init__(server.handshake, server.limits)
         self.server = server
+        self.trusted = False  # formatted a server that had no key, giving it the key
+        self.queued = 0  # of its frames in the server's in-order queue
 
     def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
         if self.server.lease_conn is self:
             self.server.lease_conn = None
 
-    def on_frame(self, frame: Frame) -> None:
+    def _allowed(self, frame: Frame) -> bool:
+        if self.authenticated or self.trusted:
+            return True
+        # proven nothing: a server without a key answers who it is, and takes a format
+        return self.server.store.key is None and frame.type in KEYLESS
+
+    def on_frame(self, frame: Frame) -> bool:
+        if not self._allowed(frame):
+            self.refuse("AUTH", "this connection has not proven the volume's key")
+            return False
         if frame.type in IN_ORDER and not frame.is_reply:
+            self.queued += 1
+            if self.queued >= self.limits.queued:
+                self.hold("queue")
             self.server.queue.put_nowait((self, frame))
-        else:
-            self.send(self.server.handle(frame))
+            return True
+        self.send(self.server.handle(frame))
+        return False
 
 
-async def listen(store: Store, host: str, port: int) -> asyncio.Server:
+async def listen(
+    store: Store, host: str, port: int, tls: ssl.SSLContext | None = None, binding: bytes = b""
+) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    server = BlockServer(store)
+    server = BlockServer(store, binding)
     in_background(server.serve_in_order())
     try:
-        return await loop.create_server(lambda: Connection(server), host, port, reuse_address=True)
+        return await loop.create_server(
+            lambda: Connection(server), host, port, reuse_address=True, ssl=tls
+        )
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise ListenError(f"port {port} on {host} is already in use") from None

@@ -23,11 +23,12 @@ from pathlib import Path
 import msgspec
 
 from mirrorfuse.core import failures
+from mirrorfuse.wire.auth import KEY_NAME, KeyFileError
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import Flag
 from mirrorfuse.wire.messages import State, Table
 
-from ..files import atomic_write
+from ..files import atomic_write, read_key, write_key
 from .healing import BeingHealed, DirtySet, NotHealing
 from .meta import Meta
 
@@ -78,7 +79,12 @@ def new_ident() -> str:
 
 class Store:
     def __init__(
-        self, path: Path, server_id: int, volume: str | None = None, capacity: int | None = None
+        self,
+        path: Path,
+        server_id: int,
+        volume: str | None = None,
+        capacity: int | None = None,
+        key: bytes | None = None,
     ) -> None:
         self.path = path
         self.server_id = server_id
@@ -94,7 +100,17 @@ class Store:
         self._index_fd = -1
         self._lock_fd = -1
         self.meta: Meta | None = None
+        self.key: bytes | None = None  # the volume's: every connection must prove it
         self._open(volume)
+        if key is not None:
+            self.adopt_key(key)
+        if self.superblock is not None and self.key is None:
+            self.close()
+            raise StoreError(
+                f"{self.path} holds volume {self.superblock.volume} but no key ({KEY_NAME}, "
+                "made by an older mirrorfs): copy the volume's key there, or start the "
+                "server with --key-file"
+            )
 
     # -- opening and formatting -------------------------------------------------
 
@@ -106,6 +122,7 @@ class Store:
         if not os.access(self.path, os.W_OK):
             raise StoreError(f"data directory {self.path} is not writable")
         self._lock()
+        self._load_key()
         sb_path = self.path / "superblock.json"
         if not sb_path.exists():
             return
@@ -141,6 +158,26 @@ class Store:
             )
         self.superblock = sb
         self._load()
+
+    def _load_key(self) -> None:
+        path = self.path / KEY_NAME
+        try:
+            self.key = read_key(path) if path.exists() else None
+        except KeyFileError as exc:
+            raise StoreError(str(exc)) from None
+
+    def adopt_key(self, key: bytes) -> None:
+        """Keep ``key`` (--key-file) in the directory: a directory with another is refused."""
+        path = self.path / KEY_NAME
+        try:
+            held = read_key(path) if path.exists() else None
+        except KeyFileError as exc:
+            raise StoreError(str(exc)) from None
+        if held is not None and held != key:
+            raise StoreError(f"{path} holds another key than the one given with --key-file")
+        if held is None:
+            write_key(path, key)
+        self.key = key
 
     def _lock(self) -> None:
         self._lock_fd = os.open(self.path / "lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -187,8 +224,11 @@ class Store:
             self.dirty.close()
             self.dirty = None
 
-    def format(self, volume: str, count: int, block_size: int) -> None:
-        """Make this directory a fresh, empty member of ``volume`` (erases everything)."""
+    def format(self, volume: str, count: int, block_size: int, key: bytes | None) -> None:
+        """Make this directory a fresh, empty member of ``volume`` (erases everything), with
+        ``key`` (None: keep the one it has)."""
+        if key is None and self.key is None:
+            raise StoreError("a format must give a server without a key its volume's key")
         self._close_files()
         for name in (
             "slots.dat",
@@ -203,6 +243,9 @@ class Store:
         ):
             (self.path / name).unlink(missing_ok=True)
         sb = Superblock(FORMAT_NAME, volume, self.server_id, count, block_size, new_ident())
+        if key is not None and key != self.key:
+            write_key(self.path / KEY_NAME, key)
+            self.key = key
         self.table = failures.fresh(count)
         atomic_write(self.path / "table.json", msgspec.json.encode(self.table))
         atomic_write(self.path / "superblock.json", msgspec.json.encode(sb))
@@ -316,7 +359,8 @@ class Store:
         return data, checksum
 
     def write(self, slot: int, data: bytes | bytearray, checksum: int, flags: Flag) -> bool:
-        if self.capacity is not None and slot >= self.capacity // self.block_size:
+        if (slot + 1) * ENTRY.size > len(self._index) and slot >= self.capacity_slots():
+            # checked before the slot table grows to reach it: a far slot costs memory
             raise StoreError(f"slot {slot} is beyond this server's capacity")
         if self._skip_copy(slot, flags):
             return False

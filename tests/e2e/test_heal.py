@@ -14,6 +14,7 @@ from helpers import cli, wait_for
 from mirrorfuse.client.blocking import BlockingVolume, run_async
 from mirrorfuse.client.connection import request_once
 from mirrorfuse.client.heal import heal
+from mirrorfuse.client.keys import Keyring
 from mirrorfuse.tools import admin
 from mirrorfuse.wire.errors import MirrorfsError, ServerError
 from mirrorfuse.wire.messages import HealBegin, MetaInfo, Stat
@@ -33,7 +34,7 @@ def c64k(make_cluster):
 def written_while_out(c64k, restart_mirror: bool = False) -> tuple[BlockingVolume, dict]:
     """200 blocks, server 1 killed, blocks 0..49 written again (25 on pair 0), server 1
     back on its own directory; returns the volume and what each block should hold."""
-    vol = BlockingVolume(c64k.spec, timeout=2.0)
+    vol = BlockingVolume(c64k.spec, timeout=2.0, writer="test")
     want = {b: data(1, b) for b in range(200)}
     vol.write_many(want.items())
     c64k.kill(1)
@@ -71,7 +72,7 @@ def test_the_noted_changes_survive_a_restart_of_the_mirror(c64k):
 
 
 def test_an_empty_directory_gets_everything(c64k, tmp_path):
-    vol = BlockingVolume(c64k.spec, timeout=2.0)
+    vol = BlockingVolume(c64k.spec, timeout=2.0, writer="test")
     with vol:
         want = {b: data(3, b) for b in range(100)}
         vol.write_many(want.items())
@@ -84,14 +85,14 @@ def test_an_empty_directory_gets_everything(c64k, tmp_path):
 
 def test_a_second_healer_is_refused_while_the_first_is_at_work(c64k):
     addr = c64k.spec.addresses[1]
-    run_async(request_once(addr, HealBegin(healer="first", total=10), 5.0))
+    run_async(request_once(addr, HealBegin(healer="first", total=10), 5.0, keys=Keyring()))
     with pytest.raises(ServerError) as err:
-        run_async(request_once(addr, HealBegin(healer="second", total=10), 5.0))
+        run_async(request_once(addr, HealBegin(healer="second", total=10), 5.0, keys=Keyring()))
     assert err.value.code == "HEALING" and "being healed by another client" in str(err.value)
 
 
 def test_status_shows_a_heal_in_progress(c64k):
-    vol = BlockingVolume(c64k.spec, timeout=2.0)
+    vol = BlockingVolume(c64k.spec, timeout=2.0, writer="test")
     with vol:
         vol.write_many((b, data(4, b)) for b in range(200))
         c64k.kill(1)
@@ -161,7 +162,7 @@ def test_a_heal_from_the_command_line_brings_the_metadata_too(c64k, make_mount):
 
 
 def test_a_full_heal_cut_short_is_finished_in_full(c64k, tmp_path):
-    vol = BlockingVolume(c64k.spec, timeout=1.0)
+    vol = BlockingVolume(c64k.spec, timeout=1.0, writer="test")
     with vol:
         want = {b: data(9, b) for b in range(3000)}
         vol.write_many(want.items())
@@ -180,7 +181,7 @@ def test_a_full_heal_cut_short_is_finished_in_full(c64k, tmp_path):
 
 
 def test_a_target_restarted_during_its_heal_is_healed_again_whole(c64k):
-    vol = BlockingVolume(c64k.spec, timeout=1.0)
+    vol = BlockingVolume(c64k.spec, timeout=1.0, writer="test")
     with vol:
         want = {b: data(10, b) for b in range(200)}
         vol.write_many(want.items())
@@ -203,18 +204,22 @@ def test_a_target_restarted_during_its_heal_is_healed_again_whole(c64k):
 
 def heal_done(cluster, server: int) -> int:
     try:
-        return run_async(request_once(cluster.spec.addresses[server], Stat(), 2.0)).body.heal_done
+        return run_async(
+            request_once(cluster.spec.addresses[server], Stat(), 2.0, keys=Keyring())
+        ).body.heal_done
     except MirrorfsError:
         return 0
 
 
 def journal_end(cluster, server: int) -> tuple[int, int]:
-    info = run_async(request_once(cluster.spec.addresses[server], MetaInfo(), 2.0)).body
+    info = run_async(
+        request_once(cluster.spec.addresses[server], MetaInfo(), 2.0, keys=Keyring())
+    ).body
     return info.checkpoint_seq, info.last_seq
 
 
 def test_a_server_that_is_not_back_cannot_be_healed(c64k):
-    with BlockingVolume(c64k.spec, timeout=1.0) as vol:
+    with BlockingVolume(c64k.spec, timeout=1.0, writer="test") as vol:
         vol.write_many((b, data(6, b)) for b in range(10))
         c64k.kill(1)
         vol.write_many((b, data(7, b)) for b in range(10))
@@ -227,7 +232,7 @@ def admin_rows(cluster) -> list[dict]:
 
 
 def test_an_empty_directory_no_client_noticed_is_shown_stale_and_healed_in_full(c64k, tmp_path):
-    with BlockingVolume(c64k.spec, timeout=2.0) as vol:
+    with BlockingVolume(c64k.spec, timeout=2.0, writer="test") as vol:
         want = {b: data(8, b) for b in range(40)}
         vol.write_many(want.items())
     c64k.kill(1)
@@ -239,12 +244,12 @@ def test_an_empty_directory_no_client_noticed_is_shown_stale_and_healed_in_full(
     assert res.returncode == 0, res.stderr
     assert "healing server 1 from server 0: everything, 20 blocks" in res.stdout
     c64k.kill(0)
-    with BlockingVolume(c64k.spec, timeout=2.0) as vol:
+    with BlockingVolume(c64k.spec, timeout=2.0, writer="test") as vol:
         assert vol.read_many(sorted(want)) == [want[b] for b in sorted(want)]
 
 
 def test_a_server_that_hung_is_healed_as_soon_as_it_is_back(c64k):
-    with BlockingVolume(c64k.spec, timeout=3.0) as vol:
+    with BlockingVolume(c64k.spec, timeout=3.0, writer="test") as vol:
         want = {b: data(12, b) for b in range(20)}
         vol.write_many(want.items())
         c64k.stop(1)  # SIGSTOP: silent until the timeout

@@ -12,6 +12,10 @@ from pathlib import Path
 
 from helpers import Cluster, cli
 
+from mirrorfuse.client.keys import Keyring
+from mirrorfuse.wire.auth import KEY_NAME, new_key
+from servers.files import read_key, write_key
+
 FIXTURE = Path(__file__).with_name("data") / "mirrorfs-1-volume.tar.gz"
 
 
@@ -44,7 +48,11 @@ def test_a_volume_of_the_previous_version_mounts_and_reads_back_whole(tmp_path, 
         "mirrorfs-1"
     )
     assert (tmp_path / "old" / "d0" / "journal.log").stat().st_size > 0
-    c = Cluster(tmp_path / "old", 4)
+    # that version had no keys: the volume gets one, given to its servers once
+    volume = json.loads((tmp_path / "old" / "d0" / "superblock.json").read_text())["volume"]
+    key_file = Keyring().path_for(volume)
+    write_key(key_file, new_key())
+    c = Cluster(tmp_path / "old", 4, server_args=("--key-file", str(key_file)))
     try:
         m = make_mount(c)
         assert manifest(m.path) == want
@@ -52,6 +60,8 @@ def test_a_volume_of_the_previous_version_mounts_and_reads_back_whole(tmp_path, 
         m.close()
         sb = json.loads((tmp_path / "old" / "d0" / "superblock.json").read_text())
         assert sb["format"] == "mirrorfs-2" and "epoch" not in sb
+        # each server keeps the key now: it starts without --key-file
+        assert read_key(tmp_path / "old" / "d3" / KEY_NAME) == read_key(key_file)
         again = make_mount(c, name="again")  # now from a checkpoint of today's format
         got = manifest(again.path)
         assert got.pop("new.txt")["size"] == len("written by this version")

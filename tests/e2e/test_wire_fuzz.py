@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 import msgpack
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mirrorfuse.client.blocking import BlockingVolume
+from mirrorfuse.wire.auth import REPLY_SIZE, ClientHandshake, new_key
 from mirrorfuse.wire.frames import HEADER, MAGIC, VERSION, Flag, FrameDecoder, Msg, encode
 
 ints = st.integers(-(2**63), 2**64 - 1)  # what msgpack can carry
@@ -65,11 +68,27 @@ bad_bodies = st.builds(
 garbage = st.one_of(st.binary(max_size=300), well_framed, bad_headers, bad_bodies)
 
 
-def exchange(port: int, blob: bytes) -> list:
-    """Send ``blob``, read until the server goes quiet or hangs up; return decoded replies."""
+def prove(s: socket.socket, key: bytes) -> None:
+    """The client's side of the key handshake, by hand on a plain socket."""
+    hs = ClientHandshake(lambda _v: key)
+    s.sendall(hs.hello())
+    reply = b""
+    while len(reply) < REPLY_SIZE:
+        chunk = s.recv(REPLY_SIZE - len(reply))
+        assert chunk, "the server hung up during the handshake"
+        reply += chunk
+    s.sendall(hs.receive(reply))
+
+
+def exchange(port: int, blob: bytes, key: bytes | None = None) -> list:
+    """Send ``blob`` (after proving ``key``), read until the server goes quiet or hangs up;
+    return decoded replies."""
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        s.sendall(blob)
-        s.shutdown(socket.SHUT_WR)
+        if key is not None:
+            prove(s, key)
+        with contextlib.suppress(OSError):  # it may have hung up already
+            s.sendall(blob)
+            s.shutdown(socket.SHUT_WR)
         s.settimeout(0.3)
         dec = FrameDecoder()
         try:
@@ -86,18 +105,23 @@ def body(frame) -> dict:
 
 def test_live_server_survives_garbage_and_keeps_serving(cluster4):
     port = cluster4.base
-    with BlockingVolume(cluster4.spec) as vol:
+    key = cluster4.key()
+    with BlockingVolume(cluster4.spec, writer="test") as vol:
         csum = vol.write(0, b"precious")
         before = [r["blocks"] for r in cluster4.status()["rows"]]
 
         @settings(
-            max_examples=250,
+            max_examples=300,
             deadline=None,
             suppress_health_check=[HealthCheck.function_scoped_fixture],
         )
-        @given(garbage)
-        def throw(blob: bytes) -> None:
-            replies = exchange(port, blob)
+        @given(garbage, st.booleans())
+        def throw(blob: bytes, with_key: bool) -> None:
+            replies = exchange(port, blob, key if with_key else None)
+            if not with_key:  # one refusal at most, and never anything done
+                assert len(replies) <= 1
+                assert all(f.is_error and f.req_id == 0 for f in replies)
+                assert all(body(f)["code"] in ("AUTH", "PROTOCOL") for f in replies)
             for frame in replies:
                 assert frame.is_reply
                 # only requests that are well-formed and allowed may succeed
@@ -114,8 +138,31 @@ def test_live_server_survives_garbage_and_keeps_serving(cluster4):
     assert rows[0]["blocks"] >= before[0]
 
 
+def test_without_the_key_a_request_gets_one_refusal_then_hangup(cluster4):
+    for blob in (
+        b"".join(encode(Msg.STAT, 4)),
+        b"".join(encode(Msg.FORMAT, 1, {"volume": "x", "server": 0, "count": 4})),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(40),
+    ):
+        replies = exchange(cluster4.base, blob)
+        assert len(replies) == 1 and replies[0].is_error and replies[0].req_id == 0
+        assert body(replies[0])["code"] == "AUTH"
+        assert "no key handshake" in body(replies[0])["msg"]
+    with socket.create_connection(("127.0.0.1", cluster4.base), timeout=5) as s:
+        s.sendall(ClientHandshake(lambda _v: None).hello())
+        s.recv(REPLY_SIZE, socket.MSG_WAITALL)
+        s.sendall(new_key() + b"".join(encode(Msg.STAT, 4)))  # a guess as the proof
+        s.settimeout(2)
+        dec = FrameDecoder()
+        while chunk := s.recv(65536):
+            dec.feed(chunk)
+    wrong = dec.frames()
+    assert [body(f)["code"] for f in wrong] == ["AUTH"]
+    assert "did not prove the volume key" in body(wrong[0])["msg"]
+
+
 def test_malformed_frame_gets_an_error_then_hangup(cluster4):
-    replies = exchange(cluster4.base, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    replies = exchange(cluster4.base, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", cluster4.key())
     assert len(replies) == 1 and replies[0].is_error
     assert body(replies[0])["code"] == "PROTOCOL"
     assert "bad magic" in body(replies[0])["msg"]
@@ -123,7 +170,7 @@ def test_malformed_frame_gets_an_error_then_hangup(cluster4):
 
 def test_a_client_of_another_protocol_version_is_told_so_then_hung_up_on(cluster4):
     old = HEADER.pack(MAGIC, VERSION - 1, Msg.STAT, 1, 0, 1, 0) + b"\x80"
-    replies = exchange(cluster4.base, old)
+    replies = exchange(cluster4.base, old, cluster4.key())
     assert len(replies) == 1 and replies[0].is_error
     assert body(replies[0])["code"] == "PROTOCOL"
     assert f"protocol version {VERSION - 1} is not supported" in body(replies[0])["msg"]
@@ -136,7 +183,7 @@ def test_unknown_type_and_bad_fields_get_error_replies_on_a_live_connection(clus
         + encode(Msg.WRITE, 3, {"slot": 1})
         + encode(Msg.STAT, 4)
     )
-    replies = {f.req_id: f for f in exchange(cluster4.base, blob)}
+    replies = {f.req_id: f for f in exchange(cluster4.base, blob, cluster4.key())}
     assert body(replies[1])["code"] == "UNKNOWN_TYPE"
     assert body(replies[2])["code"] == "BAD_REQUEST" and "slot" in body(replies[2])["msg"]
     assert body(replies[3])["code"] == "BAD_REQUEST"
@@ -144,8 +191,29 @@ def test_unknown_type_and_bad_fields_get_error_replies_on_a_live_connection(clus
 
 
 def test_a_write_whose_data_does_not_match_its_checksum_is_refused(cluster4):
-    with BlockingVolume(cluster4.spec) as vol:
-        gen = vol.volume.gen
-    blob = b"".join(encode(Msg.WRITE, 5, {"slot": 0, "checksum": 1, "gen": gen}, b"data"))
-    (reply,) = exchange(cluster4.base, blob)
+    with BlockingVolume(cluster4.spec, writer="test") as vol:
+        gen, epoch = vol.volume.gen, vol.volume.table.epoch
+    blob = b"".join(
+        encode(Msg.WRITE, 5, {"slot": 0, "checksum": 1, "gen": gen, "epoch": epoch}, b"data")
+    )
+    (reply,) = exchange(cluster4.base, blob, cluster4.key())
     assert body(reply)["code"] == "CHECKSUM"
+
+
+def test_changes_without_the_current_epoch_are_fenced(cluster4):
+    with BlockingVolume(cluster4.spec, writer="test") as vol:
+        gen, epoch = vol.volume.gen, vol.volume.table.epoch
+        csum = vol.write(0, b"kept")
+    data = b"overwritten"
+    check = xxhash.xxh3_64_intdigest(data)
+    for fields in ({}, {"epoch": epoch - 1}):
+        blob = b"".join(
+            encode(Msg.WRITE, 1, {"slot": 0, "checksum": check, "gen": gen, **fields}, data)
+            + encode(Msg.TRIM, 2, {"slot": 0, "gen": gen, **fields})
+            + encode(Msg.SET_TABLE, 3, {"table": {"gen": 99, "states": ["failed"] * 4}, **fields})
+        )
+        replies = exchange(cluster4.base, blob, cluster4.key())
+        assert [body(f)["code"] for f in replies] == ["FENCED"] * 3
+    with BlockingVolume(cluster4.spec) as vol:
+        assert vol.read(0, csum) == b"kept"
+        assert list(vol.volume.states) == ["alive"] * 4

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from mirrorfuse.wire import auth
 from mirrorfuse.wire.auth import AuthError, ClientHandshake, KeyFileError, ServerHandshake
+from servers.files import read_key, write_key
 
 VOLUME = "0b5e9a0e-8a3c-4a55-9a53-2f1b1f4f7d11"
 
@@ -122,8 +123,8 @@ def test_garbage_never_authenticates(data: bytes) -> None:
 def test_key_files_round_trip_with_mode_0600(tmp_path) -> None:
     key = auth.new_key()
     path = tmp_path / "keys" / "v.key"
-    auth.write_key(path, key)
-    assert auth.read_key(path) == key
+    write_key(path, key)
+    assert read_key(path) == key
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert list(path.parent.iterdir()) == [path]
 
@@ -137,7 +138,7 @@ def test_bad_key_files_say_what_is_wrong(tmp_path, content, message) -> None:
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(KeyFileError, match=message):
-        auth.read_key(path)
+        read_key(path)
 
 
 def test_seals() -> None:

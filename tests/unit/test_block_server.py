@@ -8,14 +8,17 @@ import threading
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import Connection
 from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.auth import new_key
 from mirrorfuse.wire.messages import CheckpointPut, MetaInfo, Read, Sync
 from servers.block.server import listen
 from servers.block.store import Store
 
+KEY = new_key()
+
 
 def test_a_slow_fsync_holds_up_neither_block_reads_nor_the_loop(tmp_path):
     store = Store(tmp_path / "d", 0)
-    store.format("v", 4, 4096)
+    store.format("v", 4, 4096, KEY)
     release = threading.Event()
     synced = threading.Event()
 
@@ -28,7 +31,7 @@ def test_a_slow_fsync_holds_up_neither_block_reads_nor_the_loop(tmp_path):
     async def go() -> tuple[bool, bool, bool]:
         server = await listen(store, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        conn = await Connection.open(0, Address("127.0.0.1", port), timeout=5.0)
+        conn = await Connection.open(0, Address("127.0.0.1", port), 5.0, keys=lambda _: KEY)
         try:
             sync = asyncio.ensure_future(conn.call(Sync()))
             await asyncio.sleep(0.05)
@@ -50,7 +53,7 @@ def test_a_slow_fsync_holds_up_neither_block_reads_nor_the_loop(tmp_path):
 
 def test_a_checkpoint_being_written_out_does_not_stop_block_reads(tmp_path):
     store = Store(tmp_path / "d", 0)
-    store.format("v", 4, 4096)
+    store.format("v", 4, 4096, KEY)
     assert store.meta is not None
     release = threading.Event()
     real = store.meta.put_checkpoint
@@ -64,9 +67,9 @@ def test_a_checkpoint_being_written_out_does_not_stop_block_reads(tmp_path):
     async def go() -> bool:
         server = await listen(store, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        conn = await Connection.open(0, Address("127.0.0.1", port), timeout=5.0)
+        conn = await Connection.open(0, Address("127.0.0.1", port), 5.0, keys=lambda _: KEY)
         try:
-            put = CheckpointPut(seq=0, offset=0, total=3, final=True, gen=1)
+            put = CheckpointPut(seq=0, offset=0, total=3, final=True, gen=1, epoch=0)
             pending = asyncio.ensure_future(conn.call(put, b"abc"))
             await asyncio.sleep(0.05)
             await asyncio.wait_for(conn.call(Read(slot=1)), 2.0)

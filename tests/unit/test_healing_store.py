@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import pytest
 
+from mirrorfuse.wire.auth import new_key
 from mirrorfuse.wire.frames import Flag
 from mirrorfuse.wire.messages import State, Table
 from servers.block.healing import NotHealing
 from servers.block.store import Store
+
+KEY = new_key()
 
 A, F = State.ALIVE, State.FAILED
 
 
 def store_at(tmp_path, states=(A, A, A, A)) -> Store:
     st = Store(tmp_path / "d", 0)
-    st.format("v", 4, 4096)
+    st.format("v", 4, 4096, KEY)
     st.set_table(Table(gen=5, states=states, idents=("",) * 4, since=(0,) * 4))
     return st
 

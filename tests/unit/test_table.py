@@ -48,8 +48,23 @@ class Servers:
         pass
 
 
-def table_of(servers: Servers) -> FailureTable:
-    return FailureTable(servers)  # type: ignore[arg-type]
+def table_of(servers: Servers, epoch: int | None = 1) -> FailureTable:
+    t = FailureTable(servers)  # type: ignore[arg-type]
+    t.epoch = epoch  # a client holding the lease (the servers fence any other)
+    return t
+
+
+def test_without_the_lease_a_failure_is_kept_here_until_the_lease_is_held():
+    s = Servers()
+    s.down.add(1)
+    t = table_of(s, epoch=None)
+    asyncio.run(t.fail(1, "did not answer"))
+    assert t.states == (A, F, A, A)
+    assert [x.gen for x in s.tables] == [1, 1, 1, 1]  # nothing sent
+    t.epoch = 1
+    asyncio.run(t.persist())
+    assert t.states == (A, F, A, A)
+    assert [x.gen for x in s.tables] == [t.gen, 1, t.gen, t.gen] and t.gen > 1
 
 
 def test_a_failure_is_persisted_on_every_server_still_taking_writes():
