@@ -3,8 +3,11 @@
 Datagrams are the typed kinds of ``wire.datagrams``: client requests and
 queries; ``order``, ``hb``, ``ask`` and ``snap`` between replicas. The
 ordering logic is ``core.group.Replica``; this module only moves datagrams,
-keeps time and saves the state. A datagram that does not decode is dropped
-and counted, never fatal.
+keeps time and saves the state. Every datagram is sealed with the group's
+key (``wire.datagrams.Sealer``); one without a valid seal, one seen before,
+and one that does not decode are dropped and counted, never fatal. A
+snapshot is checked before it is adopted (``IndexState.from_snapshot``); a
+bad one is refused, counted and never saved.
 
 A replica answers queries only once it has caught up with the group
 (``Replica.ready``); before that only ``status`` answers, saying so, so a
@@ -24,6 +27,7 @@ import bisect
 import fnmatch
 import logging
 import re
+import secrets
 import signal
 import socket
 import struct
@@ -50,11 +54,21 @@ from mirrorfuse.core.group import (
 )
 from mirrorfuse.wire import datagrams as dg
 from mirrorfuse.wire.addresses import Address
-from mirrorfuse.wire.datagrams import MAX_DATAGRAM, BadDatagram, Result, pack, unpack
+from mirrorfuse.wire.datagrams import (
+    MAX_DATAGRAM,
+    BadDatagram,
+    Opener,
+    Replayed,
+    Result,
+    Sealer,
+    Unsealed,
+    pack,
+    unpack,
+)
 from mirrorfuse.wire.errors import MirrorfsError
 
 from .blobs import BlobServer, BlobStore
-from .files import atomic_write
+from .indexstore import Saver, load_state
 from .net import in_background
 
 log = logging.getLogger("mirrorfs-index")
@@ -111,6 +125,7 @@ class IndexReplica(asyncio.DatagramProtocol):
         targets: list[Address],
         fetch_blob: FetchBlob,
         tcp: Address,
+        key: bytes,
         state: IndexState | None = None,
         log_keep: int = LOG_KEEP,
     ) -> None:
@@ -118,9 +133,14 @@ class IndexReplica(asyncio.DatagramProtocol):
         self.targets = targets  # the group address, or every replica's (unicast)
         self.fetch_blob = fetch_blob
         self.transport: asyncio.DatagramTransport | None = None
+        self.sealer = Sealer(key, secrets.token_bytes(8))  # this process's incarnation
+        self.opener = Opener(key)
         # (client, request) -> its sender, for the reply when the request is applied
         self.clients: dict[tuple[str, int], Sender] = {}
-        self.dropped = 0
+        self.dropped = 0  # datagrams dropped, for whatever reason; of them:
+        self.unsealed = 0  # without a valid seal of the group's key
+        self.replayed = 0  # sealed, but seen before or stamped too far from this clock
+        self.bad_snapshots = 0  # snapshots refused (they did not decode or check out)
         self.blobs = BlobStore()
         self.tcp = tcp  # where this replica hands out large snapshots
         self.fetching = False  # a snapshot is on its way by TCP: do not ask again
@@ -132,7 +152,7 @@ class IndexReplica(asyncio.DatagramProtocol):
 
     def _sendto(self, data: bytes, addr: Sender) -> None:
         if self.transport is not None:
-            self.transport.sendto(data, addr)
+            self.transport.sendto(self.sealer.seal(data, time.time()), addr)
 
     def send_group(self, msg: dg.Datagram) -> None:
         data = pack(msg)
@@ -187,7 +207,7 @@ class IndexReplica(asyncio.DatagramProtocol):
         try:
             blob = await self.fetch_blob(where, token)
             self.tcp_snapshots += 1
-            self.route(self.replica.on_snapshot(seq, blob, time.time()))
+            self.adopt(seq, blob, f"{where}")
         except (MirrorfsError, ValueError, OSError) as exc:
             log.warning(
                 "cannot read a snapshot from %s: %s "
@@ -198,22 +218,54 @@ class IndexReplica(asyncio.DatagramProtocol):
         finally:
             self.fetching = False
 
+    def adopt(self, seq: int, blob: bytes, source: str) -> None:
+        """A snapshot offered to this replica: checked whole before it is used, else refused."""
+        try:
+            state = IndexState.from_snapshot(blob)
+            if state.seq != seq:
+                raise BadSnapshot(f"it holds sequence {state.seq}, not {seq} as offered")
+        except BadSnapshot as exc:
+            self.bad_snapshots += 1
+            log.warning(
+                "replica %d refused a snapshot from %s: %s (%d refused so far)",
+                self.replica.id,
+                source,
+                str(exc)[:300],
+                self.bad_snapshots,
+            )
+            return
+        self.route(self.replica.adopt(seq, state, time.time()))
+
     def on_snap(self, m: dg.Snap, sender: str) -> None:
+        if m.seq <= self.replica.state.seq:
+            return  # an old offer (this replica caught up meanwhile)
         if m.blob is not None:
-            self.route(self.replica.on_snapshot(m.seq, m.blob, time.time()))
-        elif m.seq > self.replica.state.seq and not self.fetching:
+            self.adopt(m.seq, m.blob, sender)
+        elif not self.fetching and m.port > 0 and m.token:
             self.fetching = True
             where = dg.offered_at(m.host, m.port, sender)
             in_background(self.fetch_snapshot(m.seq, where, m.token))
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         sender = (str(addr[0]), int(addr[1]))
-        try:
-            msg = unpack(data)
+        try:  # the seal first: nothing from without the key is decoded
+            msg = unpack(self.opener.open(data, time.time()))
+        except Unsealed as exc:
+            self.unsealed += 1
+            self.drop(str(exc), sender)
+            return
+        except Replayed as exc:
+            self.replayed += 1
+            self.drop(str(exc), sender)
+            return
         except BadDatagram as exc:
             self.drop(f"a datagram that is not the group's ({exc})", sender)
             return
-        self.handle(msg, sender)
+        try:
+            self.handle(msg, sender)
+        except Exception as exc:  # a bug must not close the group's socket: say it, go on
+            log.error("replica %d: a %s failed: %r", self.replica.id, type(msg).__name__, exc)
+            self.drop(f"a {type(msg).__name__} it could not handle", sender)
 
     def drop(self, what: str, addr: Sender) -> None:
         """Count it; say so for the first and then every hundredth (no log flood)."""
@@ -288,6 +340,9 @@ class IndexReplica(asyncio.DatagramProtocol):
                 master=self.replica.master(time.time()),
                 digest=st.digest(),
                 dropped=self.dropped,
+                unsealed=self.unsealed,
+                replayed=self.replayed,
+                bad_snapshots=self.bad_snapshots,
                 tcp_snapshots=self.tcp_snapshots,
                 peers=len(st.peers),
                 files=len(st.files),
@@ -298,50 +353,21 @@ class IndexReplica(asyncio.DatagramProtocol):
         return Result(ok=False, error=f"unknown query {m.q!r}")
 
 
-def multicast_socket(group: str, port: int) -> socket.socket:
+def multicast_socket(group: str, port: int, interface: str = "0.0.0.0") -> socket.socket:
+    """Bound to the group's address (datagrams sent to this host's own addresses do not
+    reach it), a member on ``interface`` (an address of this host; 0.0.0.0: the one the
+    routes choose), and sending there."""
+    iface = socket.inet_aton(socket.gethostbyname(interface))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("", port))
-    mreq = struct.pack("4sl", socket.inet_aton(group), socket.INADDR_ANY)
+    sock.bind((group, port))
+    mreq = struct.pack("4s4s", socket.inet_aton(group), iface)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
     return sock
-
-
-def load_state(path: Path | None) -> IndexState | None:
-    """The state this replica saved before it stopped, if any (it catches up from there)."""
-    if path is None or not path.exists():
-        return None
-    try:
-        return IndexState.from_snapshot(path.read_bytes())
-    except (OSError, BadSnapshot) as exc:  # a torn or foreign file: start empty
-        log.warning("ignoring %s: %s", path, exc)
-        return None
-
-
-class Saver:
-    """Keeps a replica's state in its --data file, written whenever it changed."""
-
-    def __init__(
-        self, path: Path, saved: int, write: Callable[[Path, bytes], None] = atomic_write
-    ) -> None:
-        self.path = path
-        self.saved = saved  # the sequence the file holds
-        self.write = write
-
-    async def save(self, replica: Replica) -> None:
-        state = replica.state
-        if state.seq == self.saved:
-            return
-        seq = state.seq  # what this save holds: the state moves on while it is written
-        snapshot = state.snapshot()
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, self.write, self.path, snapshot)
-            self.saved = seq
-        except OSError as exc:  # a full disk: go on serving from memory, say so
-            log.error("cannot save state to %s: %s", self.path, exc.strerror)
 
 
 @dataclass
@@ -353,6 +379,7 @@ class Options:
     targets: list[Address]  # every replica (unicast); empty: multicast
     data: Path | None
     log_keep: int
+    key: bytes  # the group's
 
 
 async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], None]) -> int:
@@ -364,16 +391,18 @@ async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], Non
         sock.bind((opts.host, opts.port))
     else:
         targets = [Address(opts.group, opts.port)]
-        sock = multicast_socket(opts.group, opts.port)
+        sock = multicast_socket(opts.group, opts.port, opts.host)
     store_path = opts.data / f"replica-{opts.id}.snapshot" if opts.data else None
     if store_path is not None:
         store_path.parent.mkdir(parents=True, exist_ok=True)
-    state = load_state(store_path)
+    state = load_state(store_path, opts.id)
     blobs: list[BlobStore] = []
     tcp = await loop.create_server(lambda: BlobServer(blobs[0]), opts.host, 0)
     tcp_addr = Address(opts.host, tcp.sockets[0].getsockname()[1])
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: IndexReplica(opts.id, targets, fetch_blob, tcp_addr, state, opts.log_keep),
+        lambda: IndexReplica(
+            opts.id, targets, fetch_blob, tcp_addr, opts.key, state, opts.log_keep
+        ),
         sock=sock,
     )
     blobs.append(proto.blobs)
@@ -389,7 +418,10 @@ async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], Non
         try:
             await asyncio.wait_for(stop.wait(), HEARTBEAT)
         except TimeoutError:
-            proto.route(proto.replica.tick(time.time(), PEER_INTERVAL))
+            try:
+                proto.route(proto.replica.tick(time.time(), PEER_INTERVAL))
+            except Exception as exc:  # a bug must not stop the replica: say it, go on
+                log.error("replica %d: a heartbeat failed: %r", opts.id, exc)
         if proto.replica.resets != resets:
             resets = proto.replica.resets
             log.warning(

@@ -8,9 +8,14 @@ update gets its original reply); updates are sent again for long enough to
 outlast a change of master. Each client object is an incarnation of its own:
 its id ends in a random part, so a process restarted under the same name
 (a peer's ``--id``) is not taken for the old one, whose request ids it
-would repeat. ``IndexClient`` runs on
-the caller's event loop; ``BlockingIndexClient`` gives the same calls to
-code without one (the command line, tests).
+would repeat. Every datagram is sealed with the group's key (``key``, by
+default read from ``keys.default_key_path()``), and replies without a valid,
+fresh seal are ignored. The socket is bound to one address of this machine:
+``interface`` if given (the replicas' ``--host``), else for a multicast
+group 127.0.0.1 (replicas started without ``--host`` keep the group on this
+machine), else the address the routes take to the replicas.
+``IndexClient`` runs on the caller's event loop; ``BlockingIndexClient``
+gives the same calls to code without one (the command line, tests).
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import secrets
 import socket
-import struct
 import time
 import uuid
 from collections.abc import Coroutine
@@ -34,11 +39,13 @@ from mirrorfuse.wire.datagrams import (
     Answer,
     BadDatagram,
     FilesPage,
+    Opener,
     PeersPage,
     Query,
     ReplicaStatus,
     Req,
     Result,
+    Sealer,
     SnapshotOffer,
     StateDump,
     UpdateResult,
@@ -51,6 +58,7 @@ from mirrorfuse.wire.datagrams import (
 from mirrorfuse.wire.errors import MirrorfsError
 
 from .blobs import fetch_blob
+from .keys import group_key
 
 T = TypeVar("T")
 
@@ -84,6 +92,27 @@ def tries_for(patience: float, limit: float) -> int:
     return max(n, 1)
 
 
+def local_address(targets: list[Address], multicast: bool) -> str:
+    """The address of this machine to send from: loopback for a group kept on this
+    machine or replicas on it, else the one the routes take (0.0.0.0 when they differ)."""
+    if multicast:
+        return "127.0.0.1"
+    sources = set()
+    for t in targets:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect((t.host, t.port))  # no datagram is sent: the route is looked up
+            sources.add(probe.getsockname()[0])
+        except OSError:
+            return "0.0.0.0"
+        finally:
+            probe.close()
+    outside = {s for s in sources if not s.startswith("127.")}
+    if len(outside) > 1 or "0.0.0.0" in sources:
+        return "0.0.0.0"
+    return outside.pop() if outside else "127.0.0.1"
+
+
 class _Endpoint(asyncio.DatagramProtocol):
     def __init__(self, client: IndexClient) -> None:
         self.client = client
@@ -99,12 +128,19 @@ class IndexClient:
         port: int,
         replicas: list[Address] | None = None,
         client_id: str | None = None,
+        key: bytes | None = None,
+        interface: str | None = None,
     ) -> None:
         self.targets = replicas or [Address(group, port)]
+        self.interface = interface or local_address(self.targets, not replicas)
+        key = key if key is not None else group_key()
+        self.sealer = Sealer(key, secrets.token_bytes(8))
+        self.opener = Opener(key)
         name = client_id or f"{socket.gethostname()}-{os.getpid()}"
         self.client = f"{name[: MAX_CLIENT - 9]}-{uuid.uuid4().hex[:8]}"  # this incarnation
         self.ids = itertools.count(1)
         self.ignored = 0  # duplicate, late and foreign replies seen
+        self.unsealed = 0  # datagrams without a valid, fresh seal of the group's key
         self.timeout = 2.0  # the longest wait for a reply before sending again
         self.patience = PATIENCE  # how long an update is tried
         self.tries = 3  # how often a query is tried (another replica's answer is as good)
@@ -121,13 +157,14 @@ class IndexClient:
     async def _open_once(self) -> asyncio.DatagramTransport:
         if self._transport is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
-            sock.setsockopt(
-                socket.IPPROTO_IP,
-                socket.IP_MULTICAST_IF,
-                struct.pack("4s", socket.inet_aton("0.0.0.0")),
-            )
-            sock.bind(("0.0.0.0", 0))
+            try:
+                iface = socket.inet_aton(socket.gethostbyname(self.interface))
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 1)
+                sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, iface)
+                sock.bind((self.interface, 0))
+            except OSError as exc:
+                sock.close()
+                raise MirrorfsError(f"cannot send from {self.interface}: {exc}") from None
             loop = asyncio.get_running_loop()
             self._transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Endpoint(self), sock=sock
@@ -135,6 +172,15 @@ class IndexClient:
         return self._transport
 
     def _received(self, data: bytes, sender: str) -> None:
+        try:
+            data = self.opener.open(data, time.time())
+        except BadDatagram as exc:  # not from the group: nothing in it is read
+            self.unsealed += 1
+            self.skew = (
+                f"{self.unsealed} datagram(s) without the group's valid seal came, the last "
+                f"from {sender} ({exc}; a replica of another version, or with another key?)"
+            )
+            return
         try:
             msg = unpack(data)
         except VersionSkew as exc:
@@ -149,10 +195,14 @@ class IndexClient:
         queue.put_nowait((msg, sender))
 
     async def send_raw(self, data: bytes) -> None:
-        """Send bytes as they are to every target (tests send garbage with it)."""
+        """Send bytes as they are, unsealed, to every target (tests send garbage with it)."""
         transport = await self._open()
         for target in self.targets:
             transport.sendto(data, (target.host, target.port))
+
+    async def send(self, data: bytes) -> None:
+        """Send a packed datagram to every target, sealed anew (a retry too)."""
+        await self.send_raw(self.sealer.seal(data, time.time()))
 
     async def _ask(self, make: Any, timeout: float, tries: int) -> Answer:
         """Send ``make(req_id)`` until the first reply to it arrives."""
@@ -163,7 +213,7 @@ class IndexClient:
         n = itertools.count()
 
         async def attempt() -> Answer:
-            await self.send_raw(data)
+            await self.send(data)
             try:
                 msg, sender = await asyncio.wait_for(queue.get(), backoff(next(n), timeout))
             except TimeoutError:
@@ -242,7 +292,7 @@ class IndexClient:
         queue: asyncio.Queue[tuple[Answer, str]] = asyncio.Queue()
         self._waiting[req] = queue
         try:
-            await self.send_raw(pack(Query(client=self.client, req=req, q=q, **kw)))
+            await self.send(pack(Query(client=self.client, req=req, q=q, **kw)))
             end = time.monotonic() + wait
             out = []
             while (left := end - time.monotonic()) > 0:
@@ -296,6 +346,9 @@ class BlockingIndexClient:
 
     def send_raw(self, data: bytes) -> None:
         self._run(self.aio.send_raw(data))
+
+    def send(self, data: bytes) -> None:
+        self._run(self.aio.send(data))
 
     def close(self) -> None:
         self.aio.close()

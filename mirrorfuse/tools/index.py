@@ -1,4 +1,9 @@
-"""mirrorfs-index GROUP PORT: run one replica of the P2P index group."""
+"""mirrorfs-index GROUP PORT: run one replica of the P2P index group.
+
+The group's key is read from --key-file (default: ``mirrorfuse.index.keys``);
+when that file does not exist, a new key is made and saved there, and the
+replica says once how to give it to the other replicas and to peers.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from pathlib import Path
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.core.group import LOG_KEEP
 from mirrorfuse.index.blobs import fetch_blob
+from mirrorfuse.index.keys import create_group_key, default_key_path
 from mirrorfuse.wire.addresses import DEFAULT_HOST, parse_address_list
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from servers.index import Options, serve
@@ -21,7 +27,7 @@ from .args import port_arg, run
 PROG = "mirrorfs-index"
 
 
-def parse_args(argv: list[str] | None) -> Options:
+def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
     p = argparse.ArgumentParser(prog=PROG, description="One replica of the mirrorfs index group.")
     p.add_argument("group", help="multicast group address, e.g. 235.1.1.1")
     p.add_argument("port", type=port_arg, help="UDP port of the group")
@@ -48,8 +54,14 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument(
         "--host",
         default=DEFAULT_HOST,
-        help="address for unicast and for handing large snapshots to other replicas "
-        f"({DEFAULT_HOST}; on a LAN give this machine's address)",
+        help="this machine's address on the group's network: the group is joined there, "
+        f"and large snapshots are handed out there ({DEFAULT_HOST}: the group stays on "
+        "this machine; on a LAN give this machine's address)",
+    )
+    p.add_argument(
+        "--key-file",
+        type=Path,
+        help=f"the group's key (default {default_key_path()}); made if it does not exist",
     )
     p.add_argument(
         "--replicas",
@@ -68,11 +80,28 @@ def parse_args(argv: list[str] | None) -> Options:
         p.error(str(exc))
     if args.log_keep < 1:
         p.error("--log-keep must be at least 1")
-    return Options(args.group, args.port, args.id, args.host, replicas, args.data, args.log_keep)
+    opts = Options(
+        args.group, args.port, args.id, args.host, replicas, args.data, args.log_keep, b""
+    )
+    return opts, args.key_file
+
+
+def load_key(opts: Options, key_file: Path | None) -> None:
+    """The group's key into ``opts``; a new one is made, saved and announced if there is none."""
+    path, opts.key, made = create_group_key(key_file)
+    if made:
+        print(
+            f"{PROG}: made a new key for the index group: {path} (mode 0600). Every other "
+            "replica, peer and 'mirrorfs-cli index' of the group needs the same key: copy "
+            "this file to the same place for their user and machine (keep it mode 0600), "
+            "or name the copy with --key-file FILE",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
-    opts = parse_args(argv)
+    opts, key_file = parse_args(argv)
     logs.setup(PROG, timestamps=True)
 
     def ready(loaded: str) -> None:
@@ -82,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     async def go() -> int:
+        load_key(opts, key_file)
         try:
             return await serve(opts, fetch_blob, ready)
         except OSError as exc:  # the group's port, or its TCP port, cannot be had

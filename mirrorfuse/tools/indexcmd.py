@@ -20,6 +20,7 @@ import msgspec
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import request_once
 from mirrorfuse.index.client import IndexClient
+from mirrorfuse.index.keys import default_key_path, group_key
 from mirrorfuse.transfer.download import Download
 from mirrorfuse.transfer.sources import FileServerSource
 from mirrorfuse.wire.addresses import parse_address, parse_address_list
@@ -38,7 +39,9 @@ HELP = """commands: status | peers | files | search PATTERN | fetch NAME OUTPUT 
 
 def client(args: argparse.Namespace) -> IndexClient:
     replicas = parse_address_list(args.replicas, "replica") if args.replicas else None
-    return IndexClient(args.group, args.port, replicas)
+    return IndexClient(
+        args.group, args.port, replicas, key=group_key(args.key_file), interface=args.host
+    )
 
 
 class Index:
@@ -158,12 +161,13 @@ async def run_command(ix: Index, words: list[str], output: str | None = None) ->
     if cmd == "status":
         replies = await ix.c.query_all("status", wait=1.0)
         if not replies:
-            say("no replica answered")
+            say("no replica answered (none runs, or they hold another key: see --key-file)")
         for r in sorted(replies, key=lambda r: r.replica):
             say(
                 f"replica {r.replica}: sequence {r.seq}, master {r.master}, "
                 f"{r.peers} peers, {r.files} files, "
-                f"state {r.digest}, dropped datagrams {r.dropped}"
+                f"state {r.digest}, dropped datagrams {r.dropped} ({r.unsealed} without "
+                f"the group's key, {r.replayed} replayed), refused snapshots {r.bad_snapshots}"
                 + ("" if r.ready else ", catching up (answers no queries yet)")
             )
     elif cmd == "peers":
@@ -256,6 +260,16 @@ def add_group_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("group", help="multicast group address, e.g. 235.1.1.1")
     p.add_argument("port", type=port_arg, help="UDP port of the group")
     p.add_argument("--replicas", help="host:port,... of the replicas (unicast, no multicast)")
+    p.add_argument(
+        "--host",
+        help="this machine's address on the group's network, as the replicas' --host "
+        "(127.0.0.1 for a multicast group, the default of the replicas)",
+    )
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help=f"the group's key (default {default_key_path()})",
+    )
     p.add_argument(
         "--peer",
         metavar="HOST:PORT[,...]",

@@ -5,15 +5,25 @@ Clients send requests (``req``, an update the group orders) and queries
 ``hb`` (heartbeat), ``ask`` (fill my gap) and ``snap`` (a snapshot, inline or
 offered by token for a TCP read) to each other, and ``reply`` to clients. A
 datagram that does not decode into one of these is dropped and counted.
+
+On the wire every datagram is sealed with the group's key (``Sealer``): a
+fixed header (magic, the sender's incarnation, its counter, its clock), the
+message, and an HMAC-SHA256 of both. ``Opener`` checks the HMAC before
+anything is decoded, then that the datagram is fresh: stamped within
+MAX_SKEW of this clock and not seen before from its sender (a sliding window
+of counters, as IPsec keeps), so a captured datagram sent again is dropped.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Annotated, Any, TypeVar
 
 import msgspec
 
 from .addresses import Address
+from .auth import MAC_BYTES, seal, unseal
 from .frames import VERSION
 
 MAX_DATAGRAM = 60_000
@@ -78,11 +88,11 @@ class Snap(Datagram, tag="snap"):
     """A snapshot for one replica: inline, or where to read it over TCP."""
 
     to: int
-    seq: int
+    seq: Annotated[int, msgspec.Meta(ge=0)]
     blob: bytes | None = None
-    host: str = ""
-    port: int = 0
-    token: str = ""
+    host: Annotated[str, msgspec.Meta(max_length=255)] = ""
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    token: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class Answer(Datagram, tag="reply"):
@@ -196,7 +206,10 @@ class ReplicaStatus(Result):
     seq: int = 0
     master: int | None = None
     digest: str = ""
-    dropped: int = 0
+    dropped: int = 0  # datagrams dropped, for whatever reason; of them:
+    unsealed: int = 0  # without a valid seal of the group's key
+    replayed: int = 0  # sealed, but seen before or stamped too far from the replica's clock
+    bad_snapshots: int = 0  # snapshots refused: they did not decode or check out
     tcp_snapshots: int = 0
     peers: int = 0
     files: int = 0
@@ -232,7 +245,7 @@ def unpack(data: bytes) -> AnyDatagram:
         raise BadDatagram(f"a datagram of {len(data)} bytes (at most {MAX_DATAGRAM})")
     try:
         kind = _kinds.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise BadDatagram(str(exc)) from None
     if kind.v != VERSION:
         raise VersionSkew(
@@ -240,7 +253,7 @@ def unpack(data: bytes) -> AnyDatagram:
         )
     try:
         return _datagrams.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise BadDatagram(str(exc)) from None
 
 
@@ -252,7 +265,7 @@ def result_of(raw: msgspec.Raw | bytes, kind: type[T]) -> T:
     """A reply as the kind asked for; an unreadable one is a failed result."""
     try:
         return msgspec.msgpack.decode(raw, type=kind)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise BadDatagram(f"an unreadable reply ({exc})") from None
 
 
@@ -260,3 +273,81 @@ def offered_at(host: str, port: int, sender: str) -> Address:
     """Where a snapshot offer says to read it (an offer from a replica listening on
     every address means the address it was sent from)."""
     return Address(sender if host in ("0.0.0.0", "") else host, port)
+
+
+# -- seals: the group's key, and freshness --------------------------------------------------------
+
+SEAL_MAGIC = b"MFG" + bytes([VERSION])
+_HEAD = struct.Struct(">4s8sQd")  # magic, sender incarnation, counter, sender's clock
+SEAL_OVERHEAD = _HEAD.size + MAC_BYTES
+MAX_SKEW = 30.0  # seconds a datagram's stamp may differ from this clock
+WINDOW = 1024  # counters of one sender remembered below its highest
+MAX_SENDERS = 10_000  # senders remembered, at most (the longest silent is forgotten)
+
+
+class Unsealed(BadDatagram):
+    """No valid HMAC of the group's key: sent without the key, or altered on the way."""
+
+
+class Replayed(BadDatagram):
+    """Sealed with the key, but not fresh: seen before, or stamped too far from this clock."""
+
+
+class Sealer:
+    """Seals what one process sends: its incarnation, the next counter, its clock."""
+
+    def __init__(self, key: bytes, incarnation: bytes) -> None:
+        if len(incarnation) != 8:
+            raise ValueError("an incarnation is 8 bytes")
+        self.key = key
+        self.incarnation = incarnation
+        self.counter = 0
+
+    def seal(self, data: bytes, now: float) -> bytes:
+        self.counter += 1
+        return seal(self.key, _HEAD.pack(SEAL_MAGIC, self.incarnation, self.counter, now) + data)
+
+
+class Opener:
+    """Opens sealed datagrams: the HMAC first, then freshness; only then is anything decoded."""
+
+    def __init__(self, key: bytes, max_skew: float = MAX_SKEW) -> None:
+        self.key = key
+        self.max_skew = max_skew
+        self.seen: dict[bytes, tuple[int, int]] = {}  # sender -> (highest counter, bitmap)
+
+    def open(self, datagram: bytes, now: float) -> bytes:
+        """The message inside; raises Unsealed or Replayed (then it must not be used)."""
+        if len(datagram) > MAX_DATAGRAM + SEAL_OVERHEAD:
+            raise Unsealed(f"a datagram of {len(datagram)} bytes (at most {MAX_DATAGRAM})")
+        data = unseal(self.key, datagram)
+        if data is None or len(data) < _HEAD.size:
+            raise Unsealed("a datagram without the group key's seal")
+        if not data.startswith(SEAL_MAGIC):
+            raise Unsealed("a datagram sealed with the group's key by another protocol version")
+        _, sender, counter, stamp = _HEAD.unpack_from(data)
+        if not math.isfinite(stamp) or abs(now - stamp) > self.max_skew:
+            off = now - stamp if math.isfinite(stamp) else math.inf
+            raise Replayed(
+                f"a datagram stamped {abs(off):.0f} s {'before' if off > 0 else 'after'} this "
+                f"clock (at most {self.max_skew:g}): a replay, or clocks that differ"
+            )
+        self._fresh(sender, counter)
+        return data[_HEAD.size :]
+
+    def _fresh(self, sender: bytes, counter: int) -> None:
+        """Accept each counter of a sender once, within WINDOW of its highest."""
+        top, bits = self.seen.pop(sender, (0, 0))
+        try:
+            if counter > top:
+                bits = ((bits << (counter - top)) | 1) & ((1 << WINDOW) - 1)
+                top = counter
+                return
+            back = top - counter
+            if back >= WINDOW or bits >> back & 1:
+                raise Replayed("a datagram seen before (a replay)")
+            bits |= 1 << back
+        finally:
+            self.seen[sender] = (top, bits)  # the most recent sender last
+            if len(self.seen) > MAX_SENDERS:
+                del self.seen[next(iter(self.seen))]

@@ -62,9 +62,9 @@ def main() -> None:
         a, b = IndexClient(GROUP, PORT), IndexClient(GROUP, PORT)
         a.request("register", {"peer": "a", "addr": "127.0.0.1:2"})
         b.request("register", {"peer": "b", "addr": "127.0.0.1:3"})
-        for who, peer, csum in ((a, "a", "A"), (b, "b", "B")):  # raw: both in flight at once
+        for who, peer, csum in ((a, "a", "A"), (b, "b", "B")):  # sent: both in flight at once
             args = {"peer": peer, "name": "same", "size": 1, "checksum": csum}
-            who.send_raw(pack(Req(client=who.client, req=99, op="advertise", args=args)))
+            who.send(pack(Req(client=who.client, req=99, op="advertise", args=args)))
         time.sleep(2.5)  # the late joiner catches up on heartbeats
         status = msgspec.to_builtins(c.query_all("status", wait=1.5))
         cli = str(Path(sys.executable).parent / "mirrorfs-cli")

@@ -26,7 +26,8 @@ import msgspec
 from netns import setup_lo, start, stop, wait
 
 from mirrorfuse.index.client import BlockingIndexClient as IndexClient
-from mirrorfuse.wire.datagrams import BadDatagram, unpack
+from mirrorfuse.index.keys import group_key
+from mirrorfuse.wire.datagrams import BadDatagram, Opener, unpack
 
 GROUP, PORT = "235.1.1.4", 55558
 BIN = Path(sys.executable).parent
@@ -48,12 +49,14 @@ class Counter(threading.Thread):
         self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
         self.sock.settimeout(0.5)
         self.done = False
+        self.opener: Opener | None = None  # the group's key exists once a replica started
 
     def run(self) -> None:
         while not self.done:
             try:
                 data = self.sock.recv(65536)
-                kind = type(unpack(data)).__name__
+                self.opener = self.opener or Opener(group_key())
+                kind = type(unpack(self.opener.open(data, time.time()))).__name__
             except (TimeoutError, BadDatagram):
                 continue
             self.kinds[kind] = self.kinds.get(kind, 0) + 1

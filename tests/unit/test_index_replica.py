@@ -13,10 +13,12 @@ import msgspec
 from mirrorfuse.core.group import IndexState, Order, Request
 from mirrorfuse.wire import datagrams as dg
 from mirrorfuse.wire.addresses import Address
-from mirrorfuse.wire.datagrams import FilesPage, ReplicaStatus, pack, unpack
+from mirrorfuse.wire.auth import new_key
+from mirrorfuse.wire.datagrams import FilesPage, Opener, ReplicaStatus, Sealer, pack, unpack
 from servers.index import IndexReplica, Saver, order_to_wire
 
 CLIENT = ("127.0.0.1", 5000)
+KEY = new_key()
 
 
 class Capture:
@@ -27,7 +29,7 @@ class Capture:
         self.sent.append((data, addr))
 
     def replies(self) -> list[dg.Answer]:
-        out = [unpack(d) for d, a in self.sent if a == CLIENT]
+        out = [unpack(Opener(KEY).open(d, time.time())) for d, a in self.sent if a == CLIENT]
         self.sent.clear()
         return [m for m in out if isinstance(m, dg.Answer)]
 
@@ -37,7 +39,7 @@ async def no_blob(where: Address, token: str) -> bytes:
 
 
 def replica(rid: int = 1) -> tuple[IndexReplica, Capture]:
-    rep = IndexReplica(rid, [Address("235.1.1.1", 1)], no_blob, Address("127.0.0.1", 1))
+    rep = IndexReplica(rid, [Address("235.1.1.1", 1)], no_blob, Address("127.0.0.1", 1), KEY)
     cap = Capture()
     rep.connection_made(cap)  # type: ignore[arg-type]
     return rep, cap
@@ -112,7 +114,8 @@ def test_replies_waiting_for_clients_are_bounded(monkeypatch):
 
     monkeypatch.setattr(index, "MAX_WAITING", 5)
     rep, _ = replica(1)
+    sealer = Sealer(KEY, b"client-1")
     for i in range(20):
         req = dg.Req(client=f"c{i}", req=1, op="heartbeat", args={"peer": "p"})
-        rep.datagram_received(pack(req), ("127.0.0.1", 9000 + i))
+        rep.datagram_received(sealer.seal(pack(req), time.time()), ("127.0.0.1", 9000 + i))
     assert len(rep.clients) == 5
