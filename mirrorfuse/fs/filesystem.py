@@ -83,16 +83,15 @@ class FileSystem(OpenFiles):
     # -- records ------------------------------------------------------------------------
 
     def _commit(self, rec: AnyRecord) -> int:
-        """Apply a record, then queue it for the journal (caller holds self.lock).
-
-        Applied first: a record the namespace refuses is never journaled, where it
-        would break every later replay.
-        """
+        """Encode and apply a record, then queue it for the journal (caller holds self.lock):
+        one that cannot be encoded, or that the namespace refuses, changes nothing and is
+        never journaled, where it would break every later replay."""
         if self.readonly is not None:
             raise FsError(errno.EROFS, self.readonly)
+        data = encode_record(rec)
         freed = self.ns.apply(rec)
         try:
-            seq = self.journal.add(encode_record(rec))
+            seq = self.journal.add(data)
         except JournalBroken as exc:
             self._go_readonly(str(exc))
             raise FsError(errno.EIO) from None

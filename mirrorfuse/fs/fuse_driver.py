@@ -1,19 +1,22 @@
 """Thin mfusepy adapter: syscalls -> FileSystem calls. All semantics live in filesystem.py.
 
-FsError is an OSError, so mfusepy turns it into the errno it carries.
+FsError is an OSError, so mfusepy turns it into the errno it carries. Names are
+stored as UTF-8: one whose bytes are not (mfusepy decodes them with
+surrogateescape) fails here with EILSEQ, before it reaches the file system.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import mfusepy
 
-from .base import Context
+from .base import Context, FsError
 from .filesystem import FileSystem
 
 log = logging.getLogger("mirrorfs")
@@ -25,6 +28,17 @@ ATTR_TIMEOUT = 0.0
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 MAX_WRITE = 1 << 20
+P = TypeVar("P", bound=str | None)
+
+
+def _utf8(path: P) -> P:
+    """A path or name as it is, if it can be stored; EILSEQ if its bytes are not UTF-8."""
+    if path is not None and not path.isascii():
+        try:
+            path.encode()
+        except UnicodeEncodeError:
+            raise FsError(errno.EILSEQ) from None
+    return path
 
 
 def _time_ns(ts: Any) -> int | None:
@@ -72,19 +86,19 @@ class MirrorOps(mfusepy.Operations):
     # -- attributes --------------------------------------------------------------------
 
     def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        return self.fs.getattr(path, fh)
+        return self.fs.getattr(_utf8(path), fh)
 
     def chmod(self, path: str | None, mode: int, fh: int | None = None) -> None:
-        self.fs.chmod(path, mode, fh)
+        self.fs.chmod(_utf8(path), mode, fh)
 
     def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> None:
-        self.fs.chown(path, uid, gid, fh)
+        self.fs.chown(_utf8(path), uid, gid, fh)
 
     def utimens(self, path: str | None, times: Any = None, fh: int | None = None) -> None:
-        self.fs.utimens(path, times, fh)
+        self.fs.utimens(_utf8(path), times, fh)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
-        self.fs.truncate(path, length, fh)
+        self.fs.truncate(_utf8(path), length, fh)
 
     def statfs(self, path: str) -> dict[str, int]:
         return self.fs.statfs()
@@ -92,7 +106,7 @@ class MirrorOps(mfusepy.Operations):
     # -- names --------------------------------------------------------------------------
 
     def opendir(self, path: str) -> int:
-        return self.fs.opendir(path)
+        return self.fs.opendir(_utf8(path))
 
     def releasedir(self, path: str | None, fh: int) -> None:
         self.fs.releasedir(fh)
@@ -108,52 +122,52 @@ class MirrorOps(mfusepy.Operations):
         self.fs.sync()
 
     def mkdir(self, path: str, mode: int) -> None:
-        self.fs.mkdir(path, mode, _ctx())
+        self.fs.mkdir(_utf8(path), mode, _ctx())
 
     def mknod(self, path: str, mode: int, dev: int) -> None:
-        self.fs.mknod(path, mode, dev, _ctx())
+        self.fs.mknod(_utf8(path), mode, dev, _ctx())
 
     def rmdir(self, path: str) -> None:
-        self.fs.rmdir(path)
+        self.fs.rmdir(_utf8(path))
 
     def unlink(self, path: str) -> None:
-        self.fs.unlink(path)
+        self.fs.unlink(_utf8(path))
 
     def symlink(self, target: str, source: str) -> None:
         # mfusepy: symlink(link path, what it points to)
-        self.fs.symlink(source, target, _ctx())
+        self.fs.symlink(_utf8(source), _utf8(target), _ctx())
 
     def readlink(self, path: str) -> str:
-        return self.fs.readlink(path)
+        return self.fs.readlink(_utf8(path))
 
     def link(self, target: str, source: str) -> None:
         # mfusepy: link(new name, existing name)
-        self.fs.link(source, target)
+        self.fs.link(_utf8(source), _utf8(target))
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        self.fs.rename(old, new, flags)
+        self.fs.rename(_utf8(old), _utf8(new), flags)
 
     # -- extended attributes -----------------------------------------------------------------
 
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> None:
-        self.fs.setxattr(path, name, value, options)
+        self.fs.setxattr(_utf8(path), _utf8(name), value, options)
 
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        return self.fs.getxattr(path, name)
+        return self.fs.getxattr(_utf8(path), _utf8(name))
 
     def listxattr(self, path: str) -> list[str]:
-        return self.fs.listxattr(path)
+        return self.fs.listxattr(_utf8(path))
 
     def removexattr(self, path: str, name: str) -> None:
-        self.fs.removexattr(path, name)
+        self.fs.removexattr(_utf8(path), _utf8(name))
 
     # -- files -----------------------------------------------------------------------------
 
     def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
-        return self.fs.create(path, mode, flags, _ctx())
+        return self.fs.create(_utf8(path), mode, flags, _ctx())
 
     def open(self, path: str, flags: int) -> int:
-        return self.fs.open(path, flags)
+        return self.fs.open(_utf8(path), flags)
 
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         return self.fs.read(fh, size, offset)

@@ -248,3 +248,49 @@ def test_directory_listing_and_stat_agree(mfs: Mount):
             assert entry.inode() == os.stat(m / entry.name).st_ino
             assert entry.is_file()
     assert len(list(Path(m).iterdir())) == 300
+
+
+def test_names_that_are_not_utf8_fail_with_eilseq(cluster4, make_mount, tmp_path):
+    """The volume stores names as UTF-8: any other bytes are refused with EILSEQ by every
+    call, change nothing, and put no traceback in the mount's log."""
+    log = tmp_path / "mount.log"
+    mount = make_mount(cluster4, "--log", str(log))
+    root = os.fsencode(mount.path)
+    good, bad = root + b"/good", root + b"/\xff\xfe"
+    with open(good, "wb") as f:
+        f.write(b"kept")
+    os.mkdir(root + b"/dir")
+    calls = [
+        (os.open, bad, os.O_CREAT | os.O_WRONLY, 0o644),
+        (os.mkdir, root + b"/\xff"),
+        (os.mkdir, root + b"/dir/caf\xe9"),  # Latin-1
+        (os.mknod, bad),
+        (os.stat, bad),
+        (os.lstat, bad + b"/below"),
+        (os.open, bad, os.O_RDONLY),
+        (os.rename, good, bad),
+        (os.rename, bad, root + b"/other"),
+        (os.link, good, bad),
+        (os.symlink, b"good", bad),
+        (os.symlink, b"\x80target", root + b"/link"),
+        (os.setxattr, good, b"user.\xff", b"value"),
+        (os.getxattr, good, b"user.\xff"),
+        (os.removexattr, good, b"user.\xff"),
+        (os.unlink, bad),
+        (os.rmdir, bad),
+        (os.readlink, bad),
+        (os.chmod, bad, 0o600),
+        (os.truncate, bad, 0),
+        (os.listdir, bad),
+    ]
+    for func, *args in calls:
+        assert err(func, *args) == errno.EILSEQ, (func.__name__, args)
+    os.rename(good, root + "/caf\u00e9".encode())  # UTF-8 names are names like any other
+    expected = sorted([b"dir", "caf\u00e9".encode()])
+    assert sorted(os.listdir(root)) == expected and os.listdir(root + b"/dir") == []
+    mount.close()  # the volume is stored as it is seen, and read back so
+    again = os.fsencode(make_mount(cluster4, "--log", str(log), name="again").path)
+    assert sorted(os.listdir(again)) == expected
+    with open(again + "/caf\u00e9".encode(), "rb") as f:
+        assert f.read() == b"kept"
+    assert "Traceback" not in log.read_text() and "error:" not in log.read_text()
