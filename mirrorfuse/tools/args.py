@@ -23,6 +23,8 @@ from mirrorfuse.wire.addresses import (
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.sizes import parse_size
 
+from .hosts import checked_cluster
+
 
 def _argtype(parse: Callable[[str], object]) -> Callable[[str], object]:
     def convert(text: str) -> object:
@@ -44,15 +46,25 @@ def listen_port_arg(text: str) -> int:
     return 0 if text.strip() == "0" else int(str(port_arg(text)))
 
 
-def seconds_arg(text: str) -> float:
-    """A positive, finite number of seconds."""
+def _positive(text: str, unit: str) -> float:
+    """A positive, finite number (not nan, inf or -1)."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of {unit}") from None
     if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of {unit}")
     return value
+
+
+def seconds_arg(text: str) -> float:
+    """A positive, finite number of seconds."""
+    return _positive(text, "seconds")
+
+
+def rate_arg(text: str) -> float:
+    """A positive, finite number of MiB/s."""
+    return _positive(text, "MiB/s")
 
 
 def add_cluster_args(parser: argparse.ArgumentParser) -> None:
@@ -85,11 +97,11 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
     if args.servers and args.base_port is not None:
         raise UsageError("give either --servers or --base-port/--count, not both")
     if args.servers:
-        spec = parse_servers(args.servers)
+        spec = checked_cluster(parse_servers(args.servers), "--servers")
     elif args.base_port is not None:
         if args.count is None:
             raise UsageError("--base-port needs --count (the number of servers)")
-        spec = from_base_port(args.base_port, args.count, args.host)
+        spec = checked_cluster(from_base_port(args.base_port, args.count, args.host), "--host")
     else:
         from . import registry
 

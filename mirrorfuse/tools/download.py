@@ -13,6 +13,7 @@ from mirrorfuse.wire.addresses import Address, parse_port
 from mirrorfuse.wire.errors import UsageError
 
 from .args import cluster_from_args, seconds_arg
+from .hosts import resolve_host
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -36,6 +37,8 @@ def cmd_download(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if not out.parent.is_dir():
         raise UsageError(f"directory {out.parent} does not exist")
+    if ports:
+        resolve_host(args.address, "-a")
     sources: list[Source] = [FileServerSource(Address(args.address, p)) for p in ports]
     sources += [HttpSource(u) for u in urls]
     return run_async(Download(sources, out, args.interval, args.resume).run())

@@ -23,6 +23,7 @@ from servers.index import Options, serve
 
 from . import logs
 from .args import port_arg, run
+from .hosts import ipv4_addresses, resolve_host
 
 PROG = "mirrorfs-index"
 
@@ -74,8 +75,10 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
             p.error(f"{args.group} is not a multicast address (224.0.0.0-239.255.255.255)")
     except OSError:
         p.error(f"{args.group!r} is not an IPv4 address")
-    try:  # every replica's address, for unicast
+    try:  # every replica's address, for unicast (datagrams go to IPv4 addresses)
         replicas = parse_address_list(args.replicas, "--replicas") if args.replicas else []
+        replicas = ipv4_addresses(replicas, "--replicas")
+        resolve_host(args.host, "--host")
     except UsageError as exc:
         p.error(str(exc))
     if args.log_keep < 1:

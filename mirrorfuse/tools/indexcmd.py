@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fnmatch
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError
 from mirrorfuse.wire.messages import Outcome, PeerIndex, PeerShare, PeerUnshare
 
 from .args import port_arg
+from .hosts import check_hosts, ipv4_addresses, resolve_host
 from .peerctl import ask_control, control_path
 from .registry import live_peers
 
@@ -38,9 +40,15 @@ HELP = """commands: status | peers | files | search PATTERN | fetch NAME OUTPUT 
 
 
 def client(args: argparse.Namespace) -> IndexClient:
-    replicas = parse_address_list(args.replicas, "replica") if args.replicas else None
+    """(datagrams go to IPv4 addresses: host names are resolved first)"""
+    replicas = parse_address_list(args.replicas, "--replicas") if args.replicas else []
+    group = resolve_host(args.group, "index group", socket.AF_INET)
     return IndexClient(
-        args.group, args.port, replicas, key=group_key(args.key_file), interface=args.host
+        group,
+        args.port,
+        ipv4_addresses(replicas, "--replicas") or None,
+        key=group_key(args.key_file),
+        interface=args.host,
     )
 
 
@@ -203,8 +211,7 @@ async def run_command(ix: Index, words: list[str], output: str | None = None) ->
 
 def peer_list(args: argparse.Namespace) -> list[str]:
     peers = [a for a in (args.peer or "").split(",") if a]
-    for a in peers:
-        parse_address(a)  # a clear UsageError for a malformed one
+    check_hosts(map(parse_address, peers), "--peer")  # a clear UsageError for a bad one
     return peers
 
 
@@ -216,11 +223,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     words = [args.what, *args.rest]
     if args.what == "share" and args.name:
         words.append(args.name)
+    peers = peer_list(args)
 
     async def go() -> None:
         c = client(args)
         try:
-            await run_command(Index(c, peer_list(args), print), words, args.output)
+            await run_command(Index(c, peers, print), words, args.output)
         finally:
             c.close()
 
@@ -229,10 +237,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_index_shell(args: argparse.Namespace) -> int:
-    print(f"index group {args.group}:{args.port}; {HELP}")
+    peers = peer_list(args)
     with asyncio.Runner() as runner:
         c = client(args)
-        ix = Index(c, peer_list(args), lambda m: print(m, flush=True))
+        ix = Index(c, peers, lambda m: print(m, flush=True))
+        print(f"index group {args.group}:{args.port}; {HELP}")
         try:
             while True:
                 try:

@@ -23,6 +23,7 @@ from mirrorfuse.wire.addresses import (
     Address,
     parse_address,
     parse_address_list,
+    parse_port,
 )
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.messages import PeerIndex, PeerIndexReply
@@ -32,6 +33,7 @@ from servers.sharing import ControlServer, bind_control
 
 from . import logs
 from .args import listen_port_arg, run
+from .hosts import check_hosts, ipv4_addresses, resolve_host
 from .registry import control_socket, peer_dir
 
 PROG = "mirrorfs-peer"
@@ -72,6 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.replica_list = (
             parse_address_list(args.replicas, "--replicas") if args.replicas else None
         )
+        if args.replica_list:  # datagrams go to IPv4 addresses
+            args.replica_list = ipv4_addresses(args.replica_list, "--replicas")
+        args.group = resolve_host(group, "--index", socket.AF_INET)
+        args.group_port = parse_port(port, "--index port")
+        check_hosts(map(parse_address, args.peer_list), "--peers")
     except UsageError as exc:
         p.error(str(exc))
     if not 0.2 <= args.interval <= 3600:

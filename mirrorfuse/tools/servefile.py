@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import stat
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from mirrorfuse.client.blocking import run_async
@@ -18,7 +20,8 @@ from servers.fileserver import (
     listen,
 )
 
-from .args import port_arg, seconds_arg
+from .args import port_arg, rate_arg, seconds_arg
+from .hosts import resolve_host
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -48,18 +51,46 @@ async def serve(args: argparse.Namespace) -> int:
             print(line, flush=True)
 
     reporter = asyncio.ensure_future(report())
-    reader = asyncio.StreamReader()
     try:
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-        while line := await reader.readline():
+        async for line in console_lines():
             msg = console_command(servers, line.decode(errors="replace"))
             if msg:
                 print(msg, flush=True)
-        # console closed: keep serving until killed
+        print("console closed (end of input): serving until interrupted or terminated", flush=True)
         await asyncio.Event().wait()
     finally:
         reporter.cancel()
     return 0
+
+
+async def console_lines() -> AsyncIterator[bytes]:
+    """The console's lines, from standard input until it ends (none if it is closed).
+
+    The event loop watches only what it can poll (a pipe, a socket, a terminal), and
+    reads a duplicate of the descriptor, which closing leaves standard input alone.
+    A file or /dev/null never blocks: it is read as it is.
+    """
+    try:
+        fd = os.dup(sys.stdin.fileno())
+    except (AttributeError, OSError, ValueError):  # no standard input at all
+        return
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or os.isatty(fd)):
+        with open(fd, "rb") as f:
+            for line in f:
+                yield line
+                await asyncio.sleep(0)
+        return
+    reader = asyncio.StreamReader()
+    pipe = open(fd, "rb")  # noqa: SIM115 (the transport owns it and closes it)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), pipe
+    )
+    try:
+        while line := await reader.readline():
+            yield line
+    finally:
+        transport.close()
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -71,6 +102,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"file {args.file} does not exist (or is not a regular file)")
     if Path(args.file).stat().st_size > (1 << 48):
         raise UsageError(f"file {args.file} is too large")
+    resolve_host(args.address, "-a")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,13 +122,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--rate",
-        type=float,
+        type=rate_arg,
         help="limit each server to this many MiB/s (to watch a transfer, pause and resume it)",
     )
 
 
 def main(args: argparse.Namespace) -> int:
     check_args(args)
+    if sys.stdin is None:  # closed: keep descriptor 0 from a socket (libuv aborts closing it)
+        os.open(os.devnull, os.O_RDONLY)
     try:
         return run_async(serve(args))
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ from mirrorfuse.wire.addresses import ClusterSpec, check_count, from_base_port
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError, VolumeIOError
 
 from . import admin
+from .args import seconds_arg
 
 HELP = """commands (paths are absolute):
   mkdir /A/B            make a directory (and missing parents)
@@ -354,7 +355,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--yes", action="store_true", help="do not wait for Enter")
     p.add_argument(
         "--timeout",
-        type=float,
+        type=seconds_arg,
         default=3.0,
         help="seconds before a silent server is marked failed (3)",
     )

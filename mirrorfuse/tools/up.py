@@ -27,6 +27,7 @@ from servers.files import atomic_write
 from . import logs, registry
 from .admin import format_volume, probe
 from .args import run
+from .hosts import checked_cluster
 from .mount import mount
 from .spawn import ServerProc, SpawnError
 
@@ -101,7 +102,7 @@ def up(args: argparse.Namespace) -> int:
                 "--servers names an existing cluster: --count, --base-port and "
                 "--data are for the local one"
             )
-        spec = parse_servers(args.servers)
+        spec = checked_cluster(parse_servers(args.servers), "--servers")
     else:
         data = (args.data or default_data_dir()).resolve()
         conf_path = data / "cluster.json"

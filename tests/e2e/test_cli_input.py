@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import signal
 import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from helpers import CLI, SERVER, ServerProc, cli, free_base_port, run
+from helpers import CLI, MOUNT, SERVER, ServerProc, cli, free_base_port, run, sha, wait_for
+
+from mirrorfuse.tools.cli import build_parser
+
+INDEX = str(Path(SERVER).with_name("mirrorfs-index"))
+PEER = str(Path(SERVER).with_name("mirrorfs-peer"))
+NOHOST = "nosuchhost.invalid"  # .invalid never resolves (RFC 6761)
 
 
 def assert_clean_failure(res, *fragments: str) -> None:
@@ -181,3 +192,134 @@ def test_index_cli_refuses_misplaced_flags():
     assert_clean_failure(res, "--name goes with share")
     res = cli("index", "235.1.1.1", "55555", "peers", "-o", "x")
     assert_clean_failure(res, "-o goes with fetch")
+
+
+def four_servers(first: str) -> str:
+    return ",".join([first, "127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"])
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (
+            [INDEX, "127.0.0.1", "55555", "--replicas", f"{NOHOST}:9000,127.0.0.1:9001"],
+            "--replicas",
+        ),
+        ([INDEX, "235.1.1.1", "55555", "--host", NOHOST], "--host"),
+        ([PEER, "--index", f"{NOHOST}:5555"], "--index"),
+        ([PEER, "--index", "235.1.1.1:5555", "--replicas", f"{NOHOST}:9000"], "--replicas"),
+        ([PEER, "--index", "235.1.1.1:5555", "--peers", f"{NOHOST}:9000"], "--peers"),
+        ([CLI, "status", "--servers", four_servers(f"{NOHOST}:7000")], "--servers"),
+        ([CLI, "format", "--base-port", "7000", "--count", "4", "--host", NOHOST], "--host"),
+        ([MOUNT, "--servers", four_servers(f"{NOHOST}:7000"), "/nonexistent"], "--servers"),
+        ([CLI, "index", "notanip", "55555", "status"], "index group"),
+        ([CLI, "index-shell", "notanip", "55555"], "index group"),
+        (
+            [CLI, "index", "235.1.1.1", "55555", "--replicas", f"{NOHOST}:1234", "peers"],
+            "--replicas",
+        ),
+        ([CLI, "index", "235.1.1.1", "55555", "--peer", f"{NOHOST}:1234", "files"], "--peer"),
+        ([CLI, "download", "-o", "/tmp/x", "-a", NOHOST, "-p", "7001"], "-a"),
+        ([CLI, "serve-file", "-i", "1", "-f", "/etc/hostname", "-a", NOHOST, "-p", "7001"], "-a"),
+    ],
+    ids=lambda v: f"{Path(v[0]).name} {v[1]}" if isinstance(v, list) else v,
+)
+def test_a_host_that_does_not_resolve_is_named(tmp_path, argv, fragment):
+    if argv[0] == PEER:
+        argv = [*argv, "--share", str(tmp_path)]
+    res = run(argv, timeout=60, stdin=subprocess.DEVNULL)
+    host = "notanip" if "notanip" in argv else NOHOST
+    assert_clean_failure(res, f"error: {fragment}: cannot resolve host {host!r}")
+    assert len(res.stderr.splitlines()[-1]) < 200, res.stderr  # one line, not a dump
+
+
+def test_peer_refuses_an_index_port_out_of_range(tmp_path):
+    res = run([PEER, "--share", str(tmp_path), "--index", "235.1.1.1:99999"])
+    assert_clean_failure(res, "--index port 99999 is outside 1024-65535")
+
+
+def cli_commands_with(option: str) -> list[str]:
+    """Every mirrorfs-cli command that takes ``option``."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(name for name, p in sub.choices.items() if option in p._option_string_actions)
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "0"])
+@pytest.mark.parametrize(
+    "command",
+    [[CLI, c] for c in cli_commands_with("--timeout")] + [[MOUNT, "/nonexistent"]],
+    ids=lambda command: f"{Path(command[0]).name} {command[1]}",
+)
+def test_timeouts_are_positive_finite_seconds(command, value):
+    res = run([*command, "--timeout", value], stdin=subprocess.DEVNULL)
+    assert res.returncode == 2, res.stdout
+    assert "Traceback" not in res.stderr, res.stderr
+    assert f"error: argument --timeout: {value!r} is not a " in res.stderr, res.stderr
+    assert "number of seconds" in res.stderr.splitlines()[-1]
+
+
+def test_every_timeout_was_checked():
+    assert {"status", "format", "fsck", "heal", "rebuild", "get", "shell"} <= set(
+        cli_commands_with("--timeout")
+    )
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0"])
+@pytest.mark.parametrize("command", cli_commands_with("--rate"))
+def test_rates_are_positive_finite(command, value):
+    assert command == "serve-file"
+    res = cli(command, "-i", "1", "-f", "/etc/hostname", "-p", "7001", "--rate", value)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"error: argument --rate: {value!r} is not a positive number of MiB/s" in res.stderr
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("console", ["/dev/null", "a file", "closed"])
+def test_serve_file_whose_console_ends_keeps_serving(tmp_path, console):
+    """Standard input at its end (< /dev/null, a file of commands, or closed): the
+    servers go on until a signal, idle, and say that the console is closed."""
+    served = tmp_path / "served.bin"
+    served.write_bytes(os.urandom(300_000))
+    commands = tmp_path / "commands"
+    commands.write_text("1\nr1\nbogus\n")
+    port = free_base_port(1)
+    stdin = open(commands if console == "a file" else os.devnull, "rb")  # noqa: SIM115
+    cmd = [CLI, "serve-file", "-i", "0.2", "-f", str(served), "-p", str(port)]
+    proc = subprocess.Popen(
+        cmd,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=(lambda: os.close(0)) if console == "closed" else None,
+    )
+    stdin.close()
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        closed = "console closed (end of input): serving until interrupted or terminated\n"
+        assert wait_for(lambda: closed in lines or proc.poll() is not None, 60), lines
+        assert proc.poll() is None, (proc.returncode, lines, proc.stderr.read())
+        if console == "a file":  # its commands were carried out first
+            assert "server 1 paused\n" in lines and "server 1 resumed\n" in lines, lines
+            assert lines.index("server 1 resumed\n") < lines.index(closed)
+        cpu, start = cpu_seconds(proc.pid), time.monotonic()
+        res = cli("download", "-o", str(tmp_path / "copy"), "-p", str(port))
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert sha(tmp_path / "copy") == sha(served)
+        reports = len(lines)
+        assert wait_for(lambda: len(lines) >= reports + 3, 30), lines  # still reporting
+        assert cpu_seconds(proc.pid) - cpu < (time.monotonic() - start) / 2  # idle, no spin
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
