@@ -3,7 +3,10 @@
 A replica that must send a snapshot bigger than one datagram keeps it here
 under a random token for a while and multicasts only the token and its TCP
 address; the receiver reads it in parts of at most BLOB_PART bytes, each one
-frame of the common wire protocol.
+frame of the common wire protocol. A connection proves the group's key
+before any frame is read (``wire.auth``, both ways: the reader checks the
+replica's proof too), and all of a replica's connections share one set of
+limits.
 """
 
 from __future__ import annotations
@@ -11,10 +14,11 @@ from __future__ import annotations
 import secrets
 import time
 
+from mirrorfuse.wire.auth import ServerHandshake
 from mirrorfuse.wire.frames import Frame
 from mirrorfuse.wire.messages import BlobRead, BlobReadReply
 
-from .net import Answer, FrameServer, Refused, dispatch
+from .net import Answer, FrameServer, Limits, Refused, dispatch
 
 BLOB_PART = 4 << 20
 KEEP = 60.0  # seconds a blob stays readable
@@ -40,10 +44,11 @@ class BlobStore:
 
 
 class BlobServer(FrameServer):
-    """One connection to a BlobStore: BLOB_READ {token, offset} -> a part and the total."""
+    """One connection to a BlobStore: BLOB_READ {token, offset} -> a part and the total,
+    once the connection proved ``key``."""
 
-    def __init__(self, store: BlobStore) -> None:
-        super().__init__()
+    def __init__(self, store: BlobStore, key: bytes, limits: Limits | None = None) -> None:
+        super().__init__(lambda: ServerHandshake(key, None), limits)
         self.store = store
 
     def read(self, req: BlobRead, payload: bytes | bytearray, flags: int) -> Answer:

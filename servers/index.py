@@ -69,7 +69,7 @@ from mirrorfuse.wire.errors import MirrorfsError
 
 from .blobs import BlobServer, BlobStore
 from .indexstore import Saver, load_state
-from .net import in_background
+from .net import Limits, in_background
 
 log = logging.getLogger("mirrorfs-index")
 
@@ -81,7 +81,7 @@ MAX_WAITING = 10_000  # clients remembered for a reply still to come, at most
 
 V = TypeVar("V")
 _encoder = msgspec.msgpack.Encoder()
-FetchBlob = Callable[[Address, str], Awaitable[bytes]]
+FetchBlob = Callable[[Address, str, bytes], Awaitable[bytes]]  # where, token, the key
 Sender = tuple[str, int]  # a socket's peer address, where a reply goes
 
 
@@ -133,6 +133,7 @@ class IndexReplica(asyncio.DatagramProtocol):
         self.targets = targets  # the group address, or every replica's (unicast)
         self.fetch_blob = fetch_blob
         self.transport: asyncio.DatagramTransport | None = None
+        self.key = key  # the group's: datagrams are sealed with it, snapshots read by TCP prove it
         self.sealer = Sealer(key, secrets.token_bytes(8))  # this process's incarnation
         self.opener = Opener(key)
         # (client, request) -> its sender, for the reply when the request is applied
@@ -205,7 +206,7 @@ class IndexReplica(asyncio.DatagramProtocol):
 
     async def fetch_snapshot(self, seq: int, where: Address, token: str) -> None:
         try:
-            blob = await self.fetch_blob(where, token)
+            blob = await self.fetch_blob(where, token, self.key)
             self.tcp_snapshots += 1
             self.adopt(seq, blob, f"{where}")
         except (MirrorfsError, ValueError, OSError) as exc:
@@ -397,7 +398,8 @@ async def serve(opts: Options, fetch_blob: FetchBlob, ready: Callable[[str], Non
         store_path.parent.mkdir(parents=True, exist_ok=True)
     state = load_state(store_path, opts.id)
     blobs: list[BlobStore] = []
-    tcp = await loop.create_server(lambda: BlobServer(blobs[0]), opts.host, 0)
+    limits = Limits(max_connections=64)  # other replicas, peers: one snapshot read each
+    tcp = await loop.create_server(lambda: BlobServer(blobs[0], opts.key, limits), opts.host, 0)
     tcp_addr = Address(opts.host, tcp.sockets[0].getsockname()[1])
     transport, proto = await loop.create_datagram_endpoint(
         lambda: IndexReplica(

@@ -133,9 +133,9 @@ class IndexClient:
     ) -> None:
         self.targets = replicas or [Address(group, port)]
         self.interface = interface or local_address(self.targets, not replicas)
-        key = key if key is not None else group_key()
-        self.sealer = Sealer(key, secrets.token_bytes(8))
-        self.opener = Opener(key)
+        self.key = key if key is not None else group_key()
+        self.sealer = Sealer(self.key, secrets.token_bytes(8))
+        self.opener = Opener(self.key)
         name = client_id or f"{socket.gethostname()}-{os.getpid()}"
         self.client = f"{name[: MAX_CLIENT - 9]}-{uuid.uuid4().hex[:8]}"  # this incarnation
         self.ids = itertools.count(1)
@@ -280,7 +280,7 @@ class IndexClient:
         blob = offer.blob
         if blob is None:
             where = offered_at(offer.host, offer.port, self.last_sender)
-            blob = await fetch_blob(where, offer.token)
+            blob = await fetch_blob(where, offer.token, self.key)
         try:
             return IndexState.from_snapshot(blob)
         except BadSnapshot as exc:

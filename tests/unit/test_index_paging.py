@@ -1,4 +1,5 @@
-"""Replies and snapshots larger than a datagram: pages of a listing, blobs by token over TCP."""
+"""Replies and snapshots larger than a datagram: pages of a listing, blobs by token over TCP
+(read only by a connection that proves the group's key, from a server that proves it too)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mirrorfuse.client.connection import ServerDown, request_once
 from mirrorfuse.index.blobs import fetch_blob
 from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.auth import ServerHandshake, new_key
 from mirrorfuse.wire.datagrams import MAX_DATAGRAM, FileEntry, FilesPage, answer, pack
 from mirrorfuse.wire.errors import ServerError
+from mirrorfuse.wire.messages import BlobRead
 from servers.blobs import BLOB_PART, BlobServer, BlobStore
 from servers.index import page
+from servers.net import FrameServer
+
+KEY = new_key()
 
 names = st.dictionaries(
     st.text("abc-.*xyz0123456789é日\U0001f3b5", min_size=1, max_size=250),
@@ -69,13 +76,13 @@ def test_a_blob_is_read_back_whole_in_parts_and_an_unknown_token_is_refused():
         store = BlobStore()
         token = store.put(blob)
         server = await asyncio.get_running_loop().create_server(
-            lambda: BlobServer(store), "127.0.0.1", 0
+            lambda: BlobServer(store, KEY), "127.0.0.1", 0
         )
         port = server.sockets[0].getsockname()[1]
         try:
-            got = await fetch_blob(Address("127.0.0.1", port), token)
+            got = await fetch_blob(Address("127.0.0.1", port), token, KEY)
             with pytest.raises(ServerError) as err:
-                await fetch_blob(Address("127.0.0.1", port), "nope")
+                await fetch_blob(Address("127.0.0.1", port), "nope", KEY)
             return got, err.value.code
         finally:
             server.close()
@@ -83,6 +90,55 @@ def test_a_blob_is_read_back_whole_in_parts_and_an_unknown_token_is_refused():
     got, code = asyncio.run(go())
     assert got == blob
     assert code == "NOT_FOUND"
+
+
+class Keyless(BlobServer):
+    """Says in the handshake that it holds no key (as a block server before its format)."""
+
+    def __init__(self, store: BlobStore) -> None:
+        FrameServer.__init__(self, lambda: ServerHandshake(None, None))
+        self.store = store
+
+
+def test_a_blob_is_read_only_with_the_key_and_only_from_a_server_that_proves_it():
+    store = BlobStore()
+    token = store.put(b"the whole index")
+
+    async def go() -> dict[str, str]:
+        loop = asyncio.get_running_loop()
+        servers = {
+            "real": await loop.create_server(lambda: BlobServer(store, KEY), "127.0.0.1", 0),
+            "plain": await loop.create_server(FrameServer, "127.0.0.1", 0),  # no handshake
+            "keyless": await loop.create_server(lambda: Keyless(store), "127.0.0.1", 0),
+            "other": await loop.create_server(lambda: BlobServer(store, new_key()), "127.0.0.1", 0),
+        }
+        at = {n: Address("127.0.0.1", s.sockets[0].getsockname()[1]) for n, s in servers.items()}
+        out = {}
+        try:
+            for name, where, key in (
+                ("wrong key", at["real"], new_key()),
+                ("server without a handshake", at["plain"], KEY),
+                ("server without a key", at["keyless"], KEY),
+                ("server with another key", at["other"], KEY),
+            ):
+                with pytest.raises(ServerDown) as err:
+                    await fetch_blob(where, token, key)
+                out[name] = f"{type(err.value).__name__}: {err.value}"
+            with pytest.raises(ServerDown) as err:  # no handshake at all: refused
+                await request_once(at["real"], BlobRead(token=token, offset=0), 3.0)
+            out["no handshake"] = f"{type(err.value).__name__}: {err.value}"
+            assert await fetch_blob(at["real"], token, KEY) == b"the whole index"
+        finally:
+            for s in servers.values():
+                s.close()
+        return out
+
+    refused = asyncio.run(go())
+    for name in ("wrong key", "server without a key", "server with another key"):
+        assert refused[name].startswith("KeyRefused"), refused
+    assert "did not prove the group's key" in refused["server without a key"]
+    assert "the whole index" not in str(refused)
+    assert "refused the connection" in refused["no handshake"], refused
 
 
 def test_blobs_expire():

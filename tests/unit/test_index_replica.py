@@ -34,7 +34,7 @@ class Capture:
         return [m for m in out if isinstance(m, dg.Answer)]
 
 
-async def no_blob(where: Address, token: str) -> bytes:
+async def no_blob(where: Address, token: str, key: bytes) -> bytes:
     raise AssertionError("no snapshot is read by TCP here")
 
 

@@ -4,6 +4,7 @@ stamps, counters seen once), snapshots checked before they are adopted, and a da
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -106,12 +107,16 @@ class Capture:
         self.sent.append((data, addr))
 
 
-async def no_blob(where: Address, token: str) -> bytes:
+async def no_blob(where: Address, token: str, key: bytes) -> bytes:
     raise AssertionError("no snapshot is read by TCP here")
 
 
-def replica(rid: int = 1, state: IndexState | None = None) -> IndexReplica:
-    rep = IndexReplica(rid, [Address("235.1.1.1", 1)], no_blob, Address("127.0.0.1", 1), KEY, state)
+async def unreachable(where: Address, token: str, key: bytes) -> bytes:
+    raise ConnectionRefusedError(111, "no replica there")
+
+
+def replica(rid: int = 1, state: IndexState | None = None, fetch=no_blob) -> IndexReplica:
+    rep = IndexReplica(rid, [Address("235.1.1.1", 1)], fetch, Address("127.0.0.1", 1), KEY, state)
     rep.connection_made(Capture())  # type: ignore[arg-type]
     return rep
 
@@ -128,8 +133,8 @@ def indexed(n: int = 3) -> IndexState:
     return s
 
 
-def ready_replica() -> IndexReplica:
-    rep = replica(1, indexed())
+def ready_replica(fetch=no_blob) -> IndexReplica:
+    rep = replica(1, indexed(), fetch)
     rep.replica.grace_until = 0.0
     rep.route(rep.replica.tick(time.time()))
     assert rep.replica.ready and rep.replica.is_master(time.time())
@@ -324,36 +329,42 @@ raw = st.one_of(
 def test_fuzzed_datagrams_sealed_or_not_never_break_a_replica(batch):
     """Unsealed, wrongly sealed and stale datagrams change nothing and are counted; sealed
     ones, however odd, are handled or dropped, never an error; the replica goes on."""
-    rep = ready_replica()
-    forger, friend = sealer(new_key()), sealer()
-    errors = []
-    handler = logging.Handler()
+    errors: list[str] = []
+    handler = logging.Handler(logging.ERROR)
     handler.emit = lambda record: errors.append(record.getMessage())  # type: ignore[method-assign]
-    handler.setLevel(logging.ERROR)
     logging.getLogger("mirrorfs-index").addHandler(handler)
     try:
-        for data, how in batch:
-            before = (rep.replica.state.digest(), dict(rep.replica.members))
-            if how == "none":
-                feed(rep, data)
-            elif how == "other":
-                feed(rep, forger.seal(data, time.time()))
-            elif how == "stale":
-                feed(rep, friend.seal(data, time.time() - 2 * MAX_SKEW))
-            else:
-                feed(rep, friend.seal(data, time.time()))
-                continue
-            assert (rep.replica.state.digest(), dict(rep.replica.members)) == before
+        rep = asyncio.run(fuzz(batch))  # on a loop: an offer by token starts a (failing) read
     finally:
         logging.getLogger("mirrorfs-index").removeHandler(handler)
-    unsealed = sum(how in ("none", "other") for _, how in batch)
-    assert rep.unsealed == unsealed
+    assert rep.unsealed == sum(how in ("none", "other") for _, how in batch)
     assert rep.replayed == sum(how == "stale" for _, how in batch)
     assert errors == []  # no datagram reached the catch-all: none made the replica fail
+
+
+async def fuzz(batch: list[tuple[bytes, str]]) -> IndexReplica:
+    rep = ready_replica(unreachable)
+    forger, friend = sealer(new_key()), sealer()
+    for data, how in batch:
+        before = (rep.replica.state.digest(), dict(rep.replica.members))
+        if how == "none":
+            feed(rep, data)
+        elif how == "other":
+            feed(rep, forger.seal(data, time.time()))
+        elif how == "stale":
+            feed(rep, friend.seal(data, time.time() - 2 * MAX_SKEW))
+        else:
+            feed(rep, friend.seal(data, time.time()))
+            continue
+        assert (rep.replica.state.digest(), dict(rep.replica.members)) == before
+    for _ in range(3):
+        await asyncio.sleep(0)  # reads by token fail, and the replica may ask again
+    assert not rep.fetching
     rep.route(rep.replica.tick(time.time()))  # and it goes on
     good = sealer().seal(pack(dg.Query(client="z", req=1, q="status")), time.time())
     feed(rep, good)
     assert rep.transport.sent[-1][1] == SENDER  # type: ignore[union-attr]
+    return rep
 
 
 # -- the group's key file, and a replica's --data file ---------------------------------------
