@@ -83,6 +83,7 @@ class Cluster:
             except ServerError as exc:
                 conn.close()
                 raise ServerDown(server, conn.address, f"refused the lease: {exc}") from None
+        conn.keepalive = Hello(volume=self.volume_id)
         self._conns[server] = conn
         return conn
 

@@ -10,6 +10,7 @@ answering is never declared down, however long its queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import ssl
@@ -34,6 +35,7 @@ from mirrorfuse.wire.messages import (
 R = TypeVar("R", bound=Message)
 
 MAX_IN_FLIGHT = 32
+KEEPALIVE = 60.0  # seconds of quiet before a kept connection asks something (servers: 600)
 FRAME_MAGIC = MAGIC + bytes([VERSION])  # what a frame starts with, unlike a handshake
 
 
@@ -104,6 +106,7 @@ class _Protocol(asyncio.BufferedProtocol):
         try:
             proof = hs.receive(data)
         except MirrorfsError as exc:  # no key for it here, or it did not prove the key
+            self.ready.set_result(None)
             self.conn._abort(str(exc), refused_key=True)
             return
         if hs.done:
@@ -167,6 +170,8 @@ class Connection:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._watchdog: asyncio.Task[None] | None = None
         self._key_refused = False
+        self.keepalive: Request[Any] | None = None  # asked when idle, to stay open
+        self._keepalive: asyncio.Future[None] | None = None
         self.keyed = False  # the server proved the key (False: it has none yet)
         self.volume: str | None = None  # as the server named it in the handshake
 
@@ -295,6 +300,15 @@ class Connection:
                 quiet = time.monotonic() - max(self.last_rx, self._busy_since)
                 if quiet > self.timeout:
                     self._abort(f"did not answer within {self.timeout:g}s", hung=True)
+            elif self.keepalive is not None and time.monotonic() - self.last_rx > KEEPALIVE:
+                # servers close connections idle for long; this one must stay (a mount's
+                # lease lives on it), and a server that hung meanwhile is found out
+                self._busy_since = time.monotonic()
+                self._keepalive = asyncio.ensure_future(self._ping(self.keepalive))
+
+    async def _ping(self, req: Request[Any]) -> None:
+        with contextlib.suppress(MirrorfsError):
+            await self.call(req)
 
     def close(self) -> None:
         self._abort("connection closed by client")

@@ -39,7 +39,7 @@ from mirrorfuse.wire.messages import (
 )
 
 from .cluster import Cluster
-from .connection import ServerDown
+from .connection import KeyRefused, ServerDown
 from .retry import TryAgain, retry
 from .table import FailureTable
 
@@ -165,6 +165,9 @@ class Volume:
         if not formatted:
             if stats:
                 raise MirrorfsError("the volume is not formatted (run: mirrorfs-cli format ...)")
+            keyless = [r for r in results if isinstance(r, KeyRefused)]
+            if keyless:  # the same for every server: say it once
+                raise MirrorfsError(f"cannot prove the volume's key: {keyless[0]}")
             raise MirrorfsError("no server of the cluster is reachable")
         newest = max(formatted.values(), key=lambda s: s.table.gen if s.table else 0)
         self.cluster.volume_id = newest.volume
