@@ -135,6 +135,10 @@ class _Protocol(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
             self.ready.set_result(None)
+            if self.handshake is not None and exc is None:
+                self.conn._abort(
+                    "closed the connection before the key handshake (does it use --tls?)"
+                )
         self.conn._abort(
             "closed the connection" if exc is None else f"reset the connection ({exc})"
         )

@@ -8,6 +8,7 @@ mount.sh -u MOUNTPOINT
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -18,11 +19,13 @@ import time
 from pathlib import Path
 
 from mirrorfuse.client.blocking import run_async
+from mirrorfuse.client.keys import Keyring
 from mirrorfuse.wire.addresses import ClusterSpec, from_base_port, parse_servers
+from mirrorfuse.wire.auth import KEY_NAME, KeyFileError
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.messages import StatReply
 from mirrorfuse.wire.sizes import check_block_size, parse_size
-from servers.files import atomic_write
+from servers.files import atomic_write, write_key
 
 from . import logs, registry
 from .admin import format_volume, probe
@@ -54,12 +57,40 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--block-size", default="1M", help="block size of a new volume (1M)")
     p.add_argument("--servers", help="an existing cluster, HOST:PORT,... in id order")
     p.add_argument("--force", action="store_true", help="take the volume over from another mount")
+    p.add_argument(
+        "--tls", action="store_true", help="encrypt traffic (local servers start with --tls)"
+    )
+    p.add_argument("--key-file", help="the volume's key (default: the key directory's)")
     return p.parse_args(argv)
 
 
-def start_local(data: Path, count: int, base: int) -> tuple[ClusterSpec, list[int]]:
+def give_keys(data: Path, count: int, key_file: str | None) -> None:
+    """Directories formatted before volumes had keys get their volume's key (made here,
+    once, where clients look for it), so that their servers start."""
+    for i in range(count):
+        folder = data / str(i)
+        sb = folder / "superblock.json"
+        if not sb.exists() or (folder / KEY_NAME).exists():
+            continue
+        try:
+            volume = str(json.loads(sb.read_text())["volume"])
+        except (OSError, ValueError, KeyError):
+            continue  # the server says what is wrong with it
+        keys = Keyring(key_file)
+        try:
+            key = keys(volume)
+        except KeyFileError:
+            key = keys.create(volume)
+            print(f"made a key for volume {volume} (from before keys): {keys.path_for(volume)}")
+        write_key(folder / KEY_NAME, key)
+
+
+def start_local(
+    data: Path, count: int, base: int, tls: bool, key_file: str | None
+) -> tuple[ClusterSpec, list[int]]:
     """Start the servers that are not already running; returns the pids it started."""
-    spec = from_base_port(base, count)
+    spec = dataclasses.replace(from_base_port(base, count), tls=tls, key_file=key_file)
+    give_keys(data, count, key_file)
     found = run_async(probe(spec))
     started: list[ServerProc] = []
     try:
@@ -71,7 +102,8 @@ def start_local(data: Path, count: int, base: int) -> tuple[ClusterSpec, list[in
                         f"server {i}: choose another --base-port"
                     )
                 continue
-            started.append(ServerProc(i, base + i, data / str(i), wait=False))
+            extra = ("--tls",) if tls else ()
+            started.append(ServerProc(i, base + i, data / str(i), extra=extra, wait=False))
         for proc in started:  # started all at once, then each waited for
             try:
                 proc.wait_ready()
@@ -103,12 +135,14 @@ def up(args: argparse.Namespace) -> int:
                 "--data are for the local one"
             )
         spec = checked_cluster(parse_servers(args.servers), "--servers")
+        spec = dataclasses.replace(spec, tls=args.tls, key_file=args.key_file)
     else:
         data = (args.data or default_data_dir()).resolve()
         conf_path = data / "cluster.json"
         conf = json.loads(conf_path.read_text()) if conf_path.exists() else {}
         count = args.count or conf.get("count", 4)
         base = args.base_port or conf.get("base_port", DEFAULT_BASE_PORT)
+        tls = args.tls or bool(conf.get("tls"))
         if conf and (count, base) != (conf["count"], conf["base_port"]):
             raise UsageError(
                 f"{data} holds a cluster of {conf['count']} servers on base port "
@@ -116,8 +150,9 @@ def up(args: argparse.Namespace) -> int:
             )
         spec = from_base_port(base, count)  # validates before anything starts
         data.mkdir(parents=True, exist_ok=True)
-        spec, started = start_local(data, count, base)
-        atomic_write(conf_path, json.dumps({"count": count, "base_port": base}).encode())
+        spec, started = start_local(data, count, base, tls, args.key_file)
+        conf = {"count": count, "base_port": base, "tls": tls}
+        atomic_write(conf_path, json.dumps(conf).encode())
         print(
             f"{count} servers on 127.0.0.1:{base}-{base + count - 1}"
             f"{f' (started {len(started)})' if started else ' (already running)'}, data in {data}"
@@ -137,6 +172,9 @@ def up(args: argparse.Namespace) -> int:
             raise MirrorfsError("no server answers: " + "; ".join(missing))
         servers = ",".join(str(a) for a in spec.addresses)
         argv = ["--servers", servers, mnt] + (["--force"] if args.force else [])
+        argv += (["--tls"] if spec.tls else []) + (
+            ["--key-file", spec.key_file] if spec.key_file else []
+        )
         if mount(argv) != 0:
             raise MirrorfsError("mount failed (see above)")
     except BaseException:

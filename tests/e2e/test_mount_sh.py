@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from helpers import ServerProc, cli, free_base_port, wait_for
 
+from mirrorfuse.client.keys import Keyring
 from mirrorfuse.tools import registry
 
 REPO = Path(__file__).resolve().parents[2]
@@ -125,3 +126,41 @@ def test_an_old_directory_brought_back_is_stale_never_alive(local, tmp_path):
 
 def ident_of(directory: Path) -> str:
     return json.loads((directory / "superblock.json").read_text())["ident"]
+
+
+def test_mount_sh_with_tls_and_status_through_the_mount(local):
+    mnt, args, base = local
+    res = mount_sh(*args, "--tls", str(mnt))
+    assert res.returncode == 0, res.stdout + res.stderr
+    data = os.urandom(3 << 20)
+    (mnt / "secret").write_bytes(data)
+    st = cli("status", "--json")  # the mount's record says TLS
+    assert st.returncode == 0, st.stderr
+    assert [r["state"] for r in json.loads(st.stdout)["rows"]] == ["alive"] * 4
+    plain = cli("status", "--base-port", str(base), "--count", "4")
+    assert plain.returncode == 1 and "does it use --tls?" in plain.stdout + plain.stderr
+    assert mount_sh("-u", str(mnt)).returncode == 0
+    up = mount_sh("--data", args[1], str(mnt))  # the data directory remembers TLS
+    assert up.returncode == 0, up.stderr
+    assert (mnt / "secret").read_bytes() == data
+    data_dir = Path(args[1])
+    assert oct((data_dir / "0" / "tls.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((data_dir / "0" / "volume.key").stat().st_mode & 0o777) == "0o600"
+    assert mount_sh("-u", str(mnt)).returncode == 0
+
+
+def test_a_volume_from_before_keys_gets_one_from_mount_sh(local):
+    mnt, args, base = local
+    assert mount_sh(*args, str(mnt)).returncode == 0
+    (mnt / "kept").write_text("from before keys")
+    assert mount_sh("-u", str(mnt)).returncode == 0
+    data_dir = Path(args[1])
+    volume = json.loads((data_dir / "0" / "superblock.json").read_text())["volume"]
+    for i in range(4):  # as the previous version left them
+        (data_dir / str(i) / "volume.key").unlink()
+    Keyring().path_for(volume).unlink()
+    up = mount_sh(*args, str(mnt))
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"made a key for volume {volume}" in up.stdout
+    assert (mnt / "kept").read_text() == "from before keys"
+    assert mount_sh("-u", str(mnt)).returncode == 0
