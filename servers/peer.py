@@ -55,8 +55,16 @@ from mirrorfuse.wire.messages import (
 )
 
 from .fileserver import VirtualServer
-from .net import Answer, FrameServer, Refused, dispatch, in_background
-from .sharing import CONTROL_TYPES, Caller, NotShareable, Single, answer, open_checked
+from .net import Answer, FrameServer, Limits, Refused, ServerAuth, dispatch, in_background
+from .sharing import (
+    CONTROL_TYPES,
+    Caller,
+    NotShareable,
+    Single,
+    answer,
+    loopback_caller,
+    open_checked,
+)
 
 CACHE_EVERY = 5.0  # at most this often, a changed index is copied again
 LEAVE_WITHIN = 5.0  # seconds a stopping peer waits for the group to drop it
@@ -88,8 +96,13 @@ class PeerOptions:
 
 
 class PeerServer(FrameServer):
-    def __init__(self, peer: Peer) -> None:
-        super().__init__()
+    """A connection from another peer or a downloader; with ``auth``, it proves the group
+    key before any frame is read."""
+
+    def __init__(
+        self, peer: Peer, auth: ServerAuth | None = None, limits: Limits | None = None
+    ) -> None:
+        super().__init__(auth, limits)
         self.peer = peer
 
     def on_frame(self, frame: Frame) -> None:
@@ -108,8 +121,13 @@ class PeerServer(FrameServer):
         )
 
     def tcp_caller(self) -> Caller | None:
-        """Who asks over TCP: nobody, until connections prove the group key."""
-        return None
+        """Who asks over TCP: a connection that proved the group key, from a socket of
+        this machine whose owner the kernel names; None for any other."""
+        if not self.authenticated or self.transport is None:
+            return None
+        local = self.transport.get_extra_info("sockname")
+        remote = self.transport.get_extra_info("peername")
+        return loopback_caller(local[:2], remote[:2]) if local and remote else None
 
     def serve_file(
         self, req: FileInfo | FileRead, payload: bytes | bytearray, flags: int

@@ -43,7 +43,7 @@ from mirrorfuse.wire.messages import (
     encode_reply,
 )
 
-from .net import FrameServer, in_background
+from .net import FrameServer, Limits, in_background
 
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 CONTROL_TYPES = (Msg.PEER_SHARE, Msg.PEER_UNSHARE)
@@ -200,8 +200,8 @@ async def answer(server: FrameServer, frame: Frame, caller: Caller | None, act: 
 class ControlServer(FrameServer):
     """The control socket: share and unshare only, from the peer's own user or root."""
 
-    def __init__(self, act: Control) -> None:
-        super().__init__()
+    def __init__(self, act: Control, limits: Limits | None = None) -> None:
+        super().__init__(limits=limits)
         self.act = act
         self.caller: Caller | None = None
 

@@ -25,6 +25,7 @@ from mirrorfuse.index.keys import default_key_path, group_key
 from mirrorfuse.transfer.download import Download
 from mirrorfuse.transfer.sources import FileServerSource
 from mirrorfuse.wire.addresses import parse_address, parse_address_list
+from mirrorfuse.wire.auth import KeyLookup
 from mirrorfuse.wire.datagrams import FileEntry
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError
 from mirrorfuse.wire.messages import Outcome, PeerIndex, PeerShare, PeerUnshare
@@ -55,10 +56,13 @@ def client(args: argparse.Namespace) -> IndexClient:
 class Index:
     """What the commands ask: the group, or failing that a peer's cached index."""
 
-    def __init__(self, c: IndexClient, peers: list[str], say: Callable[[str], None]) -> None:
+    def __init__(
+        self, c: IndexClient, peers: list[str], say: Callable[[str], None], key: bytes
+    ) -> None:
         self.c = c
         self.peer_addrs = peers  # --peer, else the peers running on this machine
         self.say = say
+        self.keys: KeyLookup = lambda _: key  # peers take connections that prove it
         self.cached: tuple[dict[str, FileEntry], dict[str, str]] | None = None
 
     def local_peers(self) -> list[str]:
@@ -70,7 +74,7 @@ class Index:
         addrs = self.local_peers()
         for addr in addrs:
             try:
-                reply = await request_once(parse_address(addr), PeerIndex(), 30.0)
+                reply = await request_once(parse_address(addr), PeerIndex(), 30, keys=self.keys)
                 files = msgspec.msgpack.decode(reply.payload, type=dict[str, FileEntry])
             except (MirrorfsError, msgspec.DecodeError, msgspec.ValidationError, OSError):
                 continue
@@ -112,7 +116,7 @@ class Index:
             if not records:
                 try:
                     addr = parse_address(self.peer_addrs[0])
-                    return (await request_once(addr, req, 30.0)).body
+                    return (await request_once(addr, req, 30.0, keys=self.keys)).body
                 except ServerError as exc:
                     return Outcome(ok=False, error=exc.detail)
         if not records:
@@ -136,7 +140,7 @@ async def fetch(ix: Index, name: str, output: str) -> None:
     if not holders:
         raise UsageError(f"no known peer holds {name!r} now")
     ix.say(f"fetching {name} from {len(holders)} peer(s): {', '.join(holders)}")
-    sources = [FileServerSource(parse_address(a), name) for a in holders]
+    sources = [FileServerSource(parse_address(a), name, ix.keys) for a in holders]
     if await Download(list(sources), Path(output), 1.0, False, say=ix.say).run() != 0:
         raise UsageError(f"could not fetch {name}")
 
@@ -228,7 +232,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     async def go() -> None:
         c = client(args)
         try:
-            await run_command(Index(c, peers, print), words, args.output)
+            ix = Index(c, peers, print, group_key(args.key_file))
+            await run_command(ix, words, args.output)
         finally:
             c.close()
 
@@ -240,7 +245,7 @@ def cmd_index_shell(args: argparse.Namespace) -> int:
     peers = peer_list(args)
     with asyncio.Runner() as runner:
         c = client(args)
-        ix = Index(c, peers, lambda m: print(m, flush=True))
+        ix = Index(c, peers, lambda m: print(m, flush=True), group_key(args.key_file))
         print(f"index group {args.group}:{args.port}; {HELP}")
         try:
             while True:

@@ -1,7 +1,8 @@
 """mirrorfs-peer: share a directory through the index group (the daemon is servers/peer.py).
 
 This command wires the daemon to its collaborators: the index client, the
-call to another peer, and the record that lets local commands find it.
+call to another peer, the record that lets local commands find it, and the
+group's key, which every TCP connection to the peer proves (both ways).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import request_once
 from mirrorfuse.index.client import IndexClient
+from mirrorfuse.index.keys import default_key_path, group_key
 from mirrorfuse.wire.addresses import (
     DEFAULT_HOST,
     Address,
@@ -25,9 +28,11 @@ from mirrorfuse.wire.addresses import (
     parse_address_list,
     parse_port,
 )
+from mirrorfuse.wire.auth import ServerHandshake
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 from mirrorfuse.wire.messages import PeerIndex, PeerIndexReply
 from servers.files import atomic_write
+from servers.net import Limits
 from servers.peer import Peer, PeerOptions, PeerServer
 from servers.sharing import ControlServer, bind_control
 
@@ -52,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--id", default=f"{socket.gethostname()}-{os.getpid()}", help="peer name")
     p.add_argument("--replicas", help="host:port,... of the index replicas (unicast)")
     p.add_argument("--interval", type=float, default=3.0, help="seconds between heartbeats (3)")
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help=f"the index group's key (default {default_key_path()}); other peers and "
+        "downloaders prove it too",
+    )
     p.add_argument(
         "--peers",
         metavar="HOST:PORT,...",
@@ -88,8 +99,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def ask_peer(addr: str, req: PeerIndex) -> PeerIndexReply:
-    return (await request_once(parse_address(addr), req, 3.0)).body
+def peer_asker(key: bytes) -> Callable[[str, PeerIndex], Awaitable[PeerIndexReply]]:
+    """PEER_INDEX to another peer of the group, over a connection that proves its key."""
+
+    async def ask(addr: str, req: PeerIndex) -> PeerIndexReply:
+        return (await request_once(parse_address(addr), req, 3.0, keys=lambda _: key)).body
+
+    return ask
 
 
 def write_record(peer: Peer, index: str, control: Path) -> Path:
@@ -107,22 +123,29 @@ def write_record(peer: Peer, index: str, control: Path) -> Path:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    key = group_key(args.key_file)  # the group's datagrams and every TCP connection prove it
     # the client id gets a random part: this process is not taken for an earlier one
-    index = IndexClient(args.group, args.group_port, args.replica_list, client_id=f"peer-{args.id}")
+    index = IndexClient(
+        args.group, args.group_port, args.replica_list, client_id=f"peer-{args.id}", key=key
+    )
     # updates outlast a change of master; a query finds soon (0.75 s) that none answers
     index.timeout, index.tries = 1.0, 2
     opts = PeerOptions(args.id, Path(args.share), args.interval, args.peer_list)
-    peer = Peer(opts, index, ask_peer)
+    peer = Peer(opts, index, peer_asker(key))
     loop = asyncio.get_running_loop()
+    auth = lambda: ServerHandshake(key, None)  # noqa: E731
+    limits = Limits(max_payload=0)  # for all its connections; no request carries a payload
     try:
-        server = await loop.create_server(lambda: PeerServer(peer), args.host, args.port)
+        server = await loop.create_server(
+            lambda: PeerServer(peer, auth, limits), args.host, args.port
+        )
     except OSError as exc:
         raise MirrorfsError(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
     peer.addr = str(Address(args.host, server.sockets[0].getsockname()[1]))
     control_path = control_socket(peer.id)
     try:
         control = await loop.create_unix_server(
-            lambda: ControlServer(peer.control), sock=bind_control(control_path)
+            lambda: ControlServer(peer.control, limits), sock=bind_control(control_path)
         )
     except BaseException:
         server.close()

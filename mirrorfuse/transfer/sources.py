@@ -18,6 +18,7 @@ from mirrorfuse.client.connection import Connection, ServerDown
 from mirrorfuse.client.volume import Volume
 from mirrorfuse.core.scheduler import ALIVE, Segment
 from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.auth import KeyLookup
 from mirrorfuse.wire.errors import ServerError
 from mirrorfuse.wire.messages import Availability, FileInfo, FileRead, Read, Reply, Request
 
@@ -60,16 +61,19 @@ class Source(ABC):
 
 
 class FileServerSource(Source):
-    def __init__(self, address: Address, file: str | None = None) -> None:
+    def __init__(
+        self, address: Address, file: str | None = None, keys: KeyLookup | None = None
+    ) -> None:
         self.address = address
         self.file = file  # a peer serves many files: which one
+        self.keys = keys  # a peer's: the index group's key, proven before any request
         self.name = str(address)
         self._conn: Connection | None = None
 
     async def _c(self) -> Connection:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = await Connection.open(0, self.address, READ_TIMEOUT)
+                self._conn = await Connection.open(0, self.address, READ_TIMEOUT, keys=self.keys)
             except ServerDown as exc:
                 raise SourceFailed(exc.reason) from None
         return self._conn

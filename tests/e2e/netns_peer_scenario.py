@@ -16,6 +16,7 @@ from netns import setup_lo, start, stop, wait
 
 from mirrorfuse.client.connection import Connection
 from mirrorfuse.index.client import BlockingIndexClient as IndexClient
+from mirrorfuse.index.keys import group_key
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.errors import ServerError
 from mirrorfuse.wire.messages import FileRead
@@ -32,7 +33,8 @@ def peer(name: str, share: Path, interval: str = "0.5") -> tuple[subprocess.Pope
 
 async def escape(addr: str) -> str:
     host, _, port = addr.rpartition(":")
-    conn = await Connection.open(0, Address(host, int(port)), 2.0)
+    key = group_key()  # made by the first replica; a peer takes nothing without it
+    conn = await Connection.open(0, Address(host, int(port)), 2.0, keys=lambda _: key)
     try:
         await conn.call(FileRead(name="../../etc/passwd", offset=0, length=10))
         return "served"

@@ -1,12 +1,15 @@
-"""A peer run by root, attacked by user nobody: it never shares /etc/shadow, never publishes
-it to the index, never serves a file it does not share; root itself shares what it can read,
-and a shared file later swapped for a link to /etc/shadow stops being served."""
+"""A peer run by root, attacked by user nobody, without the group's key and with a copy of
+it: it never shares /etc/shadow, never publishes it to the index, never serves a file it
+does not share; root itself shares what it can read (through the control socket, and over
+TCP with the key), and a shared file later swapped for a link to /etc/shadow stops being
+served."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,7 @@ from netns import stop, wait
 
 from mirrorfuse.client.connection import Connection
 from mirrorfuse.index.client import BlockingIndexClient
+from mirrorfuse.index.keys import group_key
 from mirrorfuse.wire.addresses import Address, parse_address
 from mirrorfuse.wire.errors import ServerError
 from mirrorfuse.wire.messages import FileRead
@@ -27,6 +31,7 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 ATTACK = Path(__file__).with_name("peer_attack.py")
 AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+NOBODY = pwd.getpwnam("nobody").pw_uid
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None,
@@ -76,6 +81,7 @@ class Setup:
         self.addr = line.split(" on ")[1].split()[0]
         self.control = self.state / "peers" / "sec.sock"
         self.index = BlockingIndexClient("127.0.0.1", port, [Address("127.0.0.1", port)])
+        self.key = group_key()  # made by the replica where the tests keep keys
         assert wait(lambda: "plain.txt" in self.files(), 20)
 
     def start(self, cmd: list[str], marker: str) -> str:
@@ -97,7 +103,8 @@ class Setup:
         """FILE_READ as root, with everything root has: its first 9 bytes or the error code."""
 
         async def go() -> str:
-            conn = await Connection.open(0, parse_address(self.addr), 3.0)
+            keys = lambda _: self.key  # noqa: E731
+            conn = await Connection.open(0, parse_address(self.addr), 3.0, keys=keys)
             try:
                 reply = await conn.call(FileRead(name=name, offset=0, length=9))
                 return bytes(reply.payload).decode(errors="replace")
@@ -131,8 +138,8 @@ def setup(tmp_path):
     s.close()
 
 
-def attack(s: Setup) -> dict[str, str]:
-    cmd = [*AS_NOBODY, sys.executable, str(ATTACK), str(s.control), s.addr, "plain.txt"]
+def attack(s: Setup, key_file: str = "") -> dict[str, str]:
+    cmd = [*AS_NOBODY, sys.executable, str(ATTACK), str(s.control), s.addr, "plain.txt", key_file]
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)}
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env, cwd="/")
     assert res.returncode == 0, res.stderr
@@ -143,15 +150,24 @@ def test_nobody_cannot_make_a_root_peer_share_or_serve_shadow(setup: Setup):
     got = attack(setup)
     assert got["unix_share"].startswith("refused:"), got  # cannot even reach the socket
     assert got["unix_unshare"].startswith("refused:"), got
-    for key in ("tcp_share", "tcp_unshare"):
-        assert got[key] == "DENIED" or got[key].startswith("down:"), got
+    tcp = [v for k, v in got.items() if not k.startswith("unix")]
+    assert all(v.startswith("down:") for v in tcp), got  # no key: not one frame is read
+
+    # nobody with a copy of the key, as another member of the group holds it
+    copy = setup.state / "member.key"
+    copy.write_text(setup.key.hex() + "\n")
+    os.chmod(copy, 0o600)
+    os.chown(copy, NOBODY, -1)
+    os.chmod(setup.state, 0o711)
+    got = attack(setup, str(copy))
+    assert got["tcp_share"] == "DENIED" and got["tcp_unshare"] == "DENIED", got
     for name in ("shadow", "/etc/shadow", "../../../../etc/shadow"):
-        result = got[f"read {name}"]
-        assert result == "NOT_FOUND" or result.startswith("down:"), got
-    assert got["info /etc/shadow"] == "NOT_FOUND" or got["info /etc/shadow"].startswith("down:")
+        assert got[f"read {name}"] == "NOT_FOUND", got
+    assert got["info /etc/shadow"] == "NOT_FOUND", got
+    assert got["read plain.txt"].endswith("b'shared on'"), got  # what the peer advertises
 
     # the socket's directory opened up by mistake: the peer still asks the kernel who calls
-    for p, mode in ((setup.state, 0o711), (setup.control.parent, 0o711), (setup.control, 0o666)):
+    for p, mode in ((setup.control.parent, 0o711), (setup.control, 0o666)):
         os.chmod(p, mode)
     got = attack(setup)
     assert got["unix_share"].startswith("denied:") and "only from uid 0" in got["unix_share"]
@@ -178,6 +194,13 @@ def test_root_shares_what_it_can_read_until_it_is_swapped_for_a_link(setup: Setu
     res = setup.cli("fetch", "root-only.bin", "-o", str(tmp_path / "got.bin"))
     assert res.returncode == 0, res.stdout + res.stderr
     assert sha(tmp_path / "got.bin") == sha(secret)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"asked over TCP")
+    port = setup.addr.rpartition(":")[2]  # not the address in its record: over TCP, with the key
+    res = setup.cli("share", str(other), "--name", "other.bin", "--peer", f"localhost:{port}")
+    assert res.returncode == 0 and "other.bin" in setup.files(), res.stderr
+    res = setup.cli("unshare", "other.bin", "--peer", f"localhost:{port}")
+    assert res.returncode == 0 and "other.bin" not in setup.files(), res.stderr
 
     secret.unlink()
     secret.symlink_to("/etc/shadow")  # the shared path now leads somewhere else

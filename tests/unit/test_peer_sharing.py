@@ -13,7 +13,10 @@ from typing import Any
 import pytest
 from test_peer_daemon import Group, nobody
 
+from mirrorfuse.client.connection import ServerDown, request_once
 from mirrorfuse.tools.peerctl import ask_control
+from mirrorfuse.wire.addresses import Address
+from mirrorfuse.wire.auth import ServerHandshake, new_key
 from mirrorfuse.wire.messages import FileRead, Outcome, PeerShare, PeerUnshare
 from servers.net import Refused
 from servers.peer import Peer, PeerOptions, PeerServer
@@ -201,4 +204,30 @@ def test_links_in_the_shared_directory_are_not_served(tmp_path: Path):
     assert sorted(peer.files) == ["plain.txt"]
     advertised = [a["name"] for op, a in group.requests if op == "advertise"]
     assert advertised == ["plain.txt"]
+    close_all(peer)
+
+
+def test_over_tcp_share_needs_the_group_key_and_this_machine_s_owner(tmp_path: Path):
+    peer, _ = make_peer(tmp_path)
+    key = new_key()
+    mine = tmp_path / "mine.txt"
+    mine.write_bytes(b"mine!")
+    share = PeerShare(path=str(mine), name="mine.txt")
+
+    async def go() -> Outcome:
+        server = await asyncio.get_running_loop().create_server(
+            lambda: PeerServer(peer, lambda: ServerHandshake(key, None)), "127.0.0.1", 0
+        )
+        addr = Address("127.0.0.1", server.sockets[0].getsockname()[1])
+        try:
+            with pytest.raises(ServerDown):  # no key: not one frame is read
+                await request_once(addr, share, 5)
+            with pytest.raises(ServerDown):
+                await request_once(addr, share, 5, keys=lambda _: new_key())
+            return (await request_once(addr, share, 5, keys=lambda _: key)).body
+        finally:
+            server.close()
+
+    assert asyncio.run(go()) == Outcome(ok=True)  # this process: root or the peer's user
+    assert read(peer, "mine.txt") == b"mine!"
     close_all(peer)
