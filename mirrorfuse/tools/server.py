@@ -60,11 +60,16 @@ async def serve(args: argparse.Namespace, store: Store) -> int:
         loop.add_signal_handler(sig, stop.set)
     sb = store.superblock
     state = f"volume {sb.volume}" if sb else "unformatted"
-    print(
+    line = (
         f"{PROG} {args.id} listening on {args.host}:{args.port} "
-        f"(pid {os.getpid()}, data {args.data}, {state})",
-        flush=True,
+        f"(pid {os.getpid()}, data {args.data}, {state})"
     )
+    print(line, flush=True)
+    if not os.isatty(sys.stdout.fileno()):
+        # whoever started it may stop reading once it is up (mount.sh does): the rest
+        # goes where the errors go, its log, never into a closed pipe
+        print(line, file=sys.stderr, flush=True)
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     await stop.wait()
     listener.close()
     store.close()

@@ -66,6 +66,9 @@ def test_mount_status_twice_and_unmount(local):
     down = mount_sh("-u", str(mnt))
     assert down.returncode == 0 and "stopped 4 servers" in down.stdout, down.stderr
     assert wait_for(lambda: not any(alive(p) for p in pids), 20)
+    logs = [(Path(args[1]) / f"server{i}.log").read_text() for i in range(4)]
+    for text in logs:  # each says it started and stopped, and nothing went wrong on the way
+        assert "listening on" in text and "stopped" in text and "Traceback" not in text, text
     up = mount_sh(*args, str(mnt))  # the same data comes back
     assert up.returncode == 0, up.stderr
     assert (mnt / "hello").read_text() == "hi"
