@@ -162,6 +162,7 @@ class Replica:
         self.last_tick = now
         self.asked: tuple[int, float] | None = None  # the last order asked for, and when
         self.named: int | None = None  # the master this replica's last heartbeat named
+        self.unfilled: float | None = None  # since when no live replica can fill the gap
 
     # -- who is who ------------------------------------------------------------------------
 
@@ -300,6 +301,20 @@ class Replica:
             out += self._order_unordered(now)
         return out
 
+    def _forget_unfillable(self, now: float) -> None:
+        """Orders held past a gap that no live replica has shown it can fill, for SILENCE:
+        numbered by a master that died before anyone else had them (or not by this group
+        at all). Kept, they would have this replica ask forever and, as master, never
+        order again; their requests are still waiting here and are ordered anew."""
+        first = self.state.seq + 1
+        if not self.ahead or any(m.seq >= first for m in self.live(now).values()):
+            self.unfilled = None
+        elif self.unfilled is None:
+            self.unfilled = now
+        elif now - self.unfilled > SILENCE:
+            self.ahead.clear()
+            self.unfilled = self.asked = None
+
     def _diverged(self, now: float) -> list[Any]:
         """This replica's history is not the master's: start again from nothing."""
         self.resets += 1
@@ -364,6 +379,7 @@ class Replica:
         self.last_tick = now
         for r in [r for r, m in self.members.items() if now - m.heard > FORGET]:
             del self.members[r]
+        self._forget_unfillable(now)
         out = self._check_ready(now) or [self._heartbeat(now)]
         if self.known_seq(now) > self.state.seq:
             out += self._ask(now)

@@ -402,3 +402,25 @@ def test_a_replica_restarted_with_an_order_nobody_else_got_starts_again_from_scr
     lan.tick(4.0)
     assert r0.resets == 1 and "private" not in r0.state.files
     assert len(lan.digests()) == 1 and r0.state.seq == 4 and r0.ready
+
+
+def test_an_order_past_a_gap_that_no_live_replica_can_fill_does_not_stop_the_group():
+    """The master died after numbering two orders; the first reached nobody, the second
+    one replica (or: a stray order, sealed with the key, numbered by no one alive). The
+    orders held past the gap are forgotten once no live replica can fill it, and the new
+    master orders the waiting requests anew instead of asking for ever."""
+    lan = Lan(3)
+    lan.request(reg("c", 1, "p"))
+    lost, held = adv("c", 2, "p", "lost"), adv("c", 3, "p", "held")
+    lan.kill(0)
+    for r in lan.replicas.values():  # the requests reached every replica, the orders did not
+        r.on_request(lost, lan.now)
+        r.on_request(held, lan.now)
+    lan.replicas[1].on_order(Order(3, 0, held, lan.now), lan.now)  # only the second, to one
+    assert 3 in lan.replicas[1].ahead
+    lan.tick(8.0)
+    lan.request(adv("c", 4, "p", "after"))
+    assert len(lan.digests()) == 1
+    state = lan.replicas[1].state
+    assert {"lost", "held", "after"} <= set(state.files) and lan.replicas[1].ahead == {}
+    assert lan.replicas[1].is_master(lan.now)
