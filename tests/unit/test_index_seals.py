@@ -5,8 +5,10 @@ stamps, counters seen once), snapshots checked before they are adopted, and a da
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import math
+import multiprocessing as mp
 import secrets
 import time
 from pathlib import Path
@@ -379,6 +381,15 @@ def test_the_group_key_is_made_once_with_mode_0600(tmp_path: Path):
     assert path.stat().st_mode & 0o777 == 0o600
     assert (path.parent.stat().st_mode & 0o777) == 0o700
     assert create_group_key(path) == (path, key, False)  # never replaced
+    assert sorted(p.name for p in path.parent.iterdir()) == ["index.key"]
+
+
+def test_replicas_that_start_at_once_make_one_key(tmp_path: Path):
+    path = tmp_path / "keys" / "index.key"
+    with concurrent.futures.ProcessPoolExecutor(6, mp_context=mp.get_context("fork")) as pool:
+        made = list(pool.map(create_group_key, [path] * 12))
+    assert len({key for _, key, _ in made}) == 1 and sum(m for _, _, m in made) == 1
+    assert group_key(path) == made[0][1]
     assert sorted(p.name for p in path.parent.iterdir()) == ["index.key"]
 
 
