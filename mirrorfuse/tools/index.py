@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None) -> tuple[Options, Path | None]:
     p.add_argument(
         "--key-file",
         type=Path,
+        metavar="FILE",
         help=f"the group's key (default {default_key_path()}); made if it does not exist",
     )
     p.add_argument(
