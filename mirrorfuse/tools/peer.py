@@ -125,8 +125,15 @@ def write_record(peer: Peer, index: str, control: Path) -> Path:
 async def serve(args: argparse.Namespace) -> int:
     key = group_key(args.key_file)  # the group's datagrams and every TCP connection prove it
     # the client id gets a random part: this process is not taken for an earlier one
+    # the group is joined on the interface the peer listens on (a replica does the same)
+    interface = None if args.host in ("", "0.0.0.0", "::") else args.host
     index = IndexClient(
-        args.group, args.group_port, args.replica_list, client_id=f"peer-{args.id}", key=key
+        args.group,
+        args.group_port,
+        args.replica_list,
+        client_id=f"peer-{args.id}",
+        key=key,
+        interface=interface,
     )
     # updates outlast a change of master; a query finds soon (0.75 s) that none answers
     index.timeout, index.tries = 1.0, 2

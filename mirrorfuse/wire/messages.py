@@ -426,7 +426,7 @@ def decode(kind: type[R], raw: bytes) -> R:
         dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
     try:
         result: R = dec.decode(raw)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise BadMessage(str(exc)) from None
     return result
 

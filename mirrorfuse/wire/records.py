@@ -181,11 +181,11 @@ def encode_batch(encoded: Sequence[bytes]) -> bytes:
 def _versioned(raw: bytes, what: str, expected: int) -> list[msgspec.Raw]:
     try:
         parts = _outer.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise RecordError(f"the {what} is damaged ({exc})") from None
     try:
         version = _format.decode(parts[0]) if parts else None
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
         version = None
     if version is None:
         raise RecordError(f"the {what} carries no format number (written by an older mirrorfs?)")
@@ -203,7 +203,7 @@ def decode_batch(raw: bytes) -> list[AnyRecord]:
         raise RecordError("the journal batch is damaged (not [format, records])")
     try:
         return _records.decode(parts[1])
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise RecordError(f"a journal record is damaged or unknown ({exc})") from None
 
 
@@ -215,7 +215,7 @@ def decode_checkpoint(raw: bytes) -> Checkpoint:
     _versioned(raw, "checkpoint", CHECKPOINT_FORMAT)
     try:
         return _checkpoint.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise RecordError(f"the checkpoint is damaged ({exc})") from None
 
 

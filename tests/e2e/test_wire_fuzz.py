@@ -217,3 +217,12 @@ def test_changes_without_the_current_epoch_are_fenced(cluster4):
     with BlockingVolume(cluster4.spec) as vol:
         assert vol.read(0, csum) == b"kept"
         assert list(vol.volume.states) == ["alive"] * 4
+
+
+def test_text_that_is_not_utf8_is_a_bad_request_and_the_connection_goes_on(cluster4):
+    bad_text = b"\x81\xa6volume\xa1\xff"  # {"volume": <one byte that is not UTF-8>}
+    blob = HEADER.pack(MAGIC, VERSION, Msg.HELLO, 1, 0, len(bad_text), 0) + bad_text
+    blob += b"".join(encode(Msg.STAT, 2))
+    replies = {f.req_id: f for f in exchange(cluster4.base, blob, cluster4.key())}
+    assert body(replies[1])["code"] == "BAD_REQUEST"
+    assert not replies[2].is_error and body(replies[2])["server"] == 0
