@@ -110,24 +110,28 @@ def test_the_budget_holds_a_payload_back_until_another_is_done() -> None:
         server, addr = await serve(limits, key=None)
         loop = asyncio.get_running_loop()
         socks = []
+        sending = []  # a held connection is not read: its sender waits, in the background
         try:
             Echo.kept.clear()
             for _ in range(3):  # each a 600 KiB payload: one fits the budget at a time
                 s = socket.create_connection((addr.host, addr.port))
                 s.setblocking(False)
-                await loop.sock_sendall(s, b"".join(encode(Msg.TRIM, 1, {}, bytes(600 << 10))))
+                frame = b"".join(encode(Msg.TRIM, 1, {}, bytes(600 << 10)))
+                sending.append(asyncio.ensure_future(loop.sock_sendall(s, frame)))
                 socks.append(s)
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)
             first = len(Echo.kept)
             held = limits.in_flight
             conn, frame = Echo.kept.pop(0)
             limits.release(frame.held)  # done with it: the next one comes in
-            await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)
             return first, held, len(Echo.kept)
         finally:
+            for task in sending:
+                task.cancel()
             for s in socks:
                 s.close()
             server.close()
 
-    first, held, after = run_async(go())
+    first, held, after = run_async(asyncio.wait_for(go(), 30))
     assert first == 1 and held <= 1 << 20 and after == 1
