@@ -123,8 +123,13 @@ class Limits:
         if not n:
             return
         self.in_flight -= n
-        while self.waiting and self.in_flight < self.budget:
-            self.waiting.popleft().retry()
+        for _ in range(len(self.waiting)):  # each waiter once: one that still does not fit
+            if self.in_flight >= self.budget:  # goes to the back and waits for the next
+                break
+            conn = self.waiting.popleft()
+            conn.retry()
+            if conn.decoder.blocked:
+                break
 
 
 LINGER = 2.0  # seconds a refused connection stays, its input dropped, before it closes
