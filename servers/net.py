@@ -281,7 +281,10 @@ class FrameServer(asyncio.BufferedProtocol):
         asyncio.get_running_loop().call_later(LINGER, t.close)
 
     def send(self, out: Out) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        """Frames to the peer; none once it was refused (a reply made meanwhile, in the
+        background or the in-order queue, is dropped: writing after the refusal's end
+        of stream would raise in whoever made it)."""
+        if self.transport is not None and not self.transport.is_closing() and not self._refused:
             self.transport.writelines(out)
 
     def peer_host(self) -> str:

@@ -283,6 +283,8 @@ class Peer:
             return Outcome(ok=False, error=f"{name!r} is not a name to share under")
         if not path.is_absolute():
             return Outcome(ok=False, error=f"{path} is not an absolute path")
+        if "\0" in str(path):  # os.open raises ValueError, not OSError, for these
+            return Outcome(ok=False, error=f"{str(path)!r} holds a null byte")
         if name in self.files or name in self.extra:
             return Outcome(ok=False, error=f"this peer already shares {name!r}")
         async with self.changing:
