@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -244,18 +245,22 @@ def cli_commands_with(option: str) -> list[str]:
     return sorted(name for name, p in sub.choices.items() if option in p._option_string_actions)
 
 
-@pytest.mark.parametrize("value", ["nan", "-1", "inf", "0"])
 @pytest.mark.parametrize(
     "command",
     [[CLI, c] for c in cli_commands_with("--timeout")] + [[MOUNT, "/nonexistent"]],
     ids=lambda command: f"{Path(command[0]).name} {command[1]}",
 )
-def test_timeouts_are_positive_finite_seconds(command, value):
-    res = run([*command, "--timeout", value], stdin=subprocess.DEVNULL)
-    assert res.returncode == 2, res.stdout
-    assert "Traceback" not in res.stderr, res.stderr
-    assert f"error: argument --timeout: {value!r} is not a " in res.stderr, res.stderr
-    assert "number of seconds" in res.stderr.splitlines()[-1]
+def test_timeouts_are_positive_finite_seconds(command):
+    values = ["nan", "-1", "inf", "0"]
+    with ThreadPoolExecutor(len(values)) as pool:  # four processes at once: each is a start-up
+        results = pool.map(
+            lambda v: run([*command, "--timeout", v], stdin=subprocess.DEVNULL), values
+        )
+    for value, res in zip(values, results, strict=True):
+        assert res.returncode == 2, res.stdout
+        assert "Traceback" not in res.stderr, res.stderr
+        assert f"error: argument --timeout: {value!r} is not a " in res.stderr, res.stderr
+        assert "number of seconds" in res.stderr.splitlines()[-1]
 
 
 def test_every_timeout_was_checked():

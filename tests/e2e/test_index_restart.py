@@ -11,6 +11,10 @@ from netns_restart_scenario import RESTARTS
 
 SCENARIO = Path(__file__).with_name("netns_restart_scenario.py")
 
+# 35 s of kills and restarts: in the long suite (the group's logic is checked by the
+# simulated runs of tests/unit/test_group_sim.py in the default one)
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def outcome():
