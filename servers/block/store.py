@@ -102,6 +102,7 @@ class Store:
         self.meta: Meta | None = None
         self.key: bytes | None = None  # the volume's: every connection must prove it
         self._open(volume)
+        self.pinned = key is not None  # given with --key-file: a format may not change it
         if key is not None:
             self.adopt_key(key)
         if self.superblock is not None and self.key is None:
@@ -229,6 +230,11 @@ class Store:
         ``key`` (None: keep the one it has)."""
         if key is None and self.key is None:
             raise StoreError("a format must give a server without a key its volume's key")
+        if self.pinned and key is not None and key != self.key:
+            raise StoreError(
+                f"server {self.server_id} was started with --key-file: format with "
+                "--key-file naming the same key"
+            )
         self._close_files()
         for name in (
             "slots.dat",
