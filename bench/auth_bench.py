@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from volume_bench import write_then_read  # noqa: E402  (bench/ is this script's folder)
+
 from mirrorfuse.client.blocking import BlockingVolume, run_async  # noqa: E402
 from mirrorfuse.client.connection import Connection  # noqa: E402
 from mirrorfuse.client.keys import Keyring, client_tls  # noqa: E402
@@ -102,22 +104,13 @@ def throughput(spec: ClusterSpec, total: int) -> tuple[float, float]:
     """Write then read ``total`` bytes in 1 MiB blocks: bytes per second of each."""
     pool = os.urandom(64 << 20)  # blocks cut from it: no RNG cost in the timing
     blocks = total // BLOCK
+
+    def block(b: int) -> bytes:
+        off = (b * BLOCK) % (len(pool) - BLOCK + 1)
+        return pool[off : off + BLOCK]
+
     with BlockingVolume(spec, TIMEOUT, writer="bench") as vol:
-        os.sync()
-        t0 = time.perf_counter()
-        for start in range(0, blocks, BATCH):
-            items = []
-            for b in range(start, min(start + BATCH, blocks)):
-                off = (b * BLOCK) % (len(pool) - BLOCK + 1)
-                items.append((b, pool[off : off + BLOCK]))
-            vol.write_many(items)
-        write = total / (time.perf_counter() - t0)
-        os.sync()
-        t0 = time.perf_counter()
-        for start in range(0, blocks, BATCH):
-            vol.read_many(range(start, min(start + BATCH, blocks)))
-        read = total / (time.perf_counter() - t0)
-    return write, read
+        return write_then_read(vol, blocks, BATCH, block)
 
 
 def measure(root: Path, tls: bool, conns: int, total: int) -> Results:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -58,6 +59,27 @@ def baseline(root: Path, total: int, block: int) -> tuple[float, float]:
     return write, read
 
 
+def write_then_read(
+    vol: BlockingVolume, blocks: int, batch: int, data_of: Callable[[int], bytes]
+) -> tuple[float, float]:
+    """Write blocks 0..blocks-1 (``data_of`` each, in order), then read them back, in
+    batches: bytes per second of each, every dirty page flushed before each is timed."""
+    total = 0
+    os.sync()
+    t0 = time.perf_counter()
+    for start in range(0, blocks, batch):
+        items = [(b, data_of(b)) for b in range(start, min(start + batch, blocks))]
+        total += sum(len(d) for _, d in items)
+        vol.write_many(items)
+    write = total / (time.perf_counter() - t0)
+    os.sync()
+    t0 = time.perf_counter()
+    for start in range(0, blocks, batch):
+        vol.read_many(range(start, min(start + batch, blocks)))
+    read = total / (time.perf_counter() - t0)
+    return write, read
+
+
 def volume_run(root: Path, servers: int, total: int, block: int, batch: int) -> tuple[float, float]:
     cluster = LocalCluster(root / f"c{servers}", servers)
     try:
@@ -67,20 +89,8 @@ def volume_run(root: Path, servers: int, total: int, block: int, batch: int) -> 
             capture_output=True,
         )
         with BlockingVolume(cluster.spec, writer="bench") as vol:
-            blocks = total // block
             gen = pattern(total, block)
-            os.sync()
-            t0 = time.perf_counter()
-            for start in range(0, blocks, batch):
-                items = [(b, next(gen)) for b in range(start, min(start + batch, blocks))]
-                vol.write_many(items)
-            write = total / (time.perf_counter() - t0)
-            os.sync()
-            t0 = time.perf_counter()
-            for start in range(0, blocks, batch):
-                vol.read_many(range(start, min(start + batch, blocks)))
-            read = total / (time.perf_counter() - t0)
-        return write, read
+            return write_then_read(vol, total // block, batch, lambda _b: next(gen))
     finally:
         cluster.close()
         shutil.rmtree(cluster.root, ignore_errors=True)
