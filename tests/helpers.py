@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from mirrorfuse.tools.admin import format_volume
 from mirrorfuse.tools.spawn import LocalCluster, ServerProc, free_base_port
-from mirrorfuse.wire.auth import KEY_NAME
+from mirrorfuse.wire.auth import KEY_NAME, REPLY_SIZE, ClientHandshake
 from mirrorfuse.wire.sizes import parse_size
 from servers.files import read_key
 
@@ -50,6 +51,18 @@ def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProce
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return run([CLI, *args], timeout=timeout)
+
+
+def prove(s: socket.socket, key: bytes) -> None:
+    """The client's side of the key handshake, by hand on a plain socket."""
+    hs = ClientHandshake(lambda _v: key)
+    s.sendall(hs.hello())
+    reply = b""
+    while len(reply) < REPLY_SIZE:
+        chunk = s.recv(REPLY_SIZE - len(reply))
+        assert chunk, "the daemon hung up during the handshake"
+        reply += chunk
+    s.sendall(hs.receive(reply))
 
 
 class Cluster(LocalCluster):

@@ -7,6 +7,7 @@ import socket
 
 import msgpack
 import xxhash
+from helpers import prove
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,18 +67,6 @@ bad_bodies = st.builds(
     st.one_of(st.binary(max_size=40), st.just(msgpack.packb([1, 2]))),
 )
 garbage = st.one_of(st.binary(max_size=300), well_framed, bad_headers, bad_bodies)
-
-
-def prove(s: socket.socket, key: bytes) -> None:
-    """The client's side of the key handshake, by hand on a plain socket."""
-    hs = ClientHandshake(lambda _v: key)
-    s.sendall(hs.hello())
-    reply = b""
-    while len(reply) < REPLY_SIZE:
-        chunk = s.recv(REPLY_SIZE - len(reply))
-        assert chunk, "the server hung up during the handshake"
-        reply += chunk
-    s.sendall(hs.receive(reply))
 
 
 def exchange(port: int, blob: bytes, key: bytes | None = None) -> list:

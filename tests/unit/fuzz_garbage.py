@@ -19,6 +19,7 @@ from fuzz_daemons import (
     WAIT,
     Daemons,
 )
+from helpers import prove
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
@@ -26,7 +27,6 @@ from mirrorfuse.wire.auth import MAGIC as AUTH_MAGIC
 from mirrorfuse.wire.auth import (
     PROOF_SIZE,
     REPLY_SIZE,
-    ClientHandshake,
 )
 from mirrorfuse.wire.frames import HEADER, MAGIC, VERSION, Flag, Frame, FrameDecoder, Msg
 
@@ -233,18 +233,6 @@ def connect(port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms for a delayed ack
     return s
-
-
-def prove(s: socket.socket, key: bytes) -> None:
-    """The client's side of the key handshake, by hand on a plain socket."""
-    hs = ClientHandshake(lambda _v: key)
-    s.sendall(hs.hello())
-    reply = b""
-    while len(reply) < REPLY_SIZE:
-        chunk = s.recv(REPLY_SIZE - len(reply))
-        assert chunk, "the daemon hung up during the handshake"
-        reply += chunk
-    s.sendall(hs.receive(reply))
 
 
 def exchange(port: int, blob: bytes, key: bytes | None = None) -> tuple[bytes, list[Frame]]:
