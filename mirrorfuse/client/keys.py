@@ -9,6 +9,7 @@ else ``~/.config/mirrorfs/keys``.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import ssl
@@ -72,9 +73,11 @@ class Keyring:
         return key
 
 
+@functools.cache
 def client_tls() -> ssl.SSLContext:
     """TLS for privacy only: who the server is, the key handshake proves (bound to the
-    certificate it showed), so no certificate authority is needed."""
+    certificate it showed), so no certificate authority is needed. One for the process:
+    every connection shares it."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

@@ -107,7 +107,7 @@ class ServerHandshake:
     def receive(self, data: bytes) -> bytes:
         self._buf += data
         out = b""
-        if not self._client_nonce and not self._buf[: len(MAGIC)] == MAGIC[: len(self._buf)]:
+        if not self._client_nonce and self._buf[: len(MAGIC)] != MAGIC[: len(self._buf)]:
             # said at once: an old client's first frame may be shorter than a hello
             raise AuthError("not a mirrorfs client of this version (no key handshake)")
         if not self._client_nonce and len(self._buf) >= HELLO_SIZE:

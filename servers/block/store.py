@@ -169,15 +169,13 @@ class Store:
 
     def adopt_key(self, key: bytes) -> None:
         """Keep ``key`` (--key-file) in the directory: a directory with another is refused."""
-        path = self.path / KEY_NAME
-        try:
-            held = read_key(path) if path.exists() else None
-        except KeyFileError as exc:
-            raise StoreError(str(exc)) from None
-        if held is not None and held != key:
-            raise StoreError(f"{path} holds another key than the one given with --key-file")
-        if held is None:
-            write_key(path, key)
+        self._load_key()
+        if self.key is not None and self.key != key:
+            raise StoreError(
+                f"{self.path / KEY_NAME} holds another key than the one given with --key-file"
+            )
+        if self.key is None:
+            write_key(self.path / KEY_NAME, key)
         self.key = key
 
     def _lock(self) -> None:
