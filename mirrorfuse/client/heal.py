@@ -96,6 +96,7 @@ async def _claim(vol: Volume, target: int, full: bool, healer: str) -> tuple[Ide
                 block_size=vol.block_size,
                 force=info.formatted,
                 key=None if conn.keyed else vol.cluster.keys(vol.volume_id),
+                chunk=vol.chunk,  # the volume's checksum scheme, whatever a new one gets
             )
             info = (await conn.call(req)).body
         await conn.call(HealBegin(healer=healer))

@@ -4,7 +4,8 @@ This is the client's public API to a volume. It stands on two parts with one
 job each: ``Cluster`` (the connections) and ``FailureTable`` (which replicas
 may be read and written). Writes go to every writable replica of a block's
 pair at once; reads alternate between the live ones, and a copy whose
-checksum is wrong is read from the mirror and rewritten (read repair).
+checksum is wrong is read from the mirror and rewritten (read repair). A byte
+range moves and checks only the chunks it touches (``wire.checksums``).
 """
 
 from __future__ import annotations
@@ -16,12 +17,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-import xxhash
-
 from mirrorfuse.core import failures
 from mirrorfuse.core.failures import Event
 from mirrorfuse.core.layout import Layout
 from mirrorfuse.wire.addresses import ClusterSpec
+from mirrorfuse.wire.checksums import WHOLE, Checked, block_checksum, check_read
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, VolumeIOError
 from mirrorfuse.wire.frames import Flag
 from mirrorfuse.wire.messages import (
@@ -38,6 +38,7 @@ from mirrorfuse.wire.messages import (
     Write,
 )
 
+from .batches import bounded
 from .cluster import Cluster
 from .connection import KeyRefused, ServerDown
 from .retry import TryAgain, retry
@@ -50,17 +51,15 @@ DEFAULT_TIMEOUT = 3.0
 DEFAULT_CONCURRENCY = 64
 
 
-def checksum(data: bytes | bytearray | memoryview) -> int:
-    return xxhash.xxh3_64_intdigest(data)
-
-
 @dataclass
 class ClientStats:
-    """What this client saw, per server: reads served to it, bad copies found."""
+    """What this client saw, per server: reads served to it, bad copies found, block bytes
+    received for reads."""
 
     reads: list[int] = field(default_factory=list)
     bad: list[int] = field(default_factory=list)
     repaired: list[int] = field(default_factory=list)
+    received: list[int] = field(default_factory=list)
 
 
 class Volume:
@@ -71,11 +70,12 @@ class Volume:
         self.timeout = timeout
         self.layout = Layout(spec.count)
         self.block_size = 0
+        self.chunk = WHOLE  # the volume's checksum scheme (learned at open): wire.checksums
         self.cluster = Cluster(spec, timeout)
         self.table = FailureTable(self.cluster)
         self.cluster.on_gen = self.table.saw_gen
         self.cluster.check = self.table.misfit
-        self.stats = ClientStats([0] * spec.count, [0] * spec.count, [0] * spec.count)
+        self.stats = ClientStats(*([0] * spec.count for _ in range(4)))
         self._rr = [0] * self.layout.pairs
 
     # -- the parts, as callers use them -------------------------------------------------
@@ -99,6 +99,10 @@ class Volume:
     @on_failure.setter
     def on_failure(self, callback: Callable[[int, str], None] | None) -> None:
         self.table.on_failure = callback
+
+    def checksum(self, data: bytes | bytearray | memoryview) -> int:
+        """A block's checksum in this volume's scheme (what the block map holds)."""
+        return block_checksum(data, self.chunk)
 
     def readable(self, pair: int) -> list[int]:
         return self.table.readable(pair)
@@ -182,6 +186,7 @@ class Volume:
                     f"the volume has {s.count} servers but {self.spec.count} were named"
                 )
         self.block_size = int(newest.block_size or 0)
+        self.chunk = newest.chunk
         self.table.adopt(newest.table)
         await self._check_directories(formatted)
         for i in sorted(stats.keys() - formatted.keys()):
@@ -207,6 +212,8 @@ class Volume:
                 continue
             gen = st.table.gen if st.table else 0
             why = failures.misfit(table, s, st.ident, gen + 1)
+            if st.chunk != self.chunk:
+                why = f"formatted with another checksum scheme (chunk {st.chunk})"
             if why:
                 await self.table.stale(s, why)
                 continue
@@ -262,12 +269,11 @@ class Volume:
         (whatever their own copy of the table says)."""
         return Flag.DEGRADED if len(targets) < 2 else 0
 
-    def stamp(self) -> dict[str, Any]:
-        return self._stamp()
-
     def _stamp(self) -> dict[str, Any]:
         """The table generation and mount epoch that fence stale writers."""
         return {"gen": self.gen, "epoch": self.table.epoch}
+
+    stamp = _stamp
 
     # -- blocks -----------------------------------------------------------------------------
 
@@ -276,7 +282,7 @@ class Volume:
         if len(data) > self.block_size:
             raise ValueError(f"{len(data)} bytes exceed the block size {self.block_size}")
         pair, slot, _ = self.layout.place(block)
-        csum = checksum(data)
+        csum = self.checksum(data)
 
         async def attempt() -> int:
             targets = self.writable(pair)
@@ -299,7 +305,7 @@ class Volume:
         Raises ServerDown or ServerError as they come; the caller decides to
         ``fail`` the server. Returns the block's checksum.
         """
-        csum = checksum(data)
+        csum = self.checksum(data)
         req = Write(slot=self.layout.slot_of(block), checksum=csum, **self._stamp())
         await self.call(
             server, req, data, self._degraded(self.writable(self.layout.pair_of(block)))
@@ -335,7 +341,27 @@ class Volume:
         server stored) is bad: the mirror serves the read and the bad copy is
         rewritten from it. A block never written reads as b"".
         """
+        return await self._read(block, expected)
+
+    async def read_range(self, block: int, expected: int | None, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of a block (fewer where it ends), read as by
+        ``read_from`` (failover, read repair) but moving only the chunks they touch and the
+        block's sums, checked end to end. Whole-block checksums: the block, sliced."""
+        if offset < 0 or length < 0:
+            raise ValueError(f"bad range: offset {offset}, length {length}")
+        length = min(length, self.block_size - offset)
+        if length <= 0:
+            return b""
+        if self.chunk == WHOLE:
+            return (await self.read(block, expected))[offset : offset + length]
+        return (await self._read(block, expected, (offset, length)))[0]
+
+    async def _read(
+        self, block: int, expected: int | None, want: tuple[int, int] | None = None
+    ) -> tuple[bytes, int]:
+        """A block, or the bytes ``want`` = (offset, length) of it, and who served them."""
         pair, slot, _ = self.layout.place(block)
+        req = Read(slot=slot) if want is None else Read(slot=slot, offset=want[0], length=want[1])
         tried: set[int] = set()
         bad: list[int] = []
         while True:
@@ -346,24 +372,41 @@ class Volume:
                 raise VolumeIOError(f"mirror pair {pair} has no live server")
             tried.add(server)
             try:
-                reply = await self.call(server, Read(slot=slot))
+                reply = await self.call(server, req)
             except (ServerDown, ServerError) as exc:
                 await self.handle_error(server, exc)
                 if self.states[server] == State.ALIVE and server not in bad:
                     tried.discard(server)  # the last copy, not given up on yet: again
                 continue
-            data = bytes(reply.payload)
-            actual = checksum(data)
-            stored = actual if reply.body.absent else reply.body.checksum
-            want = stored if expected is None else expected
-            if actual != want or stored != actual:
+            good = check_read(reply.body, reply.payload, expected, self.chunk, want)
+            if good is None:
                 self.stats.bad[server] += 1
                 bad.append(server)
                 continue
             self.stats.reads[server] += 1
-            for b in bad:
-                await self.repair(b, block, data)
-            return data, server
+            self.stats.received[server] += len(reply.payload)
+            if bad:
+                await self._repair_from(server, block, good, bad)
+            return good.data, server
+
+    async def _repair_from(self, server: int, block: int, good: Checked, bad: list[int]) -> None:
+        """Rewrite the bad copies from the good one, whole: fetched from its server when only
+        chunks came (a failure meanwhile leaves them to another read)."""
+        whole = good.block
+        if whole is None:
+            try:
+                reply = await self.call(server, Read(slot=self.layout.slot_of(block)))
+            except (ServerDown, ServerError) as exc:
+                with contextlib.suppress(VolumeIOError):
+                    await self.handle_error(server, exc)
+                return
+            self.stats.received[server] += len(reply.payload)
+            again = check_read(reply.body, reply.payload, good.checksum, self.chunk)
+            if again is None:
+                return
+            whole = again.data
+        for b in bad:
+            await self.repair(b, block, whole)
 
     async def read_via(self, block: int, expected: int, server: int) -> bytes:
         """Read a block from the server a scheduler chose; anything wrong: the normal path
@@ -371,9 +414,11 @@ class Volume:
         if self.states[server] == State.ALIVE:
             try:
                 reply = await self.call(server, Read(slot=self.layout.slot_of(block)))
-                if checksum(reply.payload) == expected:
+                good = check_read(reply.body, reply.payload, expected, self.chunk)
+                if good is not None:
                     self.stats.reads[server] += 1
-                    return bytes(reply.payload)
+                    self.stats.received[server] += len(reply.payload)
+                    return good.data
             except (ServerDown, ServerError) as exc:
                 with contextlib.suppress(VolumeIOError):  # the normal path says EIO
                     await self.handle_error(server, exc)
@@ -390,7 +435,7 @@ class Volume:
         slot = self.layout.slot_of(block)
         try:
             if data:
-                req = Write(slot=slot, checksum=checksum(data), **self._stamp())
+                req = Write(slot=slot, checksum=self.checksum(data), **self._stamp())
                 await self.call(server, req, data, Flag.REPAIR)
             else:
                 await self.call(server, Trim(slot=slot, **self._stamp()), flags=Flag.REPAIR)
@@ -433,26 +478,10 @@ class Volume:
 
     # -- batches ----------------------------------------------------------------------------
 
-    async def _bounded(
-        self, calls: Iterable[Callable[[], Awaitable[T]]], concurrency: int
-    ) -> list[T]:
-        """Make and await every call, at most ``concurrency`` at a time; results in order.
-
-        A call is made only when its turn comes, so a cancelled batch leaves no
-        coroutine behind that was never awaited.
-        """
-        sem = asyncio.Semaphore(concurrency)
-
-        async def run(call: Callable[[], Awaitable[T]]) -> T:
-            async with sem:
-                return await call()
-
-        return await asyncio.gather(*(run(c) for c in calls))
-
     async def write_many(
         self, items: Iterable[tuple[int, bytes]], concurrency: int = DEFAULT_CONCURRENCY
     ) -> list[int]:
-        return await self._bounded((partial(self.write, b, d) for b, d in items), concurrency)
+        return await bounded((partial(self.write, b, d) for b, d in items), concurrency)
 
     async def read_many(
         self,
@@ -462,9 +491,9 @@ class Volume:
     ) -> list[bytes]:
         sums = expected if expected is not None else [None] * len(blocks)
         pairs = zip(blocks, sums, strict=True)
-        return await self._bounded((partial(self.read, b, c) for b, c in pairs), concurrency)
+        return await bounded((partial(self.read, b, c) for b, c in pairs), concurrency)
 
     async def trim_many(
         self, blocks: Iterable[int], concurrency: int = DEFAULT_CONCURRENCY
     ) -> None:
-        await self._bounded((partial(self.trim, b) for b in blocks), concurrency)
+        await bounded((partial(self.trim, b) for b in blocks), concurrency)

@@ -3,8 +3,10 @@ compared with the checksum the block map holds; with --repair bad copies rewritt
 
 A read through the volume stops at the first good copy, so a mirror that
 lacks a block goes unseen until the day it is the only copy: the deep check
-reads each live replica itself. A repair takes the mount lease (nothing else
-may write meanwhile) and rewrites a bad copy from the one that matches.
+reads each live replica itself (on a volume with chunk sums, with every sum the
+server keeps, so a damaged sum is found before a small read trips on it). A
+repair takes the mount lease (nothing else may write meanwhile) and rewrites a
+bad copy from the one that matches.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from dataclasses import dataclass, field
 
 from mirrorfuse.client.connection import ServerDown
 from mirrorfuse.client.metastore import MetaStore, holder_info, read_namespace
-from mirrorfuse.client.volume import Volume, checksum
+from mirrorfuse.client.volume import Volume
 from mirrorfuse.core.checks import Report, check_namespace
 from mirrorfuse.wire.addresses import ClusterSpec
+from mirrorfuse.wire.checksums import check_read
 from mirrorfuse.wire.errors import MirrorfsError, ServerError
 from mirrorfuse.wire.messages import Read, State
 
@@ -84,16 +87,16 @@ async def _every_copy(
 
     async def read_copy(server: int, slot: int, want: int) -> tuple[str, bytes]:
         """'ok', 'missing', 'differs' or 'unreadable: why', and the bytes read."""
+        whole = (0, vol.block_size) if vol.chunk else None  # every chunk, and every sum
+        req = Read(slot=slot) if whole is None else Read(slot=slot, offset=0, length=whole[1])
         try:
-            reply = await vol.call(server, Read(slot=slot))
+            reply = await vol.call(server, req)
         except (ServerDown, ServerError) as exc:
             return f"unreadable: {exc}", b""
-        data = bytes(reply.payload)
-        if reply.body.absent and want != checksum(b""):
-            return "missing", data
-        actual = checksum(data)
-        stored = actual if reply.body.absent else reply.body.checksum
-        return ("ok" if actual == want and stored == actual else "differs"), data
+        if reply.body.absent and want != vol.checksum(b""):
+            return "missing", b""
+        good = check_read(reply.body, reply.payload, want, vol.chunk, whole)
+        return ("differs", b"") if good is None else ("ok", good.data)
 
     async def check(ino: int, index: int, block: int, want: int) -> None:
         pair, slot, _ = vol.layout.place(block)

@@ -17,13 +17,16 @@ from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import msgspec
 
+from .checksums import MAX_SUMS
 from .frames import Flag, Frame, Msg, encode
+from .sizes import MAX_BLOCK
 
 R = TypeVar("R", bound="Message")
 
 MAX_SLOT = 1 << 40  # far beyond any disk: the most a request may name
 Slot = Annotated[int, msgspec.Meta(ge=0, lt=MAX_SLOT)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
+InBlock = Annotated[int, msgspec.Meta(ge=0, le=MAX_BLOCK)]  # a byte offset or length in a block
 
 
 class BadMessage(Exception):
@@ -85,6 +88,7 @@ class Identity(Message):
     count: int | None = None
     block_size: int | None = None
     gen: int = 0
+    chunk: int = 0  # the checksum scheme (wire.checksums): 0 whole blocks, else chunk sums
 
 
 class Hello(Request[Identity]):
@@ -124,18 +128,29 @@ class Format(Request[Identity]):
     block_size: Count
     force: bool = False
     key: bytes | None = None  # the volume's, for a server that has none (or a new volume)
+    chunk: InBlock | None = None  # the checksum scheme; None: that of a new volume
 
 
 class ReadReply(Message):
     gen: int
     checksum: Count | None = None
     absent: bool = False  # never written (or trimmed): reads as nothing
+    # a range of a volume with chunk sums: the payload is the chunks the range touches,
+    # from ``start``; ``sums`` holds every chunk's sum of the block of ``size`` bytes
+    size: InBlock | None = None
+    start: InBlock | None = None
+    sums: Annotated[bytes, msgspec.Meta(max_length=MAX_SUMS)] | None = None
 
 
 class Read(Request[ReadReply]):
+    """A block; with a range (either field; offset 0, length to the end by default), on a
+    volume with chunk sums, only the chunks it touches and the block's sums."""
+
     TYPE = Msg.READ
     REPLY = ReadReply
     slot: Slot
+    offset: InBlock | None = None
+    length: InBlock | None = None
 
 
 class Applied(Message):

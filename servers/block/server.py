@@ -20,11 +20,18 @@ import ssl
 from typing import Any
 
 import msgspec
-import xxhash
 
 from mirrorfuse.core import failures
 from mirrorfuse.wire.addresses import MAX_SERVERS, MIN_SERVERS
 from mirrorfuse.wire.auth import ServerHandshake
+from mirrorfuse.wire.checksums import (
+    WHOLE,
+    block_checksum,
+    chunk_sums,
+    default_chunk,
+    sums_checksum,
+    valid_chunk,
+)
 from mirrorfuse.wire.frames import MAX_PAYLOAD, Flag, Frame, Msg
 from mirrorfuse.wire.messages import (
     AppendReply,
@@ -169,6 +176,7 @@ class BlockServer:
             count=sb.count if sb else None,
             block_size=sb.block_size if sb else None,
             gen=self.store.table.gen,
+            chunk=sb.chunk if sb else WHOLE,
         )
 
     # -- handlers -----------------------------------------------------------------
@@ -214,6 +222,9 @@ class BlockServer:
         bs = req.block_size
         if bs < 4096 or bs > (4 << 20) or bs & (bs - 1):
             raise BadMessage(f"bad block size {bs}")
+        chunk = default_chunk(bs) if req.chunk is None else req.chunk
+        if not valid_chunk(chunk, bs):
+            raise BadMessage(f"bad chunk {chunk} for block size {bs}")
         sb = self.store.superblock
         if sb is not None and not req.force:
             raise Refused(
@@ -222,7 +233,7 @@ class BlockServer:
                 f"({self.store.blocks_used} blocks)",
             )
         try:
-            self.store.format(req.volume, req.count, bs, req.key)
+            self.store.format(req.volume, req.count, bs, req.key, chunk)
         except StoreError as exc:
             raise Refused("NO_KEY", str(exc)) from None
         asker = self.in_order_conn
@@ -232,7 +243,21 @@ class BlockServer:
 
     def read(self, req: Read, payload: bytes | bytearray, flags: int) -> Answer:
         store = self._formatted()
-        found = store.read(req.slot)
+        if store.chunk and (req.offset is not None or req.length is not None):
+            offset = req.offset or 0
+            length = store.block_size if req.length is None else req.length
+            part = store.read_range(req.slot, offset, length)
+            if part is None:
+                return ReadReply(absent=True, gen=store.table.gen), b""
+            reply = ReadReply(
+                checksum=part.checksum,
+                gen=store.table.gen,
+                size=part.size,
+                start=part.start,
+                sums=part.sums,
+            )
+            return reply, part.data
+        found = store.read(req.slot)  # a volume of whole-block checksums ignores a range
         if found is None:
             return ReadReply(absent=True, gen=store.table.gen), b""
         data, checksum = found
@@ -243,10 +268,12 @@ class BlockServer:
         self._check_gen(req.gen, req.epoch)
         if len(payload) > store.block_size:
             raise BadMessage(f"{len(payload)} bytes exceed the block size {store.block_size}")
-        if xxhash.xxh3_64_intdigest(payload) != req.checksum:
+        sums = chunk_sums(payload, store.chunk) if store.chunk else None
+        actual = block_checksum(payload, WHOLE) if sums is None else sums_checksum(sums)
+        if actual != req.checksum:
             raise Refused("CHECKSUM", "block data does not match its checksum")
         try:
-            applied = store.write(req.slot, payload, req.checksum, Flag(flags))
+            applied = store.write(req.slot, payload, req.checksum, Flag(flags), sums)
         except NotHealing as exc:
             raise Refused("NOT_HEALING", str(exc)) from None
         except StoreError as exc:

@@ -3,8 +3,11 @@
 The slot file holds block data at ``slot * block_size`` (holes where nothing
 was written, so a large block size costs no disk for small blocks). The index
 holds a fixed 16-byte entry per slot (checksum, length, flags) and is kept in
-memory; it is what ``LIST`` walks during a rebuild. The failure table lives
-beside them so every client can learn which servers were marked failed.
+memory; it is what ``LIST`` walks during a rebuild. With chunk sums
+(``wire.checksums``) a sparse sums file holds a fixed record of a slot's sums,
+written with the block, so a small read reads its chunks and sums, never the
+whole block. The failure table lives beside them so every client can learn
+which servers were marked failed.
 """
 
 from __future__ import annotations
@@ -13,10 +16,8 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
-import logging
 import os
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,27 +25,20 @@ import msgspec
 
 from mirrorfuse.core import failures
 from mirrorfuse.wire.auth import KEY_NAME, KeyFileError
-from mirrorfuse.wire.errors import MirrorfsError
+from mirrorfuse.wire.checksums import SUM_SIZE, WHOLE, chunk_sums, count, covering, valid_chunk
 from mirrorfuse.wire.frames import Flag
 from mirrorfuse.wire.messages import State, Table
 
 from ..files import atomic_write, read_key, write_key
 from .healing import BeingHealed, DirtySet, NotHealing
 from .meta import Meta
+from .superblock import StoreError, Superblock, format_name, new_ident, read_superblock
 
-# 2: typed journal records and checkpoints; 1 (before) is read and upgraded
-FORMAT_NAME = "mirrorfs-2"
-READABLE = ("mirrorfs-1", FORMAT_NAME)
-log = logging.getLogger("mirrorfs-server")
 ENTRY = struct.Struct("<QII")  # checksum, length, flags
 USED = 0x1
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
 _FALLOC_PUNCH = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-
-
-class StoreError(MirrorfsError):
-    """A store that cannot be used as asked; the message is shown to the user."""
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
@@ -62,19 +56,15 @@ class Counters:
     bytes_written: int = 0
 
 
-class Superblock(msgspec.Struct):
-    """What a data directory belongs to: written at format, checked at every start."""
+@dataclass
+class Ranged:
+    """A range read: the chunks touched, from ``start`` of a block of ``size`` bytes."""
 
-    format: str
-    volume: str
-    server: int
-    count: int
-    block_size: int
-    ident: str = ""  # this directory's own identity (new at every format)
-
-
-def new_ident() -> str:
-    return uuid.uuid4().hex
+    data: bytes
+    start: int
+    size: int
+    checksum: int
+    sums: bytes
 
 
 class Store:
@@ -98,10 +88,15 @@ class Store:
         self._used = 0
         self._data_fd = -1
         self._index_fd = -1
+        self._sums_fd = -1
         self._lock_fd = -1
         self.meta: Meta | None = None
         self.key: bytes | None = None  # the volume's: every connection must prove it
-        self._open(volume)
+        try:
+            self._open(volume)
+        except StoreError:
+            self.close()  # the directory is not left locked
+            raise
         self.pinned = key is not None  # given with --key-file: a format may not change it
         if key is not None:
             self.adopt_key(key)
@@ -124,30 +119,9 @@ class Store:
             raise StoreError(f"data directory {self.path} is not writable")
         self._lock()
         self._load_key()
-        sb_path = self.path / "superblock.json"
-        if not sb_path.exists():
+        sb = read_superblock(self.path)
+        if sb is None:
             return
-        try:
-            raw = msgspec.json.decode(sb_path.read_bytes())
-        except (OSError, msgspec.DecodeError) as exc:
-            raise StoreError(f"superblock {sb_path} is unreadable: {exc}") from None
-        found = raw.get("format") if isinstance(raw, dict) else None
-        if not isinstance(found, str) or not found.startswith("mirrorfs-"):
-            raise StoreError(f"{self.path} is not a mirrorfs data directory")
-        if found not in READABLE:
-            raise StoreError(
-                f"{self.path} holds data of another mirrorfs version ({found}; this server "
-                f"reads {', '.join(READABLE)}): give it an empty directory and rebuild it"
-            )
-        try:
-            sb = msgspec.convert(raw, Superblock)
-        except msgspec.ValidationError as exc:
-            raise StoreError(f"superblock {sb_path} is damaged: {exc}") from None
-        if sb.format != FORMAT_NAME or not sb.ident:  # the client reads the old metadata
-            sb.format = FORMAT_NAME
-            sb.ident = sb.ident or new_ident()
-            atomic_write(sb_path, msgspec.json.encode(sb))
-            log.info("data directory %s upgraded from %s to %s", self.path, found, FORMAT_NAME)
         if sb.server != self.server_id:
             raise StoreError(
                 f"data directory {self.path} belongs to server {sb.server} of volume "
@@ -185,6 +159,7 @@ class Store:
         except BlockingIOError:
             holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(self._lock_fd)
+            self._lock_fd = -1
             raise StoreError(
                 f"data directory {self.path} is in use by another mirrorfs-server (pid {holder})"
             ) from None
@@ -196,6 +171,8 @@ class Store:
         flags = os.O_RDWR | os.O_CREAT
         self._data_fd = os.open(self.path / "slots.dat", flags, 0o644)
         self._index_fd = os.open(self.path / "slots.idx", flags, 0o644)
+        if self.chunk:
+            self._sums_fd = os.open(self.path / "slots.sum", flags, 0o644)
         size = os.fstat(self._index_fd).st_size
         size -= size % ENTRY.size
         self._index = bytearray(os.pread(self._index_fd, size, 0)) if size else bytearray()
@@ -212,10 +189,10 @@ class Store:
             self.table = failures.fresh(self.superblock.count)
 
     def _close_files(self) -> None:
-        for fd in (self._data_fd, self._index_fd):
+        for fd in (self._data_fd, self._index_fd, self._sums_fd):
             if fd >= 0:
                 os.close(fd)
-        self._data_fd = self._index_fd = -1
+        self._data_fd = self._index_fd = self._sums_fd = -1
         if self.meta is not None:
             self.meta.close()
             self.meta = None
@@ -223,9 +200,13 @@ class Store:
             self.dirty.close()
             self.dirty = None
 
-    def format(self, volume: str, count: int, block_size: int, key: bytes | None) -> None:
+    def format(
+        self, volume: str, count: int, block_size: int, key: bytes | None, chunk: int = WHOLE
+    ) -> None:
         """Make this directory a fresh, empty member of ``volume`` (erases everything), with
-        ``key`` (None: keep the one it has)."""
+        ``key`` (None: keep the one it has) and the checksum scheme ``chunk``."""
+        if not valid_chunk(chunk, block_size):
+            raise StoreError(f"chunk {chunk} does not fit block size {block_size}")
         if key is None and self.key is None:
             raise StoreError("a format must give a server without a key its volume's key")
         if self.pinned and key is not None and key != self.key:
@@ -237,6 +218,7 @@ class Store:
         for name in (
             "slots.dat",
             "slots.idx",
+            "slots.sum",
             "table.json",
             "superblock.json",
             "journal.log",
@@ -246,7 +228,9 @@ class Store:
             "dirty.log",
         ):
             (self.path / name).unlink(missing_ok=True)
-        sb = Superblock(FORMAT_NAME, volume, self.server_id, count, block_size, new_ident())
+        sb = Superblock(
+            format_name(chunk), volume, self.server_id, count, block_size, new_ident(), chunk
+        )
         if key is not None and key != self.key:
             write_key(self.path / KEY_NAME, key)
             self.key = key
@@ -267,6 +251,15 @@ class Store:
     def block_size(self) -> int:
         assert self.superblock is not None
         return self.superblock.block_size
+
+    @property
+    def chunk(self) -> int:
+        return self.superblock.chunk if self.superblock else WHOLE
+
+    @property
+    def _sums_record(self) -> int:
+        """Bytes of the sums file per slot: room for the sums of a whole block."""
+        return count(self.block_size, self.chunk) * SUM_SIZE
 
     @property
     def blocks_used(self) -> int:
@@ -362,7 +355,34 @@ class Store:
         self.counters.bytes_read += length
         return data, checksum
 
-    def write(self, slot: int, data: bytes | bytearray, checksum: int, flags: Flag) -> bool:
+    def read_range(self, slot: int, offset: int, length: int) -> Ranged | None:
+        """The chunks bytes [offset, offset + length) of a slot touch, and its sums (a
+        volume with chunk sums); None: nothing was written there."""
+        checksum, size, flags = self._entry(slot)
+        if not flags & USED:
+            return None
+        chunk = self.chunk
+        assert chunk
+        want = count(size, chunk) * SUM_SIZE
+        sums = os.pread(self._sums_fd, want, slot * self._sums_record)
+        sums += bytes(want - len(sums))  # cut short: the client finds them wrong
+        start, end = covering(offset, length, size, chunk)
+        data = os.pread(self._data_fd, end - start, slot * self.block_size + start)
+        data += bytes(end - start - len(data))
+        self.counters.reads += 1
+        self.counters.bytes_read += len(data)
+        return Ranged(data, start, size, checksum, sums)
+
+    def write(
+        self,
+        slot: int,
+        data: bytes | bytearray,
+        checksum: int,
+        flags: Flag,
+        sums: bytes | None = None,
+    ) -> bool:
+        """Write a slot; on a volume with chunk sums also its ``sums`` (computed here when
+        the caller has not)."""
         if (slot + 1) * ENTRY.size > len(self._index) and slot >= self.capacity_slots():
             # checked before the slot table grows to reach it: a far slot costs memory
             raise StoreError(f"slot {slot} is beyond this server's capacity")
@@ -370,6 +390,9 @@ class Store:
             return False
         try:
             os.pwrite(self._data_fd, data, slot * self.block_size)
+            if self.chunk:
+                sums = chunk_sums(data, self.chunk) if sums is None else sums
+                os.pwrite(self._sums_fd, sums, slot * self._sums_record)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise StoreError("no space left on the server's disk") from None
@@ -404,7 +427,7 @@ class Store:
         return out, (slot if slot < total else None)
 
     def sync(self) -> None:
-        for fd in (self._data_fd, self._index_fd):
+        for fd in (self._data_fd, self._index_fd, self._sums_fd):
             if fd >= 0:
                 os.fdatasync(fd)
         if self.meta is not None:

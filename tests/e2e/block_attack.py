@@ -20,6 +20,7 @@ from pathlib import Path
 import xxhash
 
 from mirrorfuse.wire.auth import REPLY_SIZE, ClientHandshake, parse_key
+from mirrorfuse.wire.checksums import CHUNK, block_checksum
 from mirrorfuse.wire.frames import (
     HEADER,
     MAGIC,
@@ -120,7 +121,7 @@ def far_slot(port: int, key: bytes, epoch: int, gen: int) -> dict[str, object]:
     data = b"far"
     req = {
         "slot": (1 << 24) - 1,
-        "checksum": xxhash.xxh3_64_intdigest(data),
+        "checksum": block_checksum(data, CHUNK),  # the scheme of a new volume of 1 MiB blocks
         "gen": gen,
         "epoch": epoch,
     }

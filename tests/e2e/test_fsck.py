@@ -101,3 +101,28 @@ def test_deep_says_which_servers_it_could_not_check(cluster4, make_mount):
     res = cli("fsck", *cluster4.args, "--deep")
     assert res.returncode == 0, res.stdout
     assert "server 3 is failed: its copies were not checked (heal it first)" in res.stdout
+
+
+def test_deep_finds_a_damaged_chunk_sum_and_repair_rewrites_it(make_cluster, make_mount):
+    """A copy whose data is right but whose chunk sums (kept beside it, read by small
+    reads) are not is a bad copy too."""
+    c = make_cluster(4)  # a new volume: 1 MiB blocks, their sums per 64 KiB chunk
+    m = make_mount(c)
+    (m.path / "f").write_bytes(os.urandom(3 * MiB))
+    want = sha(m.path / "f")
+    m.close()
+    c.kill(1)
+    slot = used_slots(c.data_dir(1))[-1]
+    with open(c.data_dir(1) / "slots.sum", "r+b") as f:  # 16 sums of 8 bytes per slot
+        f.seek(slot * 128 + 40)
+        f.write(b"\xff" * 8)
+    c.start(1)
+    res = cli("fsck", *c.args, "--deep")
+    assert res.returncode == 1 and res.stdout.count("differs on server 1") == 1, res.stdout
+    res = cli("fsck", *c.args, "--repair")
+    assert res.returncode == 0 and "clean; 1 copies repaired" in res.stdout, res.stdout
+    res = cli("fsck", *c.args, "--deep")
+    assert res.returncode == 0 and "clean" in res.stdout, res.stdout
+    c.kill(0)  # pair 0 from the repaired server
+    m = make_mount(c, name="again")
+    assert sha(m.path / "f") == want

@@ -39,6 +39,9 @@ body_maps = st.dictionaries(
             "limit",
             "states",
             "force",
+            "offset",
+            "length",
+            "chunk",
             "x",
         ]
     ),
