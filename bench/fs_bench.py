@@ -1,178 +1,319 @@
 #!/usr/bin/env python3
-"""The mounted file system against a plain local directory, measured in the same run.
+"""mirrorfs against GlusterFS and a local directory, measured in the same run: one table.
 
-    .venv/bin/python bench/fs_bench.py [--size 1G] [--servers 4] [--files 2000]
+    .venv/bin/python bench/fs_bench.py [--systems mirrorfs,gluster,local] [--quick]
 
-Sequential write and read (dd, 1 MiB blocks; caches dropped before reads),
-4 KiB random reads and writes, creating / listing / removing small files,
-and untarring a source tree (this repository's Python files, copied 20 times).
+mirrorfs: 4 local block servers (two mirror pairs) and its FUSE mount.
+GlusterFS: a 2 x 2 distributed-replicated volume on loopback and its FUSE
+client, set up and removed by bench/gluster.py (installed from Debian's
+archive when missing). local: a directory on the disk all of them store on.
+
+Rows (fs_jobs.py): fio with 1 job, psync, buffered, a 256 MiB file, 8 s
+time-based, writes ending with fsync (fio drops the file from the page cache
+before each pass, its default, so every pass reaches the file system);
+create / stat / remove of small files in a Python loop; cp of a file in (then
+fsync) and out with a cold cache; SQLite inserts each committed; ls -l of a
+big directory; untar of a source tree. "Cold" is a fresh mount of the system
+plus dropped kernel caches, so no cache of a FUSE client's own survives
+either. The ratio column is mirrorfs/GlusterFS, above 1 when mirrorfs does
+better (for times, GlusterFS's time over mirrorfs's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-import random
+import platform
+import re
 import shutil
-import statistics
+import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
+import threading
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import fs_jobs as jobs  # noqa: E402  (bench/ is this script's folder)
+from gluster import GlusterVolume, ensure_packages  # noqa: E402
+
 from mirrorfuse.tools.spawn import LocalCluster  # noqa: E402
-from mirrorfuse.wire.sizes import human, parse_size  # noqa: E402
 
 BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parent.parent
+SYSTEMS = ("mirrorfs", "gluster", "local")
+TITLES = {"mirrorfs": "mirrorfs", "gluster": "GlusterFS", "local": "local dir"}
 
 
-COLD = {"ok": True}
-
-
-def drop_caches() -> None:
-    os.sync()
+def _gone(pid: int) -> bool:
     try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        COLD["ok"] = False  # not root: the table says the read was warm
+        return True
+    return stat.rsplit(") ", 1)[-1].startswith("Z")
 
 
-def timed(func) -> float:
-    t0 = time.perf_counter()
-    func()
-    return time.perf_counter() - t0
+class Local:
+    """A directory of the local disk: the baseline."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.root = tmp / "local"
+
+    def __enter__(self) -> Path:
+        self.root.mkdir()
+        return self.root
+
+    def cold(self) -> None:
+        jobs.drop_caches()
+
+    def abort(self) -> None:
+        pass  # the kernel's own file system does not hang on us
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
-def dd(args: list[str]) -> None:
-    subprocess.run(["dd", *args, "bs=1M", "status=none"], check=True)
+class Mirrorfs:
+    """A LocalCluster of block servers, formatted, and mirrorfs-mount on it."""
+
+    def __init__(self, tmp: Path, servers: int, block_size: str) -> None:
+        self.tmp = tmp
+        self.servers = servers
+        self.block_size = block_size
+        self.mnt = tmp / "mirrorfs"
+        self.log = tmp / "mirrorfs-mount.log"
+        self.cluster: LocalCluster | None = None
+        self.pid: int | None = None
+
+    def __enter__(self) -> Path:
+        self.mnt.mkdir()
+        self.cluster = LocalCluster(self.tmp / "cluster", self.servers)
+        try:
+            fmt = [BIN / "mirrorfs-cli", "format", *self.cluster.args]
+            done = subprocess.run(
+                [*fmt, "--block-size", self.block_size], capture_output=True, text=True
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"format: {done.stderr.strip()}")
+            self._mount()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self.mnt
+
+    def _mount(self) -> None:
+        assert self.cluster is not None
+        cmd = [BIN / "mirrorfs-mount", *self.cluster.args, "--log", self.log, self.mnt]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"mirrorfs-mount: {done.stderr.strip() or done.stdout.strip()}")
+        found = re.search(r"pid (\d+)", done.stdout)
+        self.pid = int(found.group(1)) if found else None
+
+    def _unmount(self) -> None:
+        """Unmount and wait for the mount process to end (it gives the lease back)."""
+        subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (self.pid is None or _gone(self.pid)) and not os.path.ismount(self.mnt):
+                break
+            time.sleep(0.1)
+        self.pid = None
+
+    def cold(self) -> None:
+        self._unmount()
+        jobs.drop_caches()
+        self._mount()
+
+    def abort(self) -> None:
+        """End the mount process: whatever waits on the mount gets ENOTCONN and returns."""
+        if self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            self._unmount()
+        if self.cluster is not None:
+            self.cluster.close()
 
 
-def run_suite(root: Path, size: int, files: int, tarball: Path) -> dict[str, str]:
-    out: dict[str, str] = {}
-    big = root / "big"
-    mib = size >> 20
-    t = timed(lambda: dd(["if=/dev/zero", f"of={big}", f"count={mib}", "conv=fsync"]))
-    out["seq write (MiB/s)"] = f"{mib / t:.0f}"
-    drop_caches()
-    t = timed(lambda: dd([f"if={big}", "of=/dev/null"]))
-    out["seq read (MiB/s)"] = f"{mib / t:.0f}"
+class Gluster:
+    """bench/gluster.py's volume, under this run's temporary directory."""
 
-    rng = random.Random(1)
-    nblocks = size // 4096
-    lat_r, lat_w = [], []
-    fd = os.open(big, os.O_RDWR)
+    def __init__(self, tmp: Path) -> None:
+        self.volume = GlusterVolume(tmp / "gluster")
+
+    def __enter__(self) -> Path:
+        return self.volume.start()
+
+    def cold(self) -> None:
+        self.volume.unmount()
+        jobs.drop_caches()
+        self.volume.mount()
+
+    def abort(self) -> None:
+        self.volume.kill_client()
+
+    def __exit__(self, *exc: object) -> None:
+        self.volume.stop()
+
+
+class StepHung(Exception):
+    """A step outlived its limit: its mount was ended so that the run goes on."""
+
+
+def guarded(step: Callable[[], dict[str, float]], limit: float, abort: Callable[[], None]):
+    """Run step; past ``limit`` seconds, abort() (hung calls then fail) and raise StepHung."""
+    hung = threading.Event()
+
+    def fire() -> None:
+        hung.set()
+        abort()
+
+    timer = threading.Timer(limit, fire)
+    timer.start()
     try:
-        for _ in range(2000):
-            off = rng.randrange(nblocks) * 4096
-            t0 = time.perf_counter()
-            os.pread(fd, 4096, off)
-            lat_r.append(time.perf_counter() - t0)
-        payload = os.urandom(4096)
-        for _ in range(2000):
-            off = rng.randrange(nblocks) * 4096
-            t0 = time.perf_counter()
-            os.pwrite(fd, payload, off)
-            lat_w.append(time.perf_counter() - t0)
-        t = timed(lambda: os.fsync(fd))
+        result = step()
+    except Exception:
+        if hung.is_set():
+            raise StepHung() from None
+        raise
     finally:
-        os.close(fd)
-    out["4K random read (ops/s)"] = f"{len(lat_r) / sum(lat_r):.0f}"
-    out["4K random read p50/p99 (ms)"] = (
-        f"{statistics.median(lat_r) * 1e3:.2f}/{sorted(lat_r)[int(len(lat_r) * 0.99)] * 1e3:.2f}"
+        timer.cancel()
+    if hung.is_set():
+        raise StepHung()
+    return result
+
+
+def run_system(
+    name: str, system, p: jobs.Params, source: Path, tarball: Path, scratch: Path
+) -> tuple[dict[str, float], list[str]]:
+    """Every job on one system; a job that fails leaves its rows empty and says why."""
+    results: dict[str, float] = {}
+    errors: list[str] = []
+    try:
+        with system as root:
+            steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
+                ("fio", lambda: jobs.fio_rows(root, p, system.cold)),
+                ("small files", lambda: jobs.small_files(root, p)),
+                ("cp", lambda: jobs.copies(root, source, scratch, system.cold)),
+                ("sqlite", lambda: jobs.sqlite_inserts(root, p)),
+                ("ls -l", lambda: jobs.listing(root, p)),
+                ("untar", lambda: jobs.untar(root, tarball)),
+            ]
+            for what, step in steps:
+                print(f"[{name}] {what}", file=sys.stderr, flush=True)
+                try:
+                    results.update(guarded(step, p.step_limit, system.abort))
+                except StepHung:
+                    errors.append(f"{what}: no answer in {p.step_limit} s, the mount was ended")
+                    break
+                except Exception as exc:
+                    errors.append(f"{what}: {_why(exc)}")
+    except Exception as exc:
+        errors.append(f"setup: {_why(exc)}")
+    return results, errors
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, subprocess.CalledProcessError):
+        err = exc.stderr if isinstance(exc.stderr, str) else ""
+        return f"{exc.cmd[0]} exited {exc.returncode}: {err.strip()[-300:]}"
+    return traceback.format_exception_only(exc)[-1].strip()
+
+
+def fmt(row: jobs.Row, value: float | None) -> str:
+    if value is None:
+        return "-"
+    if row.higher_better:
+        return f"{value:,.0f}"
+    return f"{value:.3f}" if value < 0.1 else f"{value:.2f}"
+
+
+def table(p: jobs.Params, chosen: list[str], results: dict[str, dict[str, float]], tree: int):
+    """A markdown table: the two systems, their ratio, then the local baseline."""
+    head = (
+        f"job (fio: 1 job, psync, buffered, {p.size_mib} MiB file, {p.runtime} s "
+        "time-based; writes end with fsync)"
     )
-    out["4K random write (ops/s)"] = f"{len(lat_w) / (sum(lat_w) + t):.0f}"
-    big.unlink()
-
-    d = root / "small"
-    d.mkdir()
-    t = timed(lambda: [(d / f"f{i}").write_bytes(b"x" * 100) for i in range(files)])
-    out[f"create {files} files (s)"] = f"{t:.2f}"
-    t = timed(lambda: os.listdir(d) and [os.stat(d / n) for n in os.listdir(d)])
-    out[f"list+stat {files} files (s)"] = f"{t:.2f}"
-    t = timed(lambda: [os.unlink(d / f"f{i}") for i in range(files)])
-    out[f"remove {files} files (s)"] = f"{t:.2f}"
-    src = root / "src"
-    src.mkdir()
-    t = timed(lambda: subprocess.run(["tar", "-C", str(src), "-xf", str(tarball)], check=True))
-    out["untar source tree (s)"] = f"{t:.2f}"
-    shutil.rmtree(src)
-    return out
+    cols = [s for s in ("mirrorfs", "gluster") if s in chosen]
+    ratio = len(cols) == 2
+    names = [TITLES[s] for s in cols] + (["mirrorfs/GlusterFS"] if ratio else [])
+    names += [TITLES["local"]] if "local" in chosen else []
+    lines = [f"| {head} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for row in jobs.rows(p, tree):
+        vals = [results[s].get(row.key) for s in cols]
+        cells = [fmt(row, v) for v in vals]
+        if ratio:
+            m, g = vals
+            cells.append(f"{row.ratio(m, g):.2f}x" if m and g else "-")
+        if "local" in chosen:
+            cells.append(fmt(row, results["local"].get(row.key)))
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def make_tarball(path: Path) -> int:
-    count = 0
-    with tarfile.open(path, "w") as tar:
-        for copy in range(20):
-            for f in sorted(REPO.glob("**/*.py")):
-                if ".venv" in f.parts:
-                    continue
-                tar.add(f, arcname=f"copy{copy}/{f.relative_to(REPO)}")
-                count += 1
-    return count
+def gluster_version() -> str:
+    with contextlib.suppress(OSError):
+        out = subprocess.run(["glusterfs", "--version"], capture_output=True, text=True).stdout
+        return out.split("\n", 1)[0]
+    return "GlusterFS (version unknown)"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="1G")
-    p.add_argument("--servers", type=int, default=4)
-    p.add_argument("--files", type=int, default=2000)
-    p.add_argument("--block-size", default="1M")
-    args = p.parse_args()
-    size = parse_size(args.size)
-    with tempfile.TemporaryDirectory(prefix="mfs-fsbench-") as tmp:
-        tmp = Path(tmp)
-        tarball = tmp / "tree.tar"
-        nfiles = make_tarball(tarball)
-        local = tmp / "local"
-        local.mkdir()
-        base = run_suite(local, size, args.files, tarball)
-        cluster = LocalCluster(tmp / "cluster", args.servers)
-        mnt = tmp / "mnt"
-        mnt.mkdir()
-        try:
-            subprocess.run(
-                [BIN / "mirrorfs-cli", "format", *cluster.args, "--block-size", args.block_size],
-                check=True,
-                capture_output=True,
-            )
-            subprocess.run(
-                [BIN / "mirrorfs-mount", *cluster.args, str(mnt)], check=True, capture_output=True
-            )
-            ours = run_suite(mnt, size, args.files, tarball)
-            # the same sequential read, block by block (no read-ahead), for comparison
-            dd(["if=/dev/zero", f"of={mnt}/ra", f"count={size >> 20}", "conv=fsync"])
-            subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
-            time.sleep(1)
-            env = {**os.environ, "MIRRORFS_READAHEAD": "0"}
-            subprocess.run(
-                [BIN / "mirrorfs-mount", *cluster.args, str(mnt)],
-                check=True,
-                capture_output=True,
-                env=env,
-            )
-            drop_caches()
-            t = timed(lambda: dd([f"if={mnt}/ra", "of=/dev/null"]))
-            no_ra = f"{(size >> 20) / t:.0f}"
-        finally:
-            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-            time.sleep(1)
-            cluster.close()
-    print(
-        f"mirrorfs ({args.servers} local servers, block {args.block_size}) vs a local "
-        f"directory; {human(size)} sequential, untar of {nfiles} files"
+    p.add_argument("--systems", default=",".join(SYSTEMS), help="any of mirrorfs,gluster,local")
+    p.add_argument("--quick", action="store_true", help="64 MiB, 3 s fio jobs, fewer files")
+    p.add_argument("--servers", type=int, default=4, help="mirrorfs block servers (4)")
+    p.add_argument("--block-size", default="1M", help="mirrorfs block size (1M)")
+    p.add_argument(
+        "--cold-fio", action="store_true", help="remount and drop caches before fio reads"
     )
-    if not COLD["ok"]:
-        print("(page cache not dropped, not root: sequential reads are warm)")
-    print(f"{'measure':32} {'local dir':>12} {'mirrorfs':>12}")
-    for key in base:
-        print(f"{key:32} {base[key]:>12} {ours[key]:>12}")
-    print(f"{'seq read, block by block (MiB/s)':32} {'':>12} {no_ra:>12}")
-    return 0
+    args = p.parse_args()
+    chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
+    if not chosen or set(chosen) - set(SYSTEMS):
+        p.error(f"--systems: choose from {','.join(SYSTEMS)}")
+    params = jobs.QUICK if args.quick else jobs.Params()
+    if args.cold_fio:
+        params = jobs.Params(**{**params.__dict__, "cold_fio": True})
+    ensure_packages({"fio": "fio"})
+    results: dict[str, dict[str, float]] = {}
+    errors: dict[str, list[str]] = {}
+    with tempfile.TemporaryDirectory(prefix="mfs-fsbench-") as tmpdir:
+        tmp = Path(tmpdir)
+        scratch = tmp / "scratch"
+        scratch.mkdir()
+        tarball = scratch / "tree.tar"
+        tree = jobs.make_tarball(tarball, params.tree_copies)
+        source = scratch / "source.dat"
+        jobs.make_source(source, params)
+        for name in chosen:
+            system = {
+                "mirrorfs": lambda: Mirrorfs(tmp, args.servers, args.block_size),
+                "gluster": lambda: Gluster(tmp),
+                "local": lambda: Local(tmp),
+            }[name]()
+            results[name], errors[name] = run_system(name, system, params, source, tarball, scratch)
+    print(
+        f"\n{os.cpu_count()} cores, Linux {platform.release()}; mirrorfs: {args.servers} "
+        f"local servers, block {args.block_size}; {gluster_version()}: 2 x 2 replica 2, "
+        "bricks on loopback; all on one disk"
+    )
+    if not jobs.COLD["ok"]:
+        print("(not root: caches could not be dropped, 'cold' reads were warm)")
+    if params.cold_fio:
+        print("(fio read jobs started on a fresh mount with dropped caches)")
+    print()
+    print(table(params, chosen, results, tree))
+    for name in chosen:
+        for line in errors[name]:
+            print(f"{TITLES[name]}: {line}")
+    return 1 if any(errors.values()) else 0
 
 
 if __name__ == "__main__":
