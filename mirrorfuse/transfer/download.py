@@ -5,9 +5,10 @@ mirror (Range requests), or one server of a mirrorfs volume. Each source
 runs a few worker tasks that ask the scheduler for segments, fetch them,
 check them and write them at their offset into OUTPUT.mfs-partial. The
 finished-segment bitmap is saved to OUTPUT.mfs-state every second and on
-exit, so a download killed at any point resumes with -r. The whole file is
-checked against its checksum (when a source knows it) before it is renamed
-into place.
+exit, so a download killed at any point resumes with -r: with the segment
+size it was started with (the state file says it), whatever sources answer
+now. The whole file is checked against its checksum (when a source knows it)
+before it is renamed into place.
 """
 
 from __future__ import annotations
@@ -23,7 +24,15 @@ from typing import Any
 
 import xxhash
 
-from mirrorfuse.core.scheduler import ALIVE, DEAD, PAUSED, Scheduler, Segment, split
+from mirrorfuse.core.scheduler import (
+    ALIVE,
+    DEAD,
+    PAUSED,
+    Scheduler,
+    Segment,
+    segment_size,
+    split,
+)
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.sizes import human
 from servers.files import atomic_write, replace_durably
@@ -38,7 +47,9 @@ from .sources import (
     SourcePaused,
 )
 
-SEGMENT = 1 << 20
+LEGACY_SEGMENT = 1 << 20  # every segment's size before it was sized to the file (no
+# "segment_size" in the state file): such a download still resumes
+SAVE_EVERY = 1.0  # seconds between saves of the state
 
 
 class Download:
@@ -57,7 +68,7 @@ class Download:
         self._place(output)
         self.interval = interval
         self.resume = resume
-        self.make_segments = segments or (lambda size: split(size, SEGMENT))
+        self.fixed = segments  # a segmentation imposed (a volume's blocks), or sized here
         self.eligible = eligible
         self.check = check
         self.say = say
@@ -89,6 +100,7 @@ class Download:
             "size": size,
             "checksum": checksum,
             "segments": len(sched.segments),
+            "segment_size": sched.segments[0].length if sched.segments else 0,
             "done": sched.bitmap(),
             "sources": list(self.sources),
         }
@@ -100,19 +112,46 @@ class Download:
         os.fdatasync(fd)
         atomic_write(self.state_path, state)
 
-    def load(self, size: int, checksum: int | None, count: int) -> set[int]:
+    def plan(self, size: int, checksum: int | None, sources: int) -> tuple[list[Segment], set[int]]:
+        """The segments, and those already here (on -r, from the state file).
+
+        A new download's segments are sized to the file and its sources; a resumed one
+        keeps the size it was started with (however many sources answer now)."""
         if not self.resume:
-            return set()
+            if self.fixed is not None:
+                return self.fixed(size), set()
+            return split(size, segment_size(size, sources)), set()
         if not self.state_path.exists() or not self.partial.exists():
             raise MirrorfsError(f"nothing to resume: {self.state_path} is missing")
-        st = json.loads(self.state_path.read_text())
-        if (
-            st["size"] != size
-            or st["segments"] != count
-            or (checksum is not None and st["checksum"] not in (None, checksum))
-        ):
-            raise MirrorfsError("the saved download is of another file: start again without -r")
-        return Scheduler.done_from_bitmap(st["done"], count)
+        again = f"start again without -r (or delete {self.state_path})"
+        try:
+            st = json.loads(self.state_path.read_text())
+            saved_size, saved_sum, count, bitmap = (
+                st["size"],
+                st["checksum"],
+                st["segments"],
+                st["done"],
+            )
+            each = st.get("segment_size", LEGACY_SEGMENT if self.fixed is None else None)
+            if each is not None and (not isinstance(each, int) or each < 0):
+                raise ValueError(f"segment size {each!r}")
+        except (OSError, KeyError, TypeError, ValueError) as exc:
+            raise MirrorfsError(f"the saved state is damaged ({exc}): {again}") from None
+        if saved_size != size or (checksum is not None and saved_sum not in (None, checksum)):
+            raise MirrorfsError(f"the saved download is of another file: {again}")
+        if each is None:  # a volume's file, saved before the state said it: its blocks
+            each = next((s.length for s in self.fixed(size)), 0) if self.fixed else 0
+        saved = split(size, each) if each else []
+        segments = self.fixed(size) if self.fixed is not None else saved
+        if count != len(segments) or segments != saved:
+            raise MirrorfsError(
+                f"the saved download was cut into {count} segments of {human(each or 0)}, "
+                f"this one into {len(segments)}: {again}"
+            )
+        try:
+            return segments, Scheduler.done_from_bitmap(bitmap, count)
+        except (TypeError, ValueError, IndexError) as exc:
+            raise MirrorfsError(f"the saved state is damaged ({exc}): {again}") from None
 
     # -- running -------------------------------------------------------------------------
 
@@ -144,16 +183,17 @@ class Download:
         if len(sums) > 1:
             raise MirrorfsError("the sources hold different files (checksums differ)")
         checksum = sums.pop() if sums else None
-        segments = self.make_segments(size)
-        done = self.load(size, checksum, len(segments)) | self.holes
+        segments, done = self.plan(size, checksum, len(good))
+        done |= self.holes
         sched = Scheduler(segments, list(self.sources), done, self.eligible)
         for n in self.sources:
             if n not in good:
                 sched.kill(n)
             elif good[n].state == PAUSED:
                 sched.pause(n)
+        each = human(segments[0].length) if segments else "0 B"
         self.say(
-            f"downloading {human(size)} in {len(segments)} segments from "
+            f"downloading {human(size)} in {len(segments)} segments of {each} from "
             f"{len(good)} source(s)" + (f", {len(done)} already here" if done else "")
         )
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
@@ -197,17 +237,22 @@ class Download:
                 await asyncio.sleep(self.interval)
                 progress.show()
 
+        saving: list[asyncio.Future[None]] = []  # the save running in its thread
+
         async def saver() -> None:
             loop = asyncio.get_running_loop()
             while True:
-                await asyncio.sleep(1.0)
+                await asyncio.sleep(SAVE_EVERY)
                 state = self.state(sched, size, checksum)
-                await loop.run_in_executor(None, self.save, fd, state)
+                saving[:] = [loop.run_in_executor(None, self.save, fd, state)]
+                await asyncio.shield(saving[0])
 
+        # started round by round: every source's first worker takes from its own share
+        # before any second worker looks for more
         workers = [
             asyncio.ensure_future(self._worker(sched, name, fd))
-            for name in self.sources
             for _ in range(WORKERS_PER_SOURCE)
+            for name in self.sources
         ]
         pollers = [asyncio.ensure_future(self._poll_paused(sched, name)) for name in self.sources]
         helpers = [asyncio.ensure_future(ticker()), asyncio.ensure_future(saver())]
@@ -217,6 +262,9 @@ class Download:
             for t in pollers + helpers:
                 t.cancel()
             await asyncio.gather(*pollers, *helpers, return_exceptions=True)
+            # cancelling the saver leaves its thread writing: the final save waits for it
+            # (both write OUTPUT.mfs-state.tmp)
+            await asyncio.gather(*saving, return_exceptions=True)
         progress.show(final=True)
         return sched.finished
 
@@ -229,7 +277,7 @@ class Download:
         while not sched.finished and sched.sources[name].state != DEAD:
             if sched.stuck:
                 return
-            seg = sched.next(name)
+            seg = sched.next(name, time.monotonic())
             if seg is None:
                 if sched.finished or not sched.live():
                     return

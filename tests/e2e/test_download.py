@@ -6,6 +6,7 @@ import base64
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,13 +108,34 @@ def killed_download(out: Path, ports: list[int], after: int) -> None:
     dl.wait(10)
 
 
-def partial_size(out: Path) -> int:
-    """Bytes the saved state says are done (segments are 1 MiB)."""
+def saved_segments(out: Path) -> list[tuple[int, int]]:
+    """(start, length) of the segments the saved state says are done."""
     state = out.with_name(out.name + ".mfs-state")
     if not state.exists():
-        return 0
-    bits = base64.b64decode(json.loads(state.read_text())["done"])
-    return sum(bin(b).count("1") for b in bits) * MiB
+        return []
+    st = json.loads(state.read_text())
+    bits = base64.b64decode(st["done"])
+    each = st["segment_size"]
+    done = [i for i in range(st["segments"]) if bits[i // 8] >> (i % 8) & 1]
+    return [(i * each, min(each, st["size"] - i * each)) for i in done]
+
+
+def partial_size(out: Path) -> int:
+    """Bytes the saved state says are done."""
+    return sum(length for _, length in saved_segments(out))
+
+
+def sent_per_server(srv: FileServers, after: int) -> list[int]:
+    """Bytes each server has sent, from serve-file's first status line after line ``after``
+    (to 0.1 KiB or MiB: as it prints them)."""
+    units = {"B": 1, "KiB": 1 << 10, "MiB": MiB}
+
+    def status() -> str | None:
+        return next((x for x in srv.lines[after:] if x.startswith("server 1 (")), None)
+
+    assert wait_for(lambda: status() is not None, 10), srv.lines
+    sent = re.findall(r"([\d.]+) (B|KiB|MiB) sent", status() or "")
+    return [round(float(n) * units[u]) for n, u in sent]
 
 
 def test_kill_one_pause_another_and_still_get_every_byte(tmp_path, servers_factory):
@@ -153,10 +175,46 @@ def test_all_servers_die_then_resume_fetches_only_the_rest(tmp_path, servers_fac
     assert "Run again with -r" in text and not out.exists()
     have = partial_size(out)
     assert 0 < have < 256 * MiB
+    count = len(saved_segments(out))
     servers_factory(src, ports)
     res = resume(out, ports)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert f"{have // MiB} already here" in res.stdout
+    assert f"{count} already here" in res.stdout
+    assert sha(out) == sha(src)
+
+
+def test_a_small_file_from_four_servers_is_sent_once_and_shared(tmp_path, servers_factory):
+    """Issue 13: 2 MiB from 4 servers were 2 segments of 1 MiB, raced by every idle
+    worker: 8 MiB sent, and no faster than from one server."""
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(2 * MiB))
+    ports = free_ports(4)
+    srv = servers_factory(src, ports, rate=1)  # 1 MiB/s each: 2 s from one, 0.5 s from 4
+    out = tmp_path / "out.bin"
+    dl = download(out, ports)
+    text, _ = dl.communicate(timeout=60)
+    assert dl.returncode == 0, text
+    assert sha(out) == sha(src)
+    assert "in 32 segments of 64.0 KiB from 4 source(s)" in text
+    sent = sent_per_server(srv, len(srv.lines))
+    assert len(sent) == 4, srv.lines[-1]
+    assert 2 * MiB <= sum(sent) <= 2 * MiB + 256 * 1024, sent  # each byte once, or nearly
+    assert all(n >= 256 * 1024 for n in sent), sent  # every server did its share
+
+
+def test_resume_from_fewer_servers_keeps_the_segments_it_started_with(tmp_path, servers_factory):
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(8 * MiB))
+    ports = free_ports(4)
+    srv = servers_factory(src, ports, rate=1)
+    out = tmp_path / "out.bin"
+    killed_download(out, ports, 1 * MiB)
+    count = len(saved_segments(out))
+    srv.kill()
+    servers_factory(src, ports[:1])  # from one server, 8 MiB would be cut in 1 MiB segments
+    res = resume(out, ports[:1])
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"in 32 segments of 256.0 KiB from 1 source(s), {count} already here" in res.stdout
     assert sha(out) == sha(src)
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mirrorfuse.core.scheduler import DEAD, Scheduler, split
+from mirrorfuse.core.scheduler import (
+    DEAD,
+    MAX_SEGMENT,
+    MIN_SEGMENT,
+    SEGMENTS_PER_SOURCE,
+    Scheduler,
+    segment_size,
+    split,
+)
 
 SOURCES = ["s0", "s1", "s2", "s3"]
 
@@ -133,15 +141,97 @@ def test_idle_source_steals_the_back_half_and_paused_sources_are_taken_over():
     assert sorted(got) == [4, 5, 7]  # a paused source's whole queue is taken over
 
 
-def test_end_game_races_the_last_segment_and_reports_the_loser():
+def test_end_game_races_a_late_segment_and_reports_the_loser():
     sched = Scheduler(split(200, 100), ["a", "b"])
-    a = sched.next("a")
-    b = sched.next("b")
-    sched.completed("b", b.index, 0.1)
-    race = sched.next("b")
+    a = sched.next("a", now=0.0)
+    b = sched.next("b", now=0.0)
+    sched.completed("b", b.index, 0.1)  # b: 1000 B/s; a has not finished anything
+    assert sched.next("b", now=0.1) is None  # a may still be on time: no second copy
+    race = sched.next("b", now=1.0)  # a has taken 10 times b's time: b races it
     assert race.index == a.index
     assert sched.completed("b", race.index, 0.1) == ["a"]
     assert sched.finished and sched.winner[a.index] == "b"
+
+
+def test_sources_of_equal_speed_never_race_so_each_byte_is_sent_once():
+    """The bug: 2 segments of 1 MiB, 4 sources with 2 workers each: every idle worker raced
+    a segment in flight, and a 2 MiB file cost 8 MiB."""
+    names = ["s0", "s1", "s2", "s3"]
+    sched = Scheduler(split(2 << 20, segment_size(2 << 20, 4)), names)
+    sent = dict.fromkeys(names, 0)
+    now, fetching = 0.0, {}
+    while not sched.finished:
+        for name in names * 2:  # two workers each
+            if sum(k[0] == name for k in fetching) < 2:
+                seg = sched.next(name, now)
+                if seg is not None:
+                    fetching[(name, seg.index)] = now
+                    sent[name] += seg.length
+        now += 0.1  # every fetch takes 0.1 s at every source
+        for (name, index), since in list(fetching.items()):
+            if (name, index) in fetching and now - since >= 0.1 - 1e-9:
+                del fetching[(name, index)]
+                for loser in sched.completed(name, index, now - since):
+                    sched.cancelled(loser, index)
+                    del fetching[(loser, index)]
+    assert sent == dict.fromkeys(names, 512 << 10)  # a quarter each, nothing twice
+
+
+def test_a_stalled_fetch_gets_one_racer_and_a_racer_races_one_segment():
+    sched = Scheduler(split(600, 100), ["slow", "b", "c"])
+    for name in ("b", "c"):  # both measured at 1000 B/s
+        seg = sched.next(name, 0.0)
+        sched.completed(name, seg.index, 0.1)
+    stalled = [sched.next("slow", 0.0).index, sched.next("slow", 0.0).index]
+    for name in ("b", "c"):
+        sched.completed(name, sched.next(name, 0.1).index, 0.1)
+    assert not any(sched.sources[n].queue for n in sched.sources)
+    assert sched.next("b", 0.15) is None  # slow's fetches are young still
+    first = sched.next("b", 5.0)
+    assert first.index in stalled
+    assert sched.next("b", 5.0) is None  # b races one segment at a time
+    second = sched.next("c", 5.0)
+    assert second.index in stalled and second.index != first.index  # one racer a segment
+    assert sched.next("c", 5.0) is None
+    assert sched.completed("b", first.index, 0.1) == ["slow"]
+    assert sched.next("b", 5.1) is None  # the other has its racer already
+
+
+def test_a_source_with_no_measured_speed_does_not_race():
+    sched = Scheduler(split(100, 100), ["a", "b"])
+    sched.next("a", 0.0)
+    assert sched.next("b", 100.0) is None
+
+
+def test_a_much_faster_source_races_a_slow_one_that_is_on_time():
+    sched = Scheduler(split(400, 100), ["a", "b"])
+    sched.completed("a", sched.next("a", 0.0).index, 1.0)  # a: 100 B/s
+    sched.completed("b", sched.next("b", 0.0).index, 0.01)  # b: 10000 B/s
+    held = sched.next("a", 1.0)
+    sched.completed("b", sched.next("b", 1.0).index, 0.01)
+    race = sched.next("b", 1.02)  # a needs 1 s more, b 0.01 s: worth a second copy
+    assert race is not None and race.index == held.index
+
+
+@given(st.integers(0, 1 << 40), st.integers(1, 64))
+def test_segments_are_sized_to_the_file_and_its_sources(size, sources):
+    each = segment_size(size, sources)
+    assert MIN_SEGMENT <= each <= MAX_SEGMENT and each % MIN_SEGMENT == 0
+    count = len(range(0, size, each))
+    if each < MAX_SEGMENT:  # small enough files: not too many segments either
+        assert count <= 2 * SEGMENTS_PER_SOURCE * sources
+    if each > MIN_SEGMENT:  # large enough files: several segments for every source
+        assert count >= SEGMENTS_PER_SOURCE * sources
+
+
+def test_segment_sizes_of_some_files():
+    KiB, MiB = 1 << 10, 1 << 20
+    assert segment_size(2 * MiB, 4) == 64 * KiB  # 32 segments, 8 for each source
+    assert segment_size(2 * MiB, 1) == 256 * KiB
+    assert segment_size(10 * KiB, 4) == 64 * KiB  # one segment: a request is not free
+    assert segment_size(8 * MiB, 4) == 256 * KiB
+    assert segment_size(256 * MiB, 4) == MiB
+    assert segment_size(100 << 30, 8) == MiB
 
 
 def test_eligibility_keeps_segments_on_their_holders():
