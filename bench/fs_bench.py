@@ -28,6 +28,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -72,6 +74,9 @@ class Local:
 
     def abort(self) -> None:
         pass  # the kernel's own file system does not hang on us
+
+    def alive(self) -> bool:
+        return True
 
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -129,6 +134,9 @@ class Mirrorfs:
         jobs.drop_caches()
         self._mount()
 
+    def alive(self) -> bool:
+        return os.path.ismount(self.mnt)
+
     def abort(self) -> None:
         """End the mount process: whatever waits on the mount gets ENOTCONN and returns."""
         if self.pid is not None:
@@ -158,6 +166,9 @@ class Gluster:
 
     def abort(self) -> None:
         self.volume.kill_client()
+
+    def alive(self) -> bool:
+        return os.path.ismount(self.volume.mnt)
 
     def __exit__(self, *exc: object) -> None:
         self.volume.stop()
@@ -190,33 +201,66 @@ def guarded(step: Callable[[], dict[str, float]], limit: float, abort: Callable[
     return result
 
 
-def run_system(
-    name: str, system, p: jobs.Params, source: Path, tarball: Path, scratch: Path
-) -> tuple[dict[str, float], list[str]]:
-    """Every job on one system; a job that fails leaves its rows empty and says why."""
-    results: dict[str, float] = {}
-    errors: list[str] = []
+def steps(p: jobs.Params, source: Path, tarball: Path, scratch: Path) -> list:
+    """(name, function of a root and its system) for every job, in the order they run."""
+    return [
+        ("fio", lambda root, system: jobs.fio_rows(root, p, system.cold)),
+        ("small files", lambda root, system: jobs.small_files(root, p)),
+        ("cp", lambda root, system: jobs.copies(root, source, scratch, system.cold)),
+        ("sqlite", lambda root, system: jobs.sqlite_inserts(root, p)),
+        ("ls -l", lambda root, system: jobs.listing(root, p)),
+        ("untar", lambda root, system: jobs.untar(root, tarball)),
+    ]
+
+
+def run_all(systems: dict, p: jobs.Params, jobs_list: list, rounds: int):
+    """Every job on every system, the systems taking turns job by job (so a machine that
+    gets busier for a while weighs on all of them alike); the median of the rounds.
+
+    A job that fails leaves its rows empty and says why; a job that hangs ends that
+    system's mount, and a system whose mount is gone sits out the rest of the run.
+    """
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n in systems}
+    errors: dict[str, list[str]] = {n: [] for n in systems}
+    roots: dict[str, Path] = {}
+    entered = []
     try:
-        with system as root:
-            steps: list[tuple[str, Callable[[], dict[str, float]]]] = [
-                ("fio", lambda: jobs.fio_rows(root, p, system.cold)),
-                ("small files", lambda: jobs.small_files(root, p)),
-                ("cp", lambda: jobs.copies(root, source, scratch, system.cold)),
-                ("sqlite", lambda: jobs.sqlite_inserts(root, p)),
-                ("ls -l", lambda: jobs.listing(root, p)),
-                ("untar", lambda: jobs.untar(root, tarball)),
-            ]
-            for what, step in steps:
-                print(f"[{name}] {what}", file=sys.stderr, flush=True)
-                try:
-                    results.update(guarded(step, p.step_limit, system.abort))
-                except StepHung:
-                    errors.append(f"{what}: no answer in {p.step_limit} s, the mount was ended")
-                    break
-                except Exception as exc:
-                    errors.append(f"{what}: {_why(exc)}")
-    except Exception as exc:
-        errors.append(f"setup: {_why(exc)}")
+        for name, system in systems.items():
+            print(f"[{name}] setting up", file=sys.stderr, flush=True)
+            try:
+                roots[name] = system.__enter__()
+                entered.append((name, system))
+            except Exception as exc:
+                errors[name].append(f"setup: {_why(exc)}")
+        for rnd in range(rounds):
+            for what, job in jobs_list:
+                for name, root in list(roots.items()):
+                    system = systems[name]
+                    if not system.alive():  # never measure the empty directory below a mount
+                        errors[name].append(f"{what}: {root} is not mounted any more")
+                        del roots[name]
+                        continue
+                    tag = f" (round {rnd + 1}/{rounds})" if rounds > 1 else ""
+                    print(f"[{name}] {what}{tag}", file=sys.stderr, flush=True)
+                    try:
+                        res = guarded(partial(job, root, system), p.step_limit, system.abort)
+                    except StepHung:
+                        errors[name].append(f"{what}: no answer in {p.step_limit:.0f} s, ended")
+                        del roots[name]
+                        continue
+                    except Exception as exc:
+                        errors[name].append(f"{what}: {_why(exc)}")
+                        continue
+                    for key, value in res.items():
+                        samples[name].setdefault(key, []).append(value)
+    finally:
+        for name, system in reversed(entered):
+            print(f"[{name}] tearing down", file=sys.stderr, flush=True)
+            try:
+                system.__exit__(None, None, None)
+            except Exception as exc:
+                errors[name].append(f"teardown: {_why(exc)}")
+    results = {n: {k: statistics.median(v) for k, v in rows.items()} for n, rows in samples.items()}
     return results, errors
 
 
@@ -274,6 +318,7 @@ def main() -> int:
     p.add_argument(
         "--cold-fio", action="store_true", help="remount and drop caches before fio reads"
     )
+    p.add_argument("--rounds", type=int, default=1, help="run every job N times, show medians")
     args = p.parse_args()
     chosen = [s.strip() for s in args.systems.split(",") if s.strip()]
     if not chosen or set(chosen) - set(SYSTEMS):
@@ -282,8 +327,6 @@ def main() -> int:
     if args.cold_fio:
         params = jobs.Params(**{**params.__dict__, "cold_fio": True})
     ensure_packages({"fio": "fio"})
-    results: dict[str, dict[str, float]] = {}
-    errors: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory(prefix="mfs-fsbench-") as tmpdir:
         tmp = Path(tmpdir)
         scratch = tmp / "scratch"
@@ -292,13 +335,16 @@ def main() -> int:
         tree = jobs.make_tarball(tarball, params.tree_copies)
         source = scratch / "source.dat"
         jobs.make_source(source, params)
-        for name in chosen:
-            system = {
+        systems = {
+            name: {
                 "mirrorfs": lambda: Mirrorfs(tmp, args.servers, args.block_size),
                 "gluster": lambda: Gluster(tmp),
                 "local": lambda: Local(tmp),
             }[name]()
-            results[name], errors[name] = run_system(name, system, params, source, tarball, scratch)
+            for name in chosen
+        }
+        jobs_list = steps(params, source, tarball, scratch)
+        results, errors = run_all(systems, params, jobs_list, args.rounds)
     print(
         f"\n{os.cpu_count()} cores, Linux {platform.release()}; mirrorfs: {args.servers} "
         f"local servers, block {args.block_size}; {gluster_version()}: 2 x 2 replica 2, "
@@ -308,6 +354,8 @@ def main() -> int:
         print("(not root: caches could not be dropped, 'cold' reads were warm)")
     if params.cold_fio:
         print("(fio read jobs started on a fresh mount with dropped caches)")
+    if args.rounds > 1:
+        print(f"(median of {args.rounds} rounds)")
     print()
     print(table(params, chosen, results, tree))
     for name in chosen:
