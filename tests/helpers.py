@@ -147,6 +147,12 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def drop_caches() -> None:
+    """Forget the kernel's cached pages, so that reads reach the mount (root only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
 def sha(path: Path) -> str:
     """sha256 of a file, read in 1 MiB pieces."""
     h = hashlib.sha256()

@@ -1,10 +1,11 @@
 """The metadata journal: numbered records, group commit, checkpoints.
 
 The file system applies a record to its in-memory namespace and hands it to
-``add`` under its own lock, so journal order is apply order. A committer task
-on the volume's event loop sends whatever has accumulated as one batch to
-every writable server; while that batch is on the wire the next one collects
-(group commit). ``wait`` blocks until a record is on every live server.
+``add`` in the same step (one event loop, no await between), so journal order
+is apply order. A committer task on that loop sends whatever has accumulated
+as one batch to every writable server; while that batch is on the wire the
+next one collects (group commit). ``wait`` returns once a record is on every
+live server.
 
 A checkpoint is queued like a record, at the sequence number it was taken at,
 so it reaches each server exactly when that server's journal ends there. The
@@ -15,7 +16,6 @@ them (a rebuild target says GAP).
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +24,6 @@ from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.messages import MetaInfo
 from mirrorfuse.wire.records import encode_batch
 
-from .blocking import BlockingVolume
 from .metastore import Leased, MetaStore
 from .table import Fenced
 
@@ -62,13 +61,11 @@ class JournalUnavailable(Exception):
 class Journal:
     def __init__(
         self,
-        bvol: BlockingVolume,
         meta: MetaStore,
         seq: int,
         checkpoint: bytes,
         on_committed: Callable[[int], None] | None = None,
     ) -> None:
-        self._bvol = bvol
         self._meta = meta
         self.seq = seq  # last record handed in
         self.committed = seq  # last record on every writable server
@@ -76,24 +73,30 @@ class Journal:
         self._tail: list[Batch] = []
         self._tail_bytes = 0
         self._queue: list[bytes | _Checkpoint | _BringUp] = []
-        self._cond = threading.Condition()
+        self._waiters: list[asyncio.Future[None]] = []
         self._on_committed = on_committed
         self.error: BaseException | None = None  # permanent
         self.trouble: BaseException | None = None  # the last try failed; trying again
         self._closing = False
         self._wake = asyncio.Event()
-        self._task = asyncio.run_coroutine_threadsafe(self._run(), bvol.loop)
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    # -- called by the file system (any thread) -----------------------------------------
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    # -- called by the file system (on the journal's loop) --------------------------------
 
     def add(self, record: bytes) -> int:
-        """Queue one encoded record; the caller holds the lock that orders records."""
-        with self._cond:
-            if self.error is not None:
-                raise JournalBroken(str(self.error))
-            self.seq += 1
-            self._queue.append(record)
-        self._bvol.loop.call_soon_threadsafe(self._wake.set)
+        """Queue one encoded record (in the step that applied it: journal order is apply
+        order)."""
+        if self.error is not None:
+            raise JournalBroken(str(self.error))
+        self.seq += 1
+        self._queue.append(record)
+        self._wake.set()
         return self.seq
 
     def needs_checkpoint(self) -> bool:
@@ -103,37 +106,37 @@ class Journal:
 
     def add_checkpoint(self, seq: int, blob: bytes) -> None:
         """Queue a checkpoint of the namespace as it is after record ``seq`` (== self.seq)."""
-        with self._cond:
-            assert seq == self.seq
-            self._queue.append(_Checkpoint(seq, blob))
-        self._bvol.loop.call_soon_threadsafe(self._wake.set)
+        assert seq == self.seq
+        self._queue.append(_Checkpoint(seq, blob))
+        self._wake.set()
 
-    def wait(self, upto: int | None = None, timeout: float | None = None) -> None:
-        """Block until every record up to ``upto`` (default: all so far) is committed.
+    async def wait(self, upto: int | None = None, timeout: float | None = None) -> None:
+        """Return when every record up to ``upto`` (default: all so far) is committed.
 
         JournalUnavailable while the servers that would hold them cannot be reached.
         """
-        with self._cond:
-            target = self.seq if upto is None else upto
-            ok = self._cond.wait_for(
-                lambda: (
+        target = self.seq if upto is None else upto
+        try:
+            async with asyncio.timeout(timeout):
+                while not (
                     self.committed >= target or self.error is not None or self.trouble is not None
-                ),
-                timeout,
-            )
-            if self.error is not None:
-                raise JournalBroken(str(self.error))
-            if self.committed < target and self.trouble is not None:
-                raise JournalUnavailable(str(self.trouble))
-            if not ok:
-                raise TimeoutError(f"journal did not commit record {target} in time")
+                ):
+                    w = asyncio.get_running_loop().create_future()
+                    self._waiters.append(w)
+                    await w
+        except TimeoutError:
+            raise TimeoutError(f"journal did not commit record {target} in time") from None
+        if self.error is not None:
+            raise JournalBroken(str(self.error))
+        if self.committed < target and self.trouble is not None:
+            raise JournalUnavailable(str(self.trouble))
 
-    def close(self, timeout: float = 60) -> None:
-        self.wait(timeout=timeout)
-        with self._cond:
-            self._closing = True
-        self._bvol.loop.call_soon_threadsafe(self._wake.set)
-        self._task.result(timeout)
+    async def close(self, timeout: float = 60) -> None:
+        await self.wait(timeout=timeout)
+        self._closing = True
+        self._wake.set()
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(self._task)
 
     # -- the committer (event loop) ------------------------------------------------------
 
@@ -142,31 +145,30 @@ class Journal:
         committed, between two batches: a heal ends with this before the server counts
         alive, so its metadata is whole even if no change follows."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        with self._cond:
-            if self.error is not None or self._closing:
-                raise MirrorfsError(f"the journal is stopped: {self.error or 'unmounting'}")
-            self._queue.append(_BringUp(server, done))
+        if self.error is not None or self._closing:
+            raise MirrorfsError(f"the journal is stopped: {self.error or 'unmounting'}")
+        self._queue.append(_BringUp(server, done))
         self._wake.set()
         await done
 
     def _take(self) -> tuple[list[bytes], _Checkpoint | _BringUp | None]:
         """Records up to the next marker (and that marker)."""
-        with self._cond:
-            records: list[bytes] = []
-            size = 0
-            while self._queue:
-                item = self._queue[0]
-                if isinstance(item, _Checkpoint | _BringUp):
-                    if records:
-                        break
-                    self._queue.pop(0)
-                    return [], item
-                if records and size + len(item) > MAX_BATCH_BYTES:
+        records: list[bytes] = []
+        size = 0
+        n = 0
+        for item in self._queue:
+            if isinstance(item, _Checkpoint | _BringUp):
+                if records:
                     break
-                records.append(item)
-                size += len(item)
-                self._queue.pop(0)
-            return records, None
+                del self._queue[0]
+                return [], item
+            if records and size + len(item) > MAX_BATCH_BYTES:
+                break
+            records.append(item)
+            size += len(item)
+            n += 1
+        del self._queue[:n]
+        return records, None
 
     async def _run(self) -> None:
         item: Batch | _Checkpoint | _BringUp | None = None  # taken, not yet on the servers
@@ -182,28 +184,22 @@ class Journal:
                 try:
                     await self._store(item)
                 except (Fenced, Leased) as exc:  # never again: every waiter must learn of it
-                    with self._cond:
-                        self.error = exc
-                        self._cond.notify_all()
+                    self.error = exc
+                    self._notify()
                     return
                 except MirrorfsError as exc:  # e.g. no server reachable: keep it, try again
-                    with self._cond:
-                        self.trouble = exc
-                        self._cond.notify_all()
+                    self.trouble = exc
+                    self._notify()
                     await asyncio.sleep(RETRY_AFTER)
                     continue
                 except Exception as exc:  # a defect: stop changing things, and say why
-                    with self._cond:
-                        self.error = exc
-                        self._cond.notify_all()
+                    self.error = exc
+                    self._notify()
                     raise
-                if self.trouble is not None:
-                    with self._cond:
-                        self.trouble = None
+                self.trouble = None
                 item = None
-            with self._cond:
-                if self._closing and not self._queue:
-                    return
+            if self._closing and not self._queue:
+                return
 
     async def _store(self, item: Batch | _Checkpoint | _BringUp) -> None:
         if isinstance(item, _BringUp):
@@ -225,9 +221,8 @@ class Journal:
         await self._meta.append(item, self._heal)
         self._tail.append(item)
         self._tail_bytes += len(item.data)
-        with self._cond:
-            self.committed = item.last
-            self._cond.notify_all()
+        self.committed = item.last
+        self._notify()
         if self._on_committed is not None:
             self._on_committed(item.last)
 

@@ -200,8 +200,12 @@ class Namespace:
 
     def _data(self, rec: Data) -> list[int]:
         node = self.inodes[rec.ino]
-        freed = []
-        if rec.cut is not None:  # the truncation comes first: new blocks may be past it
+        freed: list[int] = []
+        node.inline = rec.inline
+        if rec.inline is not None:
+            freed = [blk for blk, _ in node.blocks.values()]
+            node.blocks = {}
+        elif rec.cut is not None:  # the truncation comes first: new blocks may be past it
             for index in [i for i in node.blocks if i >= rec.cut]:
                 freed.append(node.blocks.pop(index)[0])
         for index, (blk, csum) in rec.new.items():

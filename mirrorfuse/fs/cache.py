@@ -1,13 +1,16 @@
-"""Block numbers to hand out, and clean blocks kept in memory."""
+"""Block numbers to hand out, and clean chunks of blocks kept in memory."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import heapq
-import threading
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future
+from pathlib import Path
+
+from mirrorfuse.wire.sizes import parse_size
 
 from .base import FsError
 
@@ -22,7 +25,6 @@ class Allocator:
         self.free = [b for b in range(self.next) if b not in taken]
         heapq.heapify(self.free)
         self.in_use = len(taken)
-        self.lock = threading.Lock()
 
     def alloc(
         self, n: int, usable: Callable[[int], bool] | None = None, period: int = 1
@@ -30,55 +32,77 @@ class Allocator:
         """``n`` free blocks, lowest first, skipping those ``usable`` refuses (a pair out of
         reach); whether a block is usable repeats every ``period`` numbers, and when no
         block of a period is, any will do (the write then fails as it must)."""
-        with self.lock:
-            if self.in_use + n > self.limit:
-                raise FsError(errno.ENOSPC)
-            ok = usable if usable is not None and any(map(usable, range(period))) else None
-            out: list[int] = []
-            skipped: list[int] = []
-            while len(out) < n and self.free:
-                b = heapq.heappop(self.free)
-                (out if ok is None or ok(b) else skipped).append(b)
-            while len(out) < n:
-                b = self.next
-                self.next += 1
-                (out if ok is None or ok(b) else skipped).append(b)
-            for b in skipped:
-                heapq.heappush(self.free, b)
-            self.in_use += n
-            return out
+        if self.in_use + n > self.limit:
+            raise FsError(errno.ENOSPC)
+        ok = usable if usable is not None and any(map(usable, range(period))) else None
+        out: list[int] = []
+        skipped: list[int] = []
+        while len(out) < n and self.free:
+            b = heapq.heappop(self.free)
+            (out if ok is None or ok(b) else skipped).append(b)
+        while len(out) < n:
+            b = self.next
+            self.next += 1
+            (out if ok is None or ok(b) else skipped).append(b)
+        for b in skipped:
+            heapq.heappush(self.free, b)
+        self.in_use += n
+        return out
 
     def release(self, blocks: Iterable[int]) -> None:
-        with self.lock:
-            for b in blocks:
-                heapq.heappush(self.free, b)
-                self.in_use -= 1
+        for b in blocks:
+            heapq.heappush(self.free, b)
+            self.in_use -= 1
 
 
-class BlockCache:
-    """Clean blocks by (block, checksum): a block number's content changes only when reused.
+CHUNK = 64 << 10  # the unit of caching (and of checksums on volumes that have them)
 
-    Values are futures so that a block being fetched (read-ahead) is fetched once.
+
+def cache_bytes() -> int:
+    """The chunk cache's size: a quarter of the memory free now, 64 MiB to 8 GiB
+    (MIRRORFS_CACHE overrides)."""
+    if "MIRRORFS_CACHE" in os.environ:
+        return parse_size(os.environ["MIRRORFS_CACHE"])
+    avail = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) << 10
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(max(avail // 4, 64 << 20), 8 << 30)
+
+
+Key = tuple[int, int, int]  # logical block, its checksum, chunk index
+
+
+class ChunkCache:
+    """Clean chunks by (block, checksum, chunk): a block number's content changes only
+    when the block is reused, and then its checksum changes too (or it was freed).
+
+    Values are futures so that a chunk being fetched (read-ahead) is fetched once.
     """
 
-    def __init__(self, max_blocks: int) -> None:
-        self.max_blocks = max(max_blocks, 4)
-        self.items: OrderedDict[tuple[int, int], Future[bytes]] = OrderedDict()
-        self.lock = threading.Lock()
+    def __init__(self, max_bytes: int, chunk: int = CHUNK) -> None:
+        self.max_items = max(max_bytes // chunk, 64)
+        self.items: OrderedDict[Key, asyncio.Future[bytes]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
 
-    def get(self, key: tuple[int, int]) -> Future[bytes] | None:
-        with self.lock:
-            fut = self.items.get(key)
-            if fut is None:
-                return None
-            if fut.done() and fut.exception() is not None:
-                del self.items[key]  # a failed fetch is tried again next time
-                return None
-            self.items.move_to_end(key)
-            return fut
+    def get(self, key: Key) -> asyncio.Future[bytes] | None:
+        fut = self.items.get(key)
+        if fut is None:
+            self.misses += 1
+            return None
+        if fut.done() and (fut.cancelled() or fut.exception() is not None):
+            del self.items[key]  # a failed fetch is tried again next time
+            self.misses += 1
+            return None
+        self.items.move_to_end(key)
+        self.hits += 1
+        return fut
 
-    def put(self, key: tuple[int, int], fut: Future[bytes]) -> None:
-        with self.lock:
-            self.items[key] = fut
-            while len(self.items) > self.max_blocks:
-                self.items.popitem(last=False)
+    def put(self, key: Key, fut: asyncio.Future[bytes]) -> None:
+        self.items[key] = fut
+        while len(self.items) > self.max_items:
+            self.items.popitem(last=False)

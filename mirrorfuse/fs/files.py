@@ -1,51 +1,70 @@
-"""Open files: handles, reads through the block cache, buffered writes, truncation.
+"""Open files: handles, reads through the chunk cache, write-back, truncation.
 
-File data is buffered per inode and flushed copy-on-write: the new blocks
-are written to fresh block numbers on both mirrors first, then one ``Data``
-record switches the block map, so a crash leaves the old or the new content,
-never a mix. This is the data half of ``FileSystem`` (a base class of it);
-names and attributes are the other half.
+Writes land in a per-file ``Layer`` (pending.py) and go out copy-on-write:
+the new blocks are written to fresh block numbers on both mirrors first,
+then one ``Data`` record switches the block map, so a crash leaves the old
+or the new content, never a mix. A file whose content fits in INLINE_MAX
+bytes goes out as that content inside its record: no block at all. Data is
+written out when the file is fsynced or closed, when it has FLUSH_BYTES
+pending (in the background, while the writer goes on into the next layer),
+when it has waited WRITEBACK_AGE seconds, and when all files together hold
+WRITEBACK_BYTES.
+
+This is the data half of ``FileSystem`` (a base class of it); names and
+attributes are the other half. Everything runs on the volume's event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import os
 import stat
-import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from mirrorfuse.client.blocking import BlockingVolume
 from mirrorfuse.client.journal import Journal, JournalBroken, JournalUnavailable
+from mirrorfuse.client.volume import Volume
 from mirrorfuse.core.namespace import Namespace
-from mirrorfuse.core.scheduler import Scheduler, Segment
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.records import AnyRecord, Data, Free, Inode
 
-from .base import Context, FsError, names, now_ns
-from .cache import Allocator, BlockCache
+from .base import Context, FsError, now_ns
+from .cache import Allocator, ChunkCache
+from .pending import Layer
+from .reading import Reader
 
-FLUSH_BLOCKS = 32  # dirty blocks per file before it is written out
-CACHE_BYTES = 128 << 20
-READAHEAD_BYTES = 16 << 20
-
-T = TypeVar("T")
+FLUSH_BYTES = 32 << 20  # pending in one file: written out in the background
+WRITEBACK_BYTES = 256 << 20  # pending in all files: writers wait for the biggest to go out
+WRITEBACK_AGE = 5.0  # seconds data may wait in memory
+INLINE_MAX = 4096  # files up to this size live in their metadata record
 
 
 @dataclass
 class FileState:
-    """An inode's runtime state: open handles and data not yet written out."""
+    """An inode's runtime state: open handles and changes not yet written out.
 
-    lock: threading.RLock = field(default_factory=threading.RLock)
-    dirty: dict[int, bytearray] = field(default_factory=dict)
-    size: int | None = None  # pending size, None: the inode's
-    mtime: int | None = None
-    cut: int | None = None  # pending truncation: drop block indexes >= cut
+    ``layers`` oldest first; writes go to the last. ``lock`` lets one write-out
+    run at a time; ``task`` is a write-out started in the background.
+    """
+
     opens: int = 0
+    layers: list[Layer] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    task: asyncio.Task[None] | None = None
+    error: OSError | None = None  # a background write-out failed: the next flush says so
+
+    def top(self) -> Layer:
+        if not self.layers:
+            self.layers.append(Layer(since=time.monotonic()))
+        return self.layers[-1]
+
+    @property
+    def pending(self) -> bool:
+        return any(not layer.empty for layer in self.layers)
 
 
 @dataclass
@@ -55,58 +74,74 @@ class Handle:
     next_read: int = 0  # where a sequential reader will read next
 
 
-class OpenFiles(ABC):
+class OpenFiles(Reader, ABC):
     """The data half of the file system; FileSystem provides the rest."""
 
-    bvol: BlockingVolume
+    volume: Volume
     ns: Namespace
     bs: int
-    lock: threading.RLock
     alloc: Allocator
-    cache: BlockCache
+    cache: ChunkCache
     readonly: str | None
-    readahead: int
     journal: Journal
     states: dict[int, FileState]
     handles: dict[int, Handle]
+    writeback: bool  # the kernel caches writes (and handles O_APPEND)
+    dirty_bytes: int
     _next_fh: int
-    _turns: dict[tuple[str, ...], int]
 
-    # the names half, provided by FileSystem
     @abstractmethod
     def _commit(self, rec: AnyRecord) -> int: ...
 
     @abstractmethod
-    def _allocate(self, n: int) -> list[int]: ...
-
-    @abstractmethod
-    def _io(self, func: Callable[..., T], *args: Any) -> T: ...
+    async def _allocate(self, n: int) -> list[int]: ...
 
     @abstractmethod
     def _go_readonly(self, why: str) -> None: ...
 
     @abstractmethod
-    def _lookup(self, path: str) -> Inode: ...
+    def _errno(self, exc: MirrorfsError) -> FsError: ...
 
     @abstractmethod
-    def _dir(self, path: str) -> Inode: ...
+    def _inode(self, ino: int) -> Inode: ...
 
     @abstractmethod
-    def _split(self, path: str) -> tuple[str, str]: ...
-
-    @abstractmethod
-    def _node(self, path: str | None, fh: int | None) -> Inode: ...
+    def _dir(self, ino: int) -> Inode: ...
 
     @abstractmethod
     def _new(
-        self, path: str, mode: int, ctx: Context, rdev: int = 0, target: str | None = None
+        self,
+        parent: int,
+        name: str,
+        mode: int,
+        ctx: Context,
+        rdev: int = 0,
+        target: str | None = None,
     ) -> Inode: ...
+
+    # -- sizes as the user sees them -------------------------------------------------------
 
     def _size(self, node: Inode) -> int:
         st = self.states.get(node.ino)
-        return st.size if st is not None and st.size is not None else node.size
+        if st is not None:
+            for layer in reversed(st.layers):
+                if layer.size is not None:
+                    return layer.size
+        return node.size
 
-    # -- opening and closing ------------------------------------------------------------------
+    def _mtime(self, node: Inode) -> int:
+        st = self.states.get(node.ino)
+        if st is not None:
+            for layer in reversed(st.layers):
+                if layer.mtime is not None:
+                    return layer.mtime
+        return node.mtime
+
+    def _layers(self, ino: int) -> list[Layer]:
+        st = self.states.get(ino)
+        return st.layers if st is not None else []
+
+    # -- opening and closing ----------------------------------------------------------------
 
     def _state(self, ino: int) -> FileState:
         st = self.states.get(ino)
@@ -121,380 +156,306 @@ class OpenFiles(ABC):
         self._state(node.ino).opens += 1
         return fh
 
-    def open(self, path: str, flags: int) -> int:
-        with self.lock:
-            node = self._lookup(path)
-            if node.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
-                raise FsError(errno.EISDIR)
-            fh = self._handle(node, flags)
-        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
-            self.truncate(None, 0, fh)
-        return fh
-
-    def create(self, path: str, mode: int, flags: int, ctx: Context) -> int:
-        with self.lock:
-            parent_path, name = self._split(path)
-            parent = self._dir(parent_path)
-            existing = names(parent).get(name)
-            if existing is not None:
-                if flags & os.O_EXCL:
-                    raise FsError(errno.EEXIST)
-                node = self.ns.inodes[existing]
-            else:
-                node = self._new(path, stat.S_IFREG | (mode & 0o7777), ctx)
-            fh = self._handle(node, flags)
-        if existing is not None and flags & os.O_TRUNC:
-            self.truncate(None, 0, fh)
-        return fh
-
-    def opendir(self, path: str) -> int:
-        with self.lock:
-            node = self._dir(path)
-            fh = self._next_fh
-            self._next_fh += 1
-            self.handles[fh] = Handle(node.ino, os.O_RDONLY | os.O_DIRECTORY)
-            return fh
-
-    def releasedir(self, fh: int) -> None:
-        with self.lock:
-            self.handles.pop(fh, None)
-
-    def release(self, fh: int) -> None:
-        with self.lock:
-            h = self.handles.pop(fh, None)
-            if h is None:
-                return
-            st = self.states.get(h.ino)
-            node = self.ns.inodes.get(h.ino)
-        if st is None:
-            return
-        with st.lock:
-            try:
-                if node is not None and node.nlink > 0:
-                    self._flush(h.ino, st)
-            except OSError:
-                # close() already got this error from flush; release cannot report it,
-                # and data that cannot be written must not pin the file forever
-                st.dirty.clear()
-                st.size = st.mtime = st.cut = None
-            finally:
-                with self.lock:
-                    st.opens -= 1
-                    if st.opens == 0 and not st.dirty:
-                        self.states.pop(h.ino, None)
-                        if node is not None and node.nlink == 0 and h.ino in self.ns.inodes:
-                            self._commit(Free(h.ino))
-
-    def flush(self, fh: int) -> None:
+    def _fh(self, fh: int) -> Handle:
         h = self.handles.get(fh)
+        if h is None:
+            raise FsError(errno.EBADF)
+        return h
+
+    async def open(self, ino: int, flags: int) -> int:
+        node = self._inode(ino)
+        if node.is_dir and flags & os.O_ACCMODE != os.O_RDONLY:
+            raise FsError(errno.EISDIR)
+        fh = self._handle(node, flags)
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            await self.truncate(ino, 0)
+        return fh
+
+    async def create(
+        self, parent: int, name: str, mode: int, flags: int, ctx: Context
+    ) -> tuple[int, Inode]:
+        pdir = self._dir(parent)
+        existing = pdir.entries.get(name) if pdir.entries is not None else None
+        if existing is not None:
+            if flags & os.O_EXCL:
+                raise FsError(errno.EEXIST)
+            node = self.ns.inodes[existing]
+            if node.is_dir:
+                raise FsError(errno.EISDIR)
+        else:
+            node = self._new(parent, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        fh = self._handle(node, flags)
+        if existing is not None and flags & os.O_TRUNC:
+            await self.truncate(node.ino, 0)
+        return fh, node
+
+    async def release(self, fh: int) -> None:
+        h = self.handles.pop(fh, None)
         if h is None:
             return
         st = self.states.get(h.ino)
-        if st is not None:
-            with st.lock:
-                self._flush(h.ino, st)
+        if st is None:
+            return
+        node = self.ns.inodes.get(h.ino)
+        try:
+            if node is not None and node.nlink > 0 and st.opens == 1:
+                await self._write_out(h.ino, st)
+        except OSError:
+            # close() already got this error from flush; release cannot report it,
+            # and data that cannot be written must not pin the file forever
+            self._drop_pending(st)
+        finally:
+            st.opens -= 1
+            if st.opens == 0 and (node is None or node.nlink == 0):
+                self._drop_pending(st)  # nobody can read it any more
+            self._forget_if_idle(h.ino)
 
-    def fsync(self, fh: int | None, datasync: bool = False) -> None:
+    def _drop_pending(self, st: FileState) -> None:
+        for layer in st.layers:
+            self.dirty_bytes -= layer.nbytes
+        st.layers.clear()
+        st.error = None
+
+    def _forget_if_idle(self, ino: int) -> None:
+        """Drop the runtime state of a file nobody has open and nothing is pending for;
+        an inode with no name left goes then."""
+        st = self.states.get(ino)
+        if st is None or st.opens > 0 or st.pending or (st.task and not st.task.done()):
+            return
+        del self.states[ino]
+        node = self.ns.inodes.get(ino)
+        if node is not None and node.nlink == 0 and self.readonly is None:
+            self._commit(Free(ino))
+
+    async def flush(self, fh: int) -> None:
+        h = self._fh(fh)
+        st = self.states.get(h.ino)
+        if st is not None:
+            node = self.ns.inodes.get(h.ino)
+            if node is not None and node.nlink > 0:
+                await self._write_out(h.ino, st)
+
+    async def fsync(self, fh: int | None, datasync: bool = False) -> None:
         """Return when the file's data and every record so far are on every live replica
         (EIO when a pair holding the file's data is lost)."""
         pairs: set[int] = set()
         if fh is not None:
-            self.flush(fh)
-            h = self.handles.get(fh)
-            node = self.ns.inodes.get(h.ino) if h is not None else None
+            h = self._fh(fh)
+            st = self.states.get(h.ino)
+            if st is not None:
+                await self._write_out(h.ino, st)
+            node = self.ns.inodes.get(h.ino)
             if node is not None:
-                layout = self.bvol.volume.layout
+                layout = self.volume.layout
                 pairs = {layout.pair_of(blk) for blk, _ in node.blocks.values()}
-        self.sync(pairs)
+        await self.sync(pairs)
 
-    def sync(self, pairs: set[int] | None = None) -> None:
+    async def sync(self, pairs: set[int] | None = None) -> None:
         try:
-            self.journal.wait()
+            await self.journal.wait()
         except JournalBroken as exc:
             self._go_readonly(str(exc))
             raise FsError(errno.EIO) from None
         except JournalUnavailable as exc:  # no server takes the metadata now: not for good
             raise FsError(errno.EIO, str(exc)) from None
-        self._io(self.bvol.sync, pairs or set())
-
-    # -- reading ------------------------------------------------------------------------------
-
-    def _block(self, node: Inode, index: int) -> Future[bytes] | None:
-        """The committed content of one block, fetched (or being fetched) through the cache.
-
-        None for a block with no content: never written, or past a truncation of the
-        open file that is not written out yet (it reads as zeros, not as it was).
-        """
-        st = self.states.get(node.ino)
-        if st is not None and st.cut is not None and index >= st.cut:
-            return None
-        entry = node.blocks.get(index)
-        if entry is None:
-            return None
-        key = (entry[0], entry[1])
-        fut = self.cache.get(key)
-        if fut is None:
-            fut = self.bvol.submit(self._fetch(entry[0], entry[1]))
-            self.cache.put(key, fut)
-        return fut
-
-    async def _fetch(self, block: int, csum: int) -> bytes:
-        # immutable once, here: every read of the block slices it without copying twice
-        return bytes(await self.bvol.volume.read(block, csum))
-
-    def _prefetch(self, node: Inode, indexes: range) -> None:
-        """Hand the blocks ahead to the live servers through the fetch scheduler.
-
-        Equal shares across every live mirror, each block only to the servers of
-        its own pair; what is cached or being fetched already is left alone.
-        """
-        st = self.states.get(node.ino)
-        cut = st.cut if st is not None and st.cut is not None else None
-        wanted = [
-            (i, *node.blocks[i])
-            for i in indexes
-            if i in node.blocks
-            and (cut is None or i < cut)
-            and self.cache.get(node.blocks[i]) is None
-        ]
-        if not wanted:
-            return
-        vol = self.bvol.volume
-        eligible = {
-            k: {str(s) for s in vol.readable(vol.layout.pair_of(blk))}
-            for k, (_, blk, _) in enumerate(wanted)
-        }
-        names = sorted({n for e in eligible.values() for n in e})
-        if not names:
-            return
-        # the window slides a block at a time: rotate who comes first, or ties
-        # would always go to the first server of each pair
-        key = tuple(names)  # per set of servers: blocks alternate between pairs
-        turn = self._turns[key] = self._turns.get(key, -1) + 1
-        names = names[turn % len(names) :] + names[: turn % len(names)]
-        sched = Scheduler(
-            [Segment(k, k, k + 1) for k in range(len(wanted))], names, eligible=eligible
-        )
-        while not sched.finished:
-            progressed = False
-            for name in names:
-                seg = sched.next(name)
-                if seg is None:
-                    continue
-                progressed = True
-                sched.completed(name, seg.index, 0.0)
-                _, blk, csum = wanted[seg.index]
-                fut = self.bvol.submit(self._fetch_via(blk, csum, int(name)))
-                self.cache.put((blk, csum), fut)
-            if not progressed:
-                return
-
-    async def _fetch_via(self, block: int, csum: int, server: int) -> bytes:
-        return bytes(await self.bvol.volume.read_via(block, csum, server))
-
-    def _result(self, fut: Future[bytes]) -> bytes:
         try:
-            return fut.result()
+            await self.volume.sync(pairs or set())
         except MirrorfsError as exc:
-            raise FsError(exc.errno, str(exc)) from None
+            raise self._errno(exc) from None
 
-    def read(self, fh: int, size: int, offset: int) -> bytes:
-        h = self.handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF)
-        st = self.states.get(h.ino)
-        lock = st.lock if st is not None else threading.RLock()
-        with lock:
-            with self.lock:
-                node = self.ns.inodes[h.ino]
-                fsize = self._size(node)
-                if node.is_dir:
-                    raise FsError(errno.EISDIR)
-            end = min(offset + size, fsize)
-            if offset >= end:
-                return b""
-            first, last = offset // self.bs, (end - 1) // self.bs
-            futures = {}
-            for idx in range(first, last + 1):
-                if st is None or idx not in st.dirty:
-                    futures[idx] = self._block(node, idx)
-            if h.next_read == offset and self.readahead:  # sequential: fetch what comes next
-                ahead = last + 1 + max(self.readahead // self.bs, 2)
-                self._prefetch(node, range(last + 1, min(ahead, (fsize - 1) // self.bs + 1)))
-            h.next_read = end
-            one = futures.get(first)
-            if first == last and one is not None:
-                # the common case: within one committed block, one slice, one copy
-                data = self._result(one)
-                lo, hi = offset - first * self.bs, end - first * self.bs
-                if len(data) >= hi:
-                    return data[lo:hi]
-            out = bytearray()
-            for idx in range(first, last + 1):
-                piece_of: bytes | bytearray
-                if st is not None and idx in st.dirty:
-                    piece_of = st.dirty[idx]
-                else:
-                    fut = futures[idx]
-                    piece_of = self._result(fut) if fut is not None else b""
-                lo = max(offset, idx * self.bs) - idx * self.bs
-                hi = min(end, (idx + 1) * self.bs) - idx * self.bs
-                piece = piece_of[lo:hi]
-                out += piece
-                if len(piece) < hi - lo:
-                    out += bytes(hi - lo - len(piece))
-            return bytes(out)
+    async def sync_all(self) -> None:
+        """Write out every file's pending data (syncfs, unmount)."""
+        for ino, st in list(self.states.items()):
+            node = self.ns.inodes.get(ino)
+            if node is not None and node.nlink > 0:
+                await self._write_out(ino, st)
 
-    # -- writing --------------------------------------------------------------------------------
+    # -- writing ------------------------------------------------------------------------------
 
-    def write(self, fh: int, data: bytes, offset: int) -> int:
-        h = self.handles.get(fh)
-        if h is None:
-            raise FsError(errno.EBADF)
+    async def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self._fh(fh)
         if self.readonly is not None:
             raise FsError(errno.EROFS)
-        st = self.states.get(h.ino) or self._state(h.ino)
-        with st.lock:
-            with self.lock:
-                node = self.ns.inodes[h.ino]
-                size = self._size(node)
-            if h.flags & os.O_APPEND:
-                offset = size
-            view = memoryview(data)
-            pos = offset
-            while view:
-                idx, boff = divmod(pos, self.bs)
-                n = min(self.bs - boff, len(view))
-                buf = st.dirty.get(idx)
-                if buf is None:
-                    buf = self._base_for_write(node, st, idx, boff, n)
-                    st.dirty[idx] = buf
-                if len(buf) < boff:
-                    buf.extend(bytes(boff - len(buf)))
-                buf[boff : boff + n] = view[:n]
-                pos += n
-                view = view[n:]
-            st.size = max(size, offset + len(data))
-            st.mtime = now_ns()
-            if len(st.dirty) >= FLUSH_BLOCKS:
-                self._flush(h.ino, st)
+        node = self._inode(h.ino)
+        st = self._state(h.ino)
+        if h.flags & os.O_APPEND and not self.writeback:
+            offset = self._size(node)
+        size = self._size(node)
+        layer = st.top()
+        self.dirty_bytes += layer.write(self.bs, offset, data)
+        layer.size = max(size, offset + len(data))
+        layer.mtime = now_ns()
+        if layer.nbytes >= FLUSH_BYTES:
+            await self._start_write_out(h.ino, st)
+        if self.dirty_bytes > WRITEBACK_BYTES:
+            await self._relieve()
         return len(data)
 
-    def _base_for_write(self, node: Inode, st: FileState, idx: int, boff: int, n: int) -> bytearray:
-        """The block a partial write lands in: its committed content, or nothing yet."""
-        if (boff == 0 and n == self.bs) or (st.cut is not None and idx >= st.cut):
-            return bytearray()
-        fut = self._block(node, idx)
-        return bytearray(self._result(fut)) if fut is not None else bytearray()
-
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+    async def truncate(self, ino: int, length: int) -> None:
         if length < 0:
             raise FsError(errno.EINVAL)
-        with self.lock:
-            node = self._node(path, fh)
-            if node.is_dir:
-                raise FsError(errno.EISDIR)
-            st = self._state(node.ino)
-        with st.lock:
-            size = self._size(node)
-            keep = -(-length // self.bs)  # blocks that stay
-            if length < size:
-                for idx in [i for i in st.dirty if i >= keep]:
-                    del st.dirty[idx]
-                st.cut = keep if st.cut is None else min(st.cut, keep)
-                tail = length % self.bs
-                if tail:
-                    idx = length // self.bs
-                    buf = st.dirty.get(idx)
-                    if buf is None:
-                        buf = self._base_for_write(node, st, idx, 0, 0)
-                    del buf[tail:]
-                    st.dirty[idx] = buf
-            st.size = length
-            st.mtime = now_ns()
-            if st.opens == 0:
-                # nobody will close this file: write the truncation out now. With the
-                # file open it waits for the close, so a truncate-and-rewrite lands
-                # as one record (after a crash: old content or new, never empty)
-                self._flush(node.ino, st, force=True)
-                with self.lock:
-                    if st.opens == 0 and not st.dirty:
-                        self.states.pop(node.ino, None)
+        node = self._inode(ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        st = self._state(ino)
+        layer = st.top()
+        before = layer.nbytes
+        layer.truncate(self.bs, self._size(node), length)
+        self.dirty_bytes += layer.nbytes - before
+        layer.size = length
+        layer.mtime = now_ns()
+        if st.opens == 0:
+            # nobody will close this file: write the truncation out now. With the file
+            # open it waits for the close, so a truncate-and-rewrite lands as one
+            # record (after a crash: old content or new, never empty)
+            await self._write_out(ino, st)
+            self._forget_if_idle(ino)
 
-    def _flush(self, ino: int, st: FileState, force: bool = False) -> None:
-        """Write the dirty blocks copy-on-write, then switch the block map in one record."""
-        if not st.dirty and st.size is None and st.cut is None and not force:
+    async def _start_write_out(self, ino: int, st: FileState) -> None:
+        """Write the file's pending layers out in the background; wait for the one
+        before if it still runs (two layers in memory at most)."""
+        if st.task is not None and not st.task.done():
+            await asyncio.wait([st.task])
+        st.layers.append(Layer(since=time.monotonic()))  # later writes go there
+        st.task = asyncio.get_running_loop().create_task(self._background(ino, st))
+
+    async def _background(self, ino: int, st: FileState) -> None:
+        try:
+            await self._write_out(ino, st, seal=False)
+        except OSError as exc:
+            st.error = exc
+        finally:
+            self._forget_if_idle(ino)
+
+    async def _relieve(self) -> None:
+        """Too much pending in all: write out the file holding most."""
+        biggest = max(
+            self.states.items(), key=lambda kv: sum(x.nbytes for x in kv[1].layers), default=None
+        )
+        if biggest is not None:
+            await self._write_out(*biggest)
+
+    async def expire(self) -> None:
+        """Write out what waited more than WRITEBACK_AGE (called every second)."""
+        old = time.monotonic() - WRITEBACK_AGE
+        for ino, st in list(self.states.items()):
+            if st.layers and st.layers[0].since < old and not st.lock.locked() and st.pending:
+                node = self.ns.inodes.get(ino)
+                if node is not None and node.nlink > 0:
+                    with contextlib.suppress(OSError):
+                        await self._write_out(ino, st)
+                    self._forget_if_idle(ino)
+
+    async def _write_out(self, ino: int, st: FileState, seal: bool = True) -> None:
+        """Write out the layers pending now, oldest first; ``seal``: the newest too (later
+        writes go to a new layer). Raises the error of an earlier background write-out."""
+        async with st.lock:
+            if seal and st.layers and not st.layers[-1].empty:
+                st.layers.append(Layer(since=time.monotonic()))
+            n = len(st.layers) - 1  # every layer but the open one
+            for _ in range(n):
+                if not st.layers:
+                    break  # dropped meanwhile (the file is gone)
+                layer = st.layers[0]
+                if not layer.empty:
+                    await self._send(ino, layer)
+                if st.layers and st.layers[0] is layer:
+                    st.layers.pop(0)
+                    self.dirty_bytes -= layer.nbytes
+            if st.error is not None:
+                err, st.error = st.error, None
+                raise err
+
+    async def _send(self, ino: int, layer: Layer) -> None:
+        """One layer out: its blocks copy-on-write, then one record (or its bytes inline)."""
+        node = self.ns.inodes.get(ino)
+        if node is None:
             return
-        with self.lock:
-            node = self.ns.inodes.get(ino)
-            if node is None:
-                return
-            size = self._size(node)
-        items = []
-        for idx, buf in sorted(st.dirty.items()):
-            valid = min(self.bs, size - idx * self.bs)
-            if valid > 0:
-                items.append((idx, bytes(buf[:valid])))
-        blocks = self._allocate(len(items)) if items else []
+        if self.readonly is not None:
+            raise FsError(errno.EROFS, self.readonly)
+        size = layer.size if layer.size is not None else node.size
+        t = layer.mtime or now_ns()
+        if size <= min(INLINE_MAX, self.bs):
+            content = await self._block_after(node, layer, 0, size)
+            self._commit(Data(ino, size, t, {}, 0, inline=bytes(content)))
+            return
+        wanted = sorted(layer.dirty)
+        if node.inline and 0 not in layer.dirty and not layer.hides(0):
+            wanted.insert(0, 0)  # a small file grew: its bytes move to a block
+        wanted = [i for i in wanted if min(self.bs, size - i * self.bs) > 0]
+        contents = await asyncio.gather(
+            *(self._block_after(node, layer, i, min(self.bs, size - i * self.bs)) for i in wanted)
+        )
+        blocks = await self._allocate(len(wanted)) if wanted else []
         try:
-            sums = self._io(
-                self.bvol.write_many, list(zip(blocks, [d for _, d in items], strict=True))
+            sums = await self.volume.write_many(
+                [(b, bytes(c)) for b, c in zip(blocks, contents, strict=True)]
             )
+        except MirrorfsError as exc:
+            self.alloc.release(blocks)
+            raise self._errno(exc) from None
         except BaseException:
             self.alloc.release(blocks)
             raise
-        new = {idx: (blk, csum) for (idx, _), blk, csum in zip(items, blocks, sums, strict=True)}
-        with self.lock:
-            t = st.mtime or now_ns()
-            self._commit(Data(ino, size, t, new, st.cut))
-            st.dirty.clear()
-            st.size = st.mtime = st.cut = None
+        new = {i: (b, c) for i, b, c in zip(wanted, blocks, sums, strict=True)}
+        self._commit(Data(ino, size, t, new, layer.cut))
 
-    # -- whole files (the interactive shell) -------------------------------------------------
+    async def _block_after(self, node: Inode, layer: Layer, idx: int, length: int) -> bytearray:
+        """Block ``idx``'s first ``length`` bytes once ``layer`` (the oldest pending one) is
+        applied to what is committed."""
+        blk = layer.dirty.get(idx)
+        if blk is not None and blk.covers(0, length):
+            return blk.over(b"", 0, length)
+        below: bytes | bytearray = b""
+        if not layer.hides(idx):
+            below = await self._committed_range(node, idx, 0, length)
+        return blk.over(below, 0, length) if blk is not None else bytearray(below)
 
-    def block_map(self, path: str) -> tuple[int, list[tuple[int, int, int]]]:
-        """Size and (index, block, checksum) of a file's committed blocks."""
-        with self.lock:
-            node = self._lookup(path)
-            if node.is_dir:
-                raise FsError(errno.EISDIR)
-            st = self.states.get(node.ino)
-            if st is not None and (st.dirty or st.size is not None):
-                raise FsError(errno.EBUSY, "the file has data not yet written out")
-            return node.size, sorted((i, b, c) for i, (b, c) in node.blocks.items())
+    # -- reading --------------------------------------------------------------------------------
 
-    def replace_content(
-        self,
-        path: str,
-        data: bytes,
-        ctx: Context,
-        write_blocks: Callable[[list[tuple[int, bytes]]], list[int]] | None = None,
-    ) -> list[int]:
-        """Make a file hold exactly ``data`` (created if missing): new blocks, one record.
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        h = self._fh(fh)
+        node = self._inode(h.ino)
+        if node.is_dir:
+            raise FsError(errno.EISDIR)
+        end = min(offset + size, self._size(node))
+        if offset >= end:
+            return b""
+        sequential = h.next_read == offset
+        h.next_read = end
+        layers = self._layers(h.ino)
+        first, last = offset // self.bs, (end - 1) // self.bs
+        if sequential:
+            self._read_ahead(node, layers, last + 1)
+        parts = []
+        for idx in range(first, last + 1):
+            lo = max(offset, idx * self.bs) - idx * self.bs
+            hi = min(end, (idx + 1) * self.bs) - idx * self.bs
+            parts.append(self._through(node, layers, len(layers), idx, lo, hi))
+        if len(parts) == 1:
+            return bytes(await parts[0])
+        return b"".join(await asyncio.gather(*parts))
 
-        ``write_blocks`` writes (block, data) pairs and returns their checksums; by
-        default both mirrors in parallel. Returns the logical blocks used.
-        """
-        with self.lock:
-            try:
-                node = self._lookup(path)
-            except FsError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                node = self._new(path, stat.S_IFREG | 0o644, ctx)
-            if node.is_dir:
-                raise FsError(errno.EISDIR)
-            if node.ino in self.states:
-                raise FsError(errno.EBUSY, "the file is open")
-        pieces = [data[i : i + self.bs] for i in range(0, len(data), self.bs)]
-        blocks = self._allocate(len(pieces)) if pieces else []
-        writer = write_blocks or self.bvol.write_many
-        try:
-            sums = self._io(writer, list(zip(blocks, pieces, strict=True)))
-        except BaseException:
-            self.alloc.release(blocks)
-            raise
-        new = {i: (b, c) for i, (b, c) in enumerate(zip(blocks, sums, strict=True))}
-        with self.lock:
-            self._commit(Data(node.ino, len(data), now_ns(), new, 0))
-        return blocks
+    async def _through(
+        self, node: Inode, layers: list[Layer], upto: int, idx: int, lo: int, hi: int
+    ) -> bytes | bytearray:
+        """Bytes [lo, hi) of block ``idx`` as the first ``upto`` layers leave it."""
+        for k in range(upto - 1, -1, -1):
+            layer = layers[k]
+            blk = layer.dirty.get(idx)
+            if blk is not None:
+                if blk.covers(lo, hi):
+                    return blk.data[lo:hi]
+                if layer.hides(idx):  # written after a truncation: zeros around it
+                    return blk.over(b"", lo, hi)
+                below = await self._through(node, layers, k, idx, lo, hi)
+                return blk.over(below, lo, hi)
+            if layer.hides(idx):
+                return bytes(hi - lo)
+        data = await self._committed_range(node, idx, lo, hi)
+        if len(data) < hi - lo:
+            return bytes(data) + bytes(hi - lo - len(data))
+        return data
+
+    def _failed(self, exc: Any) -> FsError:
+        return self._errno(exc) if isinstance(exc, MirrorfsError) else FsError(errno.EIO)

@@ -1,229 +1,308 @@
-"""Thin mfusepy adapter: syscalls -> FileSystem calls. All semantics live in filesystem.py.
+"""Thin pyfuse3 adapter: kernel requests -> FileSystem calls. All semantics live in
+filesystem.py and files.py.
 
-FsError is an OSError, so mfusepy turns it into the errno it carries. Names are
-stored as UTF-8: one whose bytes are not (mfusepy decodes them with
-surrogateescape) fails here with EILSEQ, before it reaches the file system.
+pyfuse3 is libfuse's low-level (inode-based) API, run in asyncio mode: every
+request is a coroutine on the loop that also runs the volume's connections.
+Names arrive as bytes and are stored as UTF-8: one whose bytes are not fails
+here with EILSEQ, before it reaches the file system.
+
+One mount writes a volume at a time (the lease), so everything the kernel
+caches changes only through this mount: entries and attributes may be cached
+for long, the page cache is kept across opens, and the kernel's writeback
+cache is on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
-import os
-import time
-from collections.abc import Callable
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
-import mfusepy
+import pyfuse3
 
 from .base import Context, FsError
-from .filesystem import FileSystem
+from .filesystem import Attrs, FileSystem
 
-log = logging.getLogger("mirrorfs")
+log = logging.getLogger("mirrorfs-mount")
 
-# Names may be cached; attributes may not: libfuse's path API gives each name of a
-# hard-linked file its own kernel inode, so a cached nlink or size would go stale.
-ENTRY_TIMEOUT = 1.0
-ATTR_TIMEOUT = 0.0
-UTIME_NOW = (1 << 30) - 1
-UTIME_OMIT = (1 << 30) - 2
-MAX_WRITE = 1 << 20
-P = TypeVar("P", bound=str | None)
+ENTRY_TIMEOUT = 300.0
+ATTR_TIMEOUT = 300.0
+READ_AHEAD_KB = 1024  # the kernel's read-ahead for the mount (its default is 128)
+T = TypeVar("T")
 
 
-def _utf8(path: P) -> P:
-    """A path or name as it is, if it can be stored; EILSEQ if its bytes are not UTF-8."""
-    if path is not None and not path.isascii():
-        try:
-            path.encode()
-        except UnicodeEncodeError:
-            raise FsError(errno.EILSEQ) from None
-    return path
+def _name(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise pyfuse3.FUSEError(errno.EILSEQ) from None
 
 
-def _time_ns(ts: Any) -> int | None:
-    """A timespec as nanoseconds; None for UTIME_OMIT (leave it)."""
-    if ts.tv_nsec == UTIME_OMIT:
-        return None
-    if ts.tv_nsec == UTIME_NOW:
-        return time.time_ns()
-    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+def _ctx(ctx: Any) -> Context:
+    return Context(ctx.uid, ctx.gid)
 
 
-def _ctx() -> Context:
-    uid, gid, _pid = mfusepy.fuse_get_context()
-    return Context(uid, gid)
+def _entry(a: Attrs) -> pyfuse3.EntryAttributes:
+    e = pyfuse3.EntryAttributes()
+    e.st_ino = a.ino
+    e.generation = 0
+    e.entry_timeout = ENTRY_TIMEOUT
+    e.attr_timeout = ATTR_TIMEOUT
+    e.st_mode = a.mode
+    e.st_nlink = a.nlink
+    e.st_uid = a.uid
+    e.st_gid = a.gid
+    e.st_rdev = a.rdev
+    e.st_size = a.size
+    e.st_blksize = a.blksize
+    e.st_blocks = a.blocks
+    e.st_atime_ns = a.atime
+    e.st_mtime_ns = a.mtime
+    e.st_ctime_ns = a.ctime
+    return e
 
 
-class MirrorOps(mfusepy.Operations):
-    use_ns = True
-    # read/write/release/... get a file handle; with hard_remove, an unlinked
-    # file that is still open has no path any more
-    flag_nullpath_ok = True
-    flag_nopath = True
+_inflight: dict[int, tuple[str, Any]] = {}  # requests being served: SIGUSR1 shows them
 
-    def __init__(self, fs: FileSystem, on_ready: Callable[[], None] | None = None) -> None:
+
+async def _call(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    coro = func(*args)
+    _inflight[id(coro)] = (func.__name__, coro)
+    try:
+        return await coro
+    except FsError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception:
+        # unanswered, the caller would hang in the kernel for ever: EIO, and say why
+        log.exception("%s failed", func.__name__)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    finally:
+        del _inflight[id(coro)]
+
+
+def _sync(func: Callable[..., T], *args: Any) -> T:
+    try:
+        return func(*args)
+    except FsError as exc:
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception:
+        log.exception("%s failed", func.__name__)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+
+
+class MirrorOps(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, fs: FileSystem) -> None:
+        super().__init__()
         self.fs = fs
-        self.on_ready = on_ready
+        fs.writeback = True
 
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        if conn is not None:
-            conn.max_write = MAX_WRITE
-            conn.max_readahead = MAX_WRITE
-        if config is not None:
-            config.attr_timeout = ATTR_TIMEOUT
-            config.entry_timeout = ENTRY_TIMEOUT
-            config.negative_timeout = ENTRY_TIMEOUT
-            config.use_ino = 1
-            config.hard_remove = 1
-            config.kernel_cache = 1
-        if self.on_ready is not None:
-            self.on_ready()
+    def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
+        return _entry(_sync(self.fs.getattr, ino))
 
-    def destroy(self, path: str) -> None:
-        self.fs.shutdown()
+    # -- names and attributes ------------------------------------------------------------
 
-    # -- attributes --------------------------------------------------------------------
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        node = _sync(self.fs.lookup, parent_inode, _name(name))
+        return self._attrs(node.ino)
 
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        return self.fs.getattr(_utf8(path), fh)
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        return None  # inodes live until unlinked and closed, not while the kernel knows them
 
-    def chmod(self, path: str | None, mode: int, fh: int | None = None) -> None:
-        self.fs.chmod(_utf8(path), mode, fh)
+    async def getattr(self, inode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        return self._attrs(inode)
 
-    def chown(self, path: str | None, uid: int, gid: int, fh: int | None = None) -> None:
-        self.fs.chown(_utf8(path), uid, gid, fh)
+    async def setattr(
+        self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        a = await _call(
+            self.fs.setattr,
+            inode,
+            attr.st_mode if fields.update_mode else None,
+            attr.st_uid if fields.update_uid else None,
+            attr.st_gid if fields.update_gid else None,
+            attr.st_size if fields.update_size else None,
+            attr.st_atime_ns if fields.update_atime else None,
+            attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return _entry(a)
 
-    def utimens(self, path: str | None, times: Any = None, fh: int | None = None) -> None:
-        self.fs.utimens(_utf8(path), times, fh)
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return _sync(self.fs.readlink, inode).encode("utf-8", "surrogateescape")
 
-    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
-        self.fs.truncate(_utf8(path), length, fh)
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = _sync(self.fs.mknod, parent_inode, _name(name), mode, rdev, _ctx(ctx))
+        return self._attrs(node.ino)
 
-    def statfs(self, path: str) -> dict[str, int]:
-        return self.fs.statfs()
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = _sync(self.fs.mkdir, parent_inode, _name(name), mode, _ctx(ctx))
+        return self._attrs(node.ino)
 
-    # -- names --------------------------------------------------------------------------
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        _sync(self.fs.unlink, parent_inode, _name(name))
 
-    def opendir(self, path: str) -> int:
-        return self.fs.opendir(_utf8(path))
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        _sync(self.fs.rmdir, parent_inode, _name(name))
 
-    def releasedir(self, path: str | None, fh: int) -> None:
-        self.fs.releasedir(fh)
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = _sync(self.fs.symlink, parent_inode, _name(name), _name(target), _ctx(ctx))
+        return self._attrs(node.ino)
 
-    def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        # the inode must be set: readdir(3) skips entries whose d_ino is 0
-        return [
-            (name, {"st_ino": ino, "st_mode": mode}, 0)
-            for name, ino, mode in self.fs.readdir(path, fh)
-        ]
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        _sync(
+            self.fs.rename,
+            parent_inode_old,
+            _name(name_old),
+            parent_inode_new,
+            _name(name_new),
+            flags,
+        )
 
-    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> None:
-        self.fs.sync()
-
-    def mkdir(self, path: str, mode: int) -> None:
-        self.fs.mkdir(_utf8(path), mode, _ctx())
-
-    def mknod(self, path: str, mode: int, dev: int) -> None:
-        self.fs.mknod(_utf8(path), mode, dev, _ctx())
-
-    def rmdir(self, path: str) -> None:
-        self.fs.rmdir(_utf8(path))
-
-    def unlink(self, path: str) -> None:
-        self.fs.unlink(_utf8(path))
-
-    def symlink(self, target: str, source: str) -> None:
-        # mfusepy: symlink(link path, what it points to)
-        self.fs.symlink(_utf8(source), _utf8(target), _ctx())
-
-    def readlink(self, path: str) -> str:
-        return self.fs.readlink(_utf8(path))
-
-    def link(self, target: str, source: str) -> None:
-        # mfusepy: link(new name, existing name)
-        self.fs.link(_utf8(source), _utf8(target))
-
-    def rename(self, old: str, new: str, flags: int = 0) -> None:
-        self.fs.rename(_utf8(old), _utf8(new), flags)
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> pyfuse3.EntryAttributes:
+        node = _sync(self.fs.link, inode, new_parent_inode, _name(new_name))
+        return self._attrs(node.ino)
 
     # -- extended attributes -----------------------------------------------------------------
 
-    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> None:
-        self.fs.setxattr(_utf8(path), _utf8(name), value, options)
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        # pyfuse3 checks XATTR_CREATE / XATTR_REPLACE itself (through getxattr)
+        _sync(self.fs.setxattr, inode, _name(name), value)
 
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        return self.fs.getxattr(_utf8(path), _utf8(name))
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return _sync(self.fs.getxattr, inode, _name(name))
 
-    def listxattr(self, path: str) -> list[str]:
-        return self.fs.listxattr(_utf8(path))
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return [n.encode() for n in _sync(self.fs.listxattr, inode)]
 
-    def removexattr(self, path: str, name: str) -> None:
-        self.fs.removexattr(_utf8(path), _utf8(name))
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        _sync(self.fs.removexattr, inode, _name(name))
+
+    # -- directories ------------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        return _sync(self.fs.opendir, inode)
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        for k, (name, ino) in enumerate(_sync(self.fs.readdir, fh, start_id)):
+            try:
+                attrs = _entry(self.fs.getattr(ino))
+            except FsError:
+                continue  # removed since opendir
+            raw = name.encode("utf-8", "surrogateescape")
+            if not pyfuse3.readdir_reply(token, raw, attrs, start_id + k + 1):
+                return
+
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await _call(self.fs.sync)
 
     # -- files -----------------------------------------------------------------------------
 
-    def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
-        return self.fs.create(_utf8(path), mode, flags, _ctx())
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        fh = await _call(self.fs.open, inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
-    def open(self, path: str, flags: int) -> int:
-        return self.fs.open(_utf8(path), flags)
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, node = await _call(self.fs.create, parent_inode, _name(name), mode, flags, _ctx(ctx))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attrs(node.ino)
 
-    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
-        return self.fs.read(fh, size, offset)
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await _call(self.fs.read, fh, off, size)
 
-    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        return self.fs.write(fh, data, offset)
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await _call(self.fs.write, fh, off, buf)
 
-    def flush(self, path: str | None, fh: int) -> None:
-        self.fs.flush(fh)
+    async def flush(self, fh: int) -> None:
+        await _call(self.fs.flush, fh)
 
-    def fsync(self, path: str | None, datasync: int, fh: int) -> None:
-        self.fs.fsync(fh, bool(datasync))
+    async def release(self, fh: int) -> None:
+        await _call(self.fs.release, fh)
 
-    def release(self, path: str | None, fh: int) -> None:
-        self.fs.release(fh)
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await _call(self.fs.fsync, fh, datasync)
 
-
-class MirrorFUSE(mfusepy.FUSE):
-    """mfusepy drops rename flags and the file handle of a few calls; pass them on."""
-
-    def _path(self, path: bytes | None) -> str | None:
-        return None if path is None else path.decode(self.encoding, self.errors)
-
-    @staticmethod
-    def _fh(fip: Any) -> int | None:
-        return fip.contents.fh if fip else None
-
-    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        return self.operations.rename(self._path(old), self._path(new), flags)
-
-    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
-        return self.operations.truncate(self._path(path), length, self._fh(fip))
-
-    def chmod_fuse_3(self, path: bytes | None, mode: int, fip: Any) -> int:
-        return self.operations.chmod(self._path(path), mode, self._fh(fip))
-
-    def chown_fuse_3(self, path: bytes | None, uid: int, gid: int, fip: Any) -> int:
-        return self.operations.chown(self._path(path), uid, gid, self._fh(fip))
-
-    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
-        times = None
-        if buf:
-            times = (_time_ns(buf.contents.actime), _time_ns(buf.contents.modtime))
-        return self.operations.utimens(self._path(path), times, self._fh(fip))
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        st = pyfuse3.StatvfsData()
+        for key, value in self.fs.statfs().items():
+            setattr(st, key, value)
+        return st
 
 
-def run(fs: FileSystem, mountpoint: str, fsname: str, on_ready: Callable[[], None]) -> None:
-    """Serve the mount until it is unmounted (blocks)."""
-    MirrorFUSE(
-        MirrorOps(fs, on_ready),
-        mountpoint,
-        foreground=True,
-        allow_other=True,
-        default_permissions=True,
-        fsname=fsname,
-        subtype="mirrorfs",
-        hard_remove=True,
-        use_ino=True,
-    )
+def raise_read_ahead(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB at a time instead of 128 KiB (root only).
+
+    The device is found in mountinfo: a stat of the mount point would be a request
+    to this very process, which is not serving yet.
+    """
+    try:
+        for line in Path("/proc/self/mountinfo").read_text().splitlines():
+            fields = line.split()
+            if fields[4] == mountpoint and " - fuse.mirrorfs " in line:
+                dev = fields[2]
+        path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
+        path.write_text(f"{READ_AHEAD_KB}\n")
+    except (OSError, IndexError, UnboundLocalError) as exc:
+        log.info("kernel read-ahead left at its default (%s)", exc)
+
+
+def _chain(coro: Any) -> str:
+    lines = []
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None)
+    return "\n".join(lines)
+
+
+def dump_tasks() -> None:
+    """SIGUSR1: what every request and background task is waiting for, into the log."""
+    for name, coro in list(_inflight.values()):
+        log.warning("request %s:\n%s", name, _chain(coro))
+    for task in asyncio.all_tasks():
+        log.warning("task %s:\n%s", task.get_name(), _chain(task.get_coro()))
+
+
+async def serve(fs: FileSystem, mountpoint: str, fsname: str, on_ready: Callable[[], None]) -> None:
+    """Mount and serve until unmounted; then write everything out."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
+    import pyfuse3.asyncio
+
+    pyfuse3.asyncio.enable()
+    options = set(pyfuse3.default_options)
+    options |= {f"fsname={fsname}", "subtype=mirrorfs", "allow_other"}
+    pyfuse3.init(MirrorOps(fs), mountpoint, options)
+    try:
+        raise_read_ahead(mountpoint)
+        on_ready()
+        await pyfuse3.main()
+    finally:
+        try:
+            await fs.shutdown()
+        finally:
+            pyfuse3.close(unmount=True)

@@ -11,23 +11,31 @@ bootstrap_venv() {
     python3 -m venv "$VENV" || { echo "could not create a virtualenv in $VENV (Debian: apt-get install python3-venv)" >&2; exit 1; }
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" \
+    # pyfuse3 is compiled against libfuse3 here; -O1 halves that (its C is glue)
+    CFLAGS="${CFLAGS:--O1}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" \
       || { echo "installing mirrorfs into $VENV failed" >&2; exit 1; }
     touch "$stamp"
   fi
 }
 
-# FUSE 3 from the system's packages: installed when missing and we are root.
+# FUSE 3 from the system's packages, and what building pyfuse3 (libfuse's Python
+# binding) against it needs: installed when missing and we are root.
 ensure_fuse() {
-  if command -v fusermount3 >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libfuse3.so; then
-    return 0
-  fi
+  local need=()
+  command -v fusermount3 >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libfuse3.so \
+    || need+=(fuse3)
+  command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+  pkg-config --exists fuse3 2>/dev/null || need+=(libfuse3-dev)
+  command -v gcc >/dev/null 2>&1 || need+=(gcc)
+  python3 -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || need+=(python3-dev)
+  [ ${#need[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing FUSE 3 (apt-get install fuse3)..." >&2
-    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3; } >/dev/null \
-      || { echo "could not install fuse3; install it and run again" >&2; exit 1; }
+    echo "installing ${need[*]} (apt-get)..." >&2
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >/dev/null \
+      || { echo "could not install ${need[*]}; install them and run again" >&2; exit 1; }
   else
-    echo "FUSE 3 is missing; install it first:  sudo apt-get install fuse3" >&2
+    echo "mirrorfs needs: ${need[*]}; install them first:  sudo apt-get install ${need[*]}" >&2
     exit 1
   fi
 }

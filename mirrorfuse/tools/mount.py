@@ -10,8 +10,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from mirrorfuse.client.blocking import run_async
+from mirrorfuse.client.volume import Volume
 from mirrorfuse.fs.opening import open_filesystem
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
@@ -55,9 +58,7 @@ def check_mountpoint(path: str) -> None:
 
 
 def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
-    """Foreground: mount and serve until unmounted."""
-    from mirrorfuse.fs.fuse_driver import run as serve_fuse
-
+    """Foreground: mount and serve until unmounted (one event loop, no threads)."""
     ready_fd = args.ready_fd
 
     def report(msg: str) -> None:
@@ -68,37 +69,46 @@ def serve(args: argparse.Namespace, spec: ClusterSpec) -> int:
             ready_fd = None
 
     try:
-        fs = open_filesystem(spec, args.mountpoint, args.force, args.timeout, heal=True)
+        return run_async(_serve(args, spec, report))
     except MirrorfsError as exc:
         report(f"error: {exc}")
         log.error("%s", exc)
         return 1
-    volume = fs.bvol.volume.volume_id
-
-    def ready() -> None:
-        registry.write(
-            args.mountpoint,
-            {
-                "servers": [str(a) for a in spec.addresses],
-                "mount_pid": os.getpid(),
-                "volume": volume,
-                "key_file": spec.key_file,
-                "tls": spec.tls,
-            },
-        )
-        report(f"ok {volume}")
-
-    try:
-        serve_fuse(fs, args.mountpoint, f"mirrorfs:{volume}", ready)
     except RuntimeError as exc:
         report(f"error: FUSE could not mount {args.mountpoint}: {exc}")
+        log.error("FUSE could not mount %s: %s", args.mountpoint, exc)
         return 1
     finally:
-        fs.bvol.close()
         rec = registry.read(args.mountpoint)
         if rec is not None and rec.get("mount_pid") == os.getpid():
             registry.remove(args.mountpoint)
-    return 0
+
+
+async def _serve(args: argparse.Namespace, spec: ClusterSpec, report: Callable[[str], None]) -> int:
+    from mirrorfuse.fs.fuse_driver import serve as serve_fuse
+
+    volume = Volume(spec, args.timeout)
+    try:
+        await volume.open()
+        fs = await open_filesystem(volume, args.mountpoint, args.force, heal=True)
+
+        def ready() -> None:
+            registry.write(
+                args.mountpoint,
+                {
+                    "servers": [str(a) for a in spec.addresses],
+                    "mount_pid": os.getpid(),
+                    "volume": volume.volume_id,
+                    "key_file": spec.key_file,
+                    "tls": spec.tls,
+                },
+            )
+            report(f"ok {volume.volume_id}")
+
+        await serve_fuse(fs, args.mountpoint, f"mirrorfs:{volume.volume_id}", ready)
+        return 0
+    finally:
+        await volume.close()
 
 
 def background(args: argparse.Namespace, spec: ClusterSpec) -> int:

@@ -9,17 +9,20 @@ programmable delay, which server served each read.
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import shlex
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
-from mirrorfuse.client.blocking import run_async
+from mirrorfuse.client.blocking import BlockingVolume, run_async
 from mirrorfuse.client.connection import ServerDown
 from mirrorfuse.client.retry import TryAgain, retry
 from mirrorfuse.fs.base import Context, FsError
 from mirrorfuse.fs.filesystem import FileSystem
 from mirrorfuse.fs.opening import open_filesystem
+from mirrorfuse.fs.whole import block_map, finish, give_back, make_room
 from mirrorfuse.wire.addresses import ClusterSpec, check_count, from_base_port
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError, VolumeIOError
 
@@ -66,6 +69,7 @@ class Shell:
     def __init__(
         self,
         fs: FileSystem,
+        bvol: BlockingVolume,
         spec: ClusterSpec,
         delay: float,
         read_delay: float,
@@ -73,13 +77,23 @@ class Shell:
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.fs = fs
+        self.bvol = bvol
         self.spec = spec
         self.delay = delay
         self.read_delay = read_delay
         self.say = say
         self.sleep = sleep
         self.ctx = Context(os.getuid(), os.getgid())
-        self.vol = fs.bvol.volume
+        self.vol = fs.volume
+
+    def on_loop(self, func: Callable[..., Any], *args: Any) -> Any:
+        """Call a file system method on the volume's loop (where it lives) and wait."""
+
+        async def call() -> Any:
+            out = func(*args)
+            return await out if inspect.isawaitable(out) else out
+
+        return self.bvol.run(call())
 
     def name(self, server: int) -> str:
         return f"server {server} ({self.spec.addresses[server]})"
@@ -130,34 +144,40 @@ class Shell:
         for i in range(1, len(parts)):
             sub = "/" + "/".join(parts[:i])
             try:
-                self.fs.getattr(sub)
+                self.on_loop(self.fs.resolve, sub)
             except FsError:
-                self.fs.mkdir(sub, 0o755, self.ctx)
+                where = self.on_loop(self.fs.resolve_parent, sub)
+                self.on_loop(self.fs.mkdir, *where, 0o755, self.ctx)
                 self.say(f"made directory {sub}")
-        self.fs.mkdir(path, 0o755, self.ctx)
+        self.on_loop(self.fs.mkdir, *self.on_loop(self.fs.resolve_parent, path), 0o755, self.ctx)
         self.say(f"made directory {path}")
 
     def do_create(self, rest: str) -> None:
         (path,) = self._args(rest, ("PATH",))
-        fh = self.fs.create(path, 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, self.ctx)
-        self.fs.release(fh)
+        parent, name = self.on_loop(self.fs.resolve_parent, path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+        fh, _node = self.on_loop(self.fs.create, parent, name, 0o644, flags, self.ctx)
+        self.on_loop(self.fs.release, fh)
         self.say(f"created {path}")
 
     def do_mv(self, rest: str) -> None:
         src, dst = self._args(rest, ("FROM", "TO"))
-        self.fs.rename(src, dst)
+        self.on_loop(
+            self.fs.rename,
+            *self.on_loop(self.fs.resolve_parent, src),
+            *self.on_loop(self.fs.resolve_parent, dst),
+        )
         self.say(f"moved {src} to {dst}")
 
     def do_rm(self, rest: str) -> None:
         (path,) = self._args(rest, ("PATH",))
-        if self.fs.getattr(path)["st_mode"] & 0o040000:
-            self.fs.rmdir(path)
-        else:
-            self.fs.unlink(path)
+        node = self.on_loop(self.fs.resolve, path)
+        where = self.on_loop(self.fs.resolve_parent, path)
+        self.on_loop(self.fs.rmdir if node.is_dir else self.fs.unlink, *where)
         self.say(f"removed {path}")
 
     def do_status(self, rest: str) -> None:
-        st = self.fs.bvol.run(admin.status(self.spec))
+        st = self.bvol.run(admin.status(self.spec))
         self.say(admin.format_status(st))
 
     def do_write(self, rest: str) -> None:
@@ -165,7 +185,14 @@ class Shell:
         if not path.startswith("/"):
             raise UsageError("usage: write /path TEXT")
         data = text.encode()
-        self.fs.replace_content(path, data, self.ctx, self._write_blocks)
+        ino, blocks = self.on_loop(make_room, self.fs, path, len(data), self.ctx)
+        pieces = [data[i : i + self.fs.bs] for i in range(0, len(data), self.fs.bs)]
+        try:
+            sums = self._write_blocks(list(zip(blocks, pieces, strict=True)))
+        except BaseException:
+            self.on_loop(give_back, self.fs, blocks)
+            raise
+        self.on_loop(finish, self.fs, ino, len(data), blocks, sums)
         self.say(f"wrote {len(data)} bytes to {path}")
 
     def _write_blocks(self, items: list[tuple[int, bytes]]) -> list[int]:
@@ -225,7 +252,7 @@ class Shell:
                 down.append(exc)
                 return None
 
-        csum = self.fs.bvol.run(retry(attempt, f"writing block {block} to {self.name(server)}"))
+        csum = self.bvol.run(retry(attempt, f"writing block {block} to {self.name(server)}"))
         if csum is None:
             self.say(
                 f"{self.name(server)} is down ({down[0]}): marked failed; "
@@ -239,7 +266,11 @@ class Shell:
 
     def do_read(self, rest: str) -> None:
         (path,) = self._args(rest, ("PATH",))
-        size, blocks = self.fs.block_map(path)
+        size, blocks, inline = self.on_loop(block_map, self.fs, path)
+        if inline:
+            self.say(f"{path} is small: its {size} bytes are in its metadata, on every server")
+            self.say(inline.decode("utf-8", "replace"))
+            return
         if not blocks:
             self.say(f"{path} is empty")
             return
@@ -251,7 +282,7 @@ class Shell:
         self.sleep(self.read_delay)
         content = bytearray(size)
         for index, block, csum in blocks:
-            data, server = self.fs.bvol.run(self.vol.read_from(block, csum))
+            data, server = self.bvol.run(self.vol.read_from(block, csum))
             self.say(f"block {index} read from {self.name(server)}")
             start = index * self.fs.bs
             content[start : start + len(data)] = data
@@ -334,14 +365,23 @@ def main(args: argparse.Namespace) -> int:
     if probe["volume"] is None:
         volume = run_async(admin.format_volume(spec))
         print(f"formatted a new volume {volume}")
-    fs = open_filesystem(spec, "mirrorfs-cli shell", timeout=args.timeout)
-    print(f"file system ready (volume {fs.bvol.volume.volume_id}); type help for commands")
-    shell = Shell(fs, spec, float(str(delay)), args.read_delay, lambda m: print(m, flush=True))
+    bvol = BlockingVolume(spec, args.timeout)
+    try:
+        fs = bvol.run(open_filesystem(bvol.volume, "mirrorfs-cli shell"))
+    except BaseException:
+        bvol.close()
+        raise
+    print(f"file system ready (volume {bvol.volume.volume_id}); type help for commands")
+    shell = Shell(
+        fs, bvol, spec, float(str(delay)), args.read_delay, lambda m: print(m, flush=True)
+    )
     try:
         shell.run(lines("$ "))
     finally:
-        fs.shutdown()
-        fs.bvol.close()
+        try:
+            bvol.run(fs.shutdown())
+        finally:
+            bvol.close()
     return 0
 
 

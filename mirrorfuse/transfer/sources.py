@@ -174,6 +174,6 @@ class VolumeServerSource(Source):
         except (ServerDown, ServerError) as exc:
             raise SourceFailed(str(exc)) from None
         data = bytes(reply.payload)
-        if xxhash.xxh3_64_intdigest(data) != csum:
+        if self.vol.checksum(data) != csum:
             raise SourceFailed(f"block {seg.index} is damaged on this server")
         return bytes(data) + bytes(seg.length - len(data))  # a short last block: zeros follow

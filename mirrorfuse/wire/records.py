@@ -90,13 +90,19 @@ class Attr(Record, tag="attr", frozen=True):
 
 
 class Data(Record, tag="data", frozen=True):
-    """New content: drop block indexes >= cut, then map the new blocks, then the size."""
+    """New content: drop block indexes >= cut, then map the new blocks, then the size.
+
+    With ``inline``, the file's whole content is those bytes, kept in the record and
+    the inode (a small file: no block server holds it), and every block is freed;
+    without, the content is in blocks (a file that was inline is not any more).
+    """
 
     ino: int
     size: int
     t: int
     new: dict[int, tuple[int, int]]  # index -> (logical block, checksum)
     cut: int | None = None
+    inline: bytes | None = None
 
 
 class Xset(Record, tag="xset", frozen=True):
@@ -139,6 +145,7 @@ class Inode(msgspec.Struct, array_like=True):
     blocks: dict[int, tuple[int, int]] = {}  # index -> (logical block, checksum)
     entries: dict[str, int] | None = None  # directories only
     parent: int = 0  # directories only: the directory holding it
+    inline: bytes | None = None  # a small file's whole content (it has no blocks then)
 
     @property
     def is_dir(self) -> bool:

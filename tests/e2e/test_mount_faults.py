@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import cli, sha, wait_for
+from helpers import cli, drop_caches, sha, wait_for
 
 MiB = 1 << 20
 
@@ -163,11 +163,13 @@ def test_losing_a_whole_pair_fails_only_its_blocks_and_writes_resume_when_it_is_
     fsync; with the pair back, its files read and writes use it again, no remount."""
     c = make_cluster(4, format_args=("--block-size", "64K"))
     m = make_mount(c)
-    small = {f"s{i}": os.urandom(1000 + i) for i in range(8)}  # one block each
+    # one block each (too big to live inline in the metadata)
+    small = {f"s{i}": os.urandom(9000 + i) for i in range(8)}
     for name, data in small.items():
         (m.path / name).write_bytes(data)
     c.kill(0)
     c.kill(1)
+    drop_caches()  # the kernel's copies of what was written are not the servers' blocks
     readable = {}
     for name, data in small.items():  # about half live on each pair
         try:
@@ -177,7 +179,7 @@ def test_losing_a_whole_pair_fails_only_its_blocks_and_writes_resume_when_it_is_
     assert readable and all(readable.values()) and len(readable) < len(small)
     (m.path / "dir").mkdir()  # metadata only
     os.rename(m.path / next(iter(readable)), m.path / "dir" / "moved")
-    new = {f"new{i}": os.urandom(1000) for i in range(8)}
+    new = {f"new{i}": os.urandom(9000) for i in range(8)}
     for name, data in new.items():  # new data goes to the pair that takes it, and fsyncs
         with open(m.path / name, "wb") as f:
             f.write(data)
@@ -198,11 +200,12 @@ def test_losing_a_whole_pair_fails_only_its_blocks_and_writes_resume_when_it_is_
 
 
 def _writes(path: Path, count: int) -> bool:
-    """``count`` one-block files written and synced (so both pairs took some)."""
+    """``count`` one-block files written and synced (so both pairs took some; too big
+    to live inline in the metadata)."""
     try:
         for i in range(count):
             with open(f"{path}{i}", "wb") as f:
-                f.write(os.urandom(1000))
+                f.write(os.urandom(9000))
                 f.flush()
                 os.fsync(f.fileno())
     except OSError:

@@ -38,7 +38,6 @@ IO_MODULES = {
     "pathlib",
     "aiohttp",
     "uvloop",
-    "mfusepy",
     "pyfuse3",
 }
 IO_CALLS = {"open", "print", "input"}
