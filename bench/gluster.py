@@ -171,7 +171,7 @@ class GlusterVolume:
     def start(self) -> Path:
         """glusterd, the volume and the mount; on failure, everything stopped again."""
         ensure_packages()
-        if self.pidfile.exists() and _pid_alive(int(self.pidfile.read_text() or 0)):
+        if self._glusterd_pid() is not None:
             raise GlusterError(f"already running under {self.root} (bench/gluster.py stop)")
         if (self.root / "glusterd.vol").exists():
             self.stop()  # what a run that was cut short left
@@ -238,6 +238,8 @@ class GlusterVolume:
         if os.path.ismount(self.mnt):
             raise GlusterError(f"{self.mnt} is still mounted: {self.root} kept")
         shutil.rmtree(self.root, ignore_errors=True)
+        if self.root.exists():
+            raise GlusterError(f"{self.root} could not be removed")
 
     def _glusterd_pid(self) -> int | None:
         if self.glusterd is not None and self.glusterd.poll() is None:
