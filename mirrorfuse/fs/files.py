@@ -263,13 +263,6 @@ class OpenFiles(Reader, ABC):
         except MirrorfsError as exc:
             raise self._errno(exc) from None
 
-    async def sync_all(self) -> None:
-        """Write out every file's pending data (syncfs, unmount)."""
-        for ino, st in list(self.states.items()):
-            node = self.ns.inodes.get(ino)
-            if node is not None and node.nlink > 0:
-                await self._write_out(ino, st)
-
     # -- writing ------------------------------------------------------------------------------
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:

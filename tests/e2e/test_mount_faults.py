@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 from helpers import cli, drop_caches, sha, wait_for
 
+from mirrorfuse.client.blocking import run_async
+from mirrorfuse.tools import admin
+
 MiB = 1 << 20
 
 
@@ -194,9 +197,16 @@ def test_losing_a_whole_pair_fails_only_its_blocks_and_writes_resume_when_it_is_
         assert (m.path / name).read_bytes() == data  # pair 0's files are back
     for name, data in new.items():
         assert (m.path / name).read_bytes() == data
+    # the mount heals the server it marked failed (a first try may find its mirror not
+    # started yet, and tries again): then every server holds the volume as it is
+    assert wait_for(lambda: _states(c) == ["alive"] * 4, 30), _states(c)
     m.close()
     res = cli("fsck", *c.args, "--deep")
     assert res.returncode == 0 and "clean" in res.stdout, res.stdout
+
+
+def _states(c) -> list[str]:
+    return [r["state"] for r in run_async(admin.status(c.spec))["rows"]]
 
 
 def _writes(path: Path, count: int) -> bool:
