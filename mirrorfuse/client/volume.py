@@ -49,6 +49,7 @@ R = TypeVar("R", bound=Message)
 
 DEFAULT_TIMEOUT = 3.0
 DEFAULT_CONCURRENCY = 64
+Buffer = bytes | bytearray | memoryview  # block data as it comes
 
 
 @dataclass
@@ -277,7 +278,7 @@ class Volume:
 
     # -- blocks -----------------------------------------------------------------------------
 
-    async def write(self, block: int, data: bytes | bytearray | memoryview) -> int:
+    async def write(self, block: int, data: Buffer) -> int:
         """Write one block to every writable replica of its pair; returns its checksum."""
         if len(data) > self.block_size:
             raise ValueError(f"{len(data)} bytes exceed the block size {self.block_size}")
@@ -479,7 +480,7 @@ class Volume:
     # -- batches ----------------------------------------------------------------------------
 
     async def write_many(
-        self, items: Iterable[tuple[int, bytes]], concurrency: int = DEFAULT_CONCURRENCY
+        self, items: Iterable[tuple[int, Buffer]], concurrency: int = DEFAULT_CONCURRENCY
     ) -> list[int]:
         return await bounded((partial(self.write, b, d) for b, d in items), concurrency)
 

@@ -381,9 +381,7 @@ class OpenFiles(Reader, ABC):
         )
         blocks = await self._allocate(len(wanted)) if wanted else []
         try:
-            sums = await self.volume.write_many(
-                [(b, bytes(c)) for b, c in zip(blocks, contents, strict=True)]
-            )
+            sums = await self.volume.write_many(list(zip(blocks, contents, strict=True)))
         except MirrorfsError as exc:
             self.alloc.release(blocks)
             raise self._errno(exc) from None
@@ -398,7 +396,9 @@ class OpenFiles(Reader, ABC):
         applied to what is committed."""
         blk = layer.dirty.get(idx)
         if blk is not None and blk.covers(0, length):
-            return blk.over(b"", 0, length)
+            if len(blk.data) == length:
+                return blk.data  # the layer is sealed: nothing writes to it any more
+            return blk.data[:length]
         below: bytes | bytearray = b""
         if not layer.hides(idx):
             below = await self._committed_range(node, idx, 0, length)

@@ -56,17 +56,21 @@ class Reader(ABC):
             fetched = self._fetch(blk, csum, c0, c1)
             for c in missing:
                 futs[c - first] = fetched[c]
+        base = first * ch
         try:
             if len(futs) == 1:
                 piece = await futs[0]  # type: ignore[misc]
-                base = first * ch
+                if lo == base and hi - lo >= len(piece):
+                    return piece
                 return piece[lo - base : hi - base]
             chunks = await asyncio.gather(*futs)  # type: ignore[arg-type]
         except MirrorfsError as exc:
             raise self._errno(exc) from None
-        data = b"".join(chunks)
-        base = first * ch
-        return data[lo - base : hi - base]
+        # one copy: the first and last chunks cut to the range, then joined
+        views = [memoryview(c) for c in chunks]
+        views[-1] = views[-1][: hi - last * ch]
+        views[0] = views[0][lo - base :]
+        return b"".join(views)
 
     def _fetch(
         self, blk: int, csum: int, c0: int, c1: int, server: int | None = None
@@ -81,10 +85,11 @@ class Reader(ABC):
         ch = self.chunk
 
         async def run() -> None:
+            data: bytes | memoryview
             try:
                 if server is not None:
-                    data = await self.volume.read_via(blk, csum, server)
-                    data = data[c0 * ch : c1 * ch]
+                    whole = await self.volume.read_via(blk, csum, server)
+                    data = memoryview(whole)[c0 * ch : c1 * ch]
                 else:
                     data = await self.volume.read_range(blk, csum, c0 * ch, (c1 - c0) * ch)
             except BaseException as exc:
@@ -93,10 +98,11 @@ class Reader(ABC):
                         f.set_exception(exc)
                         f.exception()  # retrieved: an unread failed prefetch is no error
                 return
+            view = memoryview(data)
             for c, f in futs.items():
                 off = (c - c0) * ch
                 if not f.done():
-                    f.set_result(bytes(data[off : off + ch]))
+                    f.set_result(bytes(view[off : off + ch]))
 
         loop.create_task(run())
         return futs
