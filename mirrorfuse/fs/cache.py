@@ -59,8 +59,14 @@ CHUNK = 64 << 10  # the unit of caching (and of checksums on volumes that have t
 
 
 def cache_bytes() -> int:
-    """The chunk cache's size: a quarter of the memory free now, 64 MiB to 8 GiB
-    (MIRRORFS_CACHE overrides)."""
+    """The chunk cache's size: a 32nd of the memory free now, 64 MiB to 1 GiB
+    (MIRRORFS_CACHE overrides).
+
+    The kernel's page cache, kept across opens, is the big cache of file data; this
+    one serves the rest of a chunk fetched for a small read, and read-ahead. Kept
+    small, its memory is reused: filling fresh memory costs more than the network
+    (5 ms a MiB in page faults, measured, against 0.3 ms reusing freed memory).
+    """
     if "MIRRORFS_CACHE" in os.environ:
         return parse_size(os.environ["MIRRORFS_CACHE"])
     avail = 0
@@ -70,10 +76,11 @@ def cache_bytes() -> int:
                 avail = int(line.split()[1]) << 10
     except (OSError, ValueError, IndexError):
         pass
-    return min(max(avail // 4, 64 << 20), 8 << 30)
+    return min(max(avail // 32, 64 << 20), 1 << 30)
 
 
 Key = tuple[int, int, int]  # logical block, its checksum, chunk index
+Chunk = bytes | memoryview  # a view into the block it came with: no copy
 
 
 class ChunkCache:
@@ -85,11 +92,11 @@ class ChunkCache:
 
     def __init__(self, max_bytes: int, chunk: int = CHUNK) -> None:
         self.max_items = max(max_bytes // chunk, 64)
-        self.items: OrderedDict[Key, asyncio.Future[bytes]] = OrderedDict()
+        self.items: OrderedDict[Key, asyncio.Future[Chunk]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: Key) -> asyncio.Future[bytes] | None:
+    def get(self, key: Key) -> asyncio.Future[Chunk] | None:
         fut = self.items.get(key)
         if fut is None:
             self.misses += 1
@@ -102,7 +109,7 @@ class ChunkCache:
         self.hits += 1
         return fut
 
-    def put(self, key: Key, fut: asyncio.Future[bytes]) -> None:
+    def put(self, key: Key, fut: asyncio.Future[Chunk]) -> None:
         self.items[key] = fut
         while len(self.items) > self.max_items:
             self.items.popitem(last=False)

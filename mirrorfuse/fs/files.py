@@ -391,7 +391,9 @@ class OpenFiles(Reader, ABC):
         new = {i: (b, c) for i, b, c in zip(wanted, blocks, sums, strict=True)}
         self._commit(Data(ino, size, t, new, layer.cut))
 
-    async def _block_after(self, node: Inode, layer: Layer, idx: int, length: int) -> bytearray:
+    async def _block_after(
+        self, node: Inode, layer: Layer, idx: int, length: int
+    ) -> bytes | bytearray:
         """Block ``idx``'s first ``length`` bytes once ``layer`` (the oldest pending one) is
         applied to what is committed."""
         blk = layer.dirty.get(idx)

@@ -88,6 +88,7 @@ class FileSystem(Committer, OpenFiles):
         self.writeback = False
         self.dirty_bytes = 0
         self._turns: dict[tuple[str, ...], int] = {}
+        self._misses: dict[tuple[int, int], int] = {}
         self._used: tuple[int, int] = (-1, 0)  # (namespace seq, bytes stored) for statfs
         self.healer: AutoHealer | None = None  # the mount's own, set when it heals
         self.journal: Journal = journal_factory(self._committed)

@@ -32,6 +32,7 @@ log = logging.getLogger("mirrorfs-mount")
 ENTRY_TIMEOUT = 300.0
 ATTR_TIMEOUT = 300.0
 READ_AHEAD_KB = 1024  # the kernel's read-ahead for the mount (its default is 128)
+DIRTY_RATIO = 20  # % of the dirty-page limit the mount's pages may take (FUSE's default: 1)
 T = TypeVar("T")
 
 
@@ -97,10 +98,15 @@ def _sync(func: Callable[..., T], *args: Any) -> T:
 class MirrorOps(pyfuse3.Operations):
     enable_writeback_cache = True
 
-    def __init__(self, fs: FileSystem) -> None:
+    def __init__(self, fs: FileSystem, mountpoint: str) -> None:
         super().__init__()
         self.fs = fs
+        self.mountpoint = mountpoint
         fs.writeback = True
+
+    def init(self) -> None:
+        # called while FUSE's INIT is answered; the kernel applies the answer at once
+        asyncio.get_running_loop().call_soon(tune_kernel, self.mountpoint)
 
     def _attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         return _entry(_sync(self.fs.getattr, ino))
@@ -253,21 +259,25 @@ class MirrorOps(pyfuse3.Operations):
         return st
 
 
-def raise_read_ahead(mountpoint: str) -> None:
-    """Let the kernel read ahead 1 MiB at a time instead of 128 KiB (root only).
+def tune_kernel(mountpoint: str) -> None:
+    """Let the kernel read ahead 1 MiB at a time instead of 128 KiB, and hold more than
+    the 1% of dirty memory it allows a FUSE mount (root only; after FUSE's INIT, which
+    sets the read-ahead).
 
     The device is found in mountinfo: a stat of the mount point would be a request
     to this very process, which is not serving yet.
     """
+    dev = None
     try:
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             fields = line.split()
             if fields[4] == mountpoint and " - fuse.mirrorfs " in line:
                 dev = fields[2]
-        path = Path(f"/sys/class/bdi/{dev}/read_ahead_kb")
-        path.write_text(f"{READ_AHEAD_KB}\n")
-    except (OSError, IndexError, UnboundLocalError) as exc:
-        log.info("kernel read-ahead left at its default (%s)", exc)
+        bdi = Path(f"/sys/class/bdi/{dev}")
+        (bdi / "read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
+        (bdi / "max_ratio").write_text(f"{DIRTY_RATIO}\n")
+    except (OSError, IndexError) as exc:
+        log.info("kernel read-ahead and dirty limit left at their defaults (%s)", exc)
 
 
 def _chain(coro: Any) -> str:
@@ -296,9 +306,8 @@ async def serve(fs: FileSystem, mountpoint: str, fsname: str, on_ready: Callable
     pyfuse3.asyncio.enable()
     options = set(pyfuse3.default_options)
     options |= {f"fsname={fsname}", "subtype=mirrorfs", "allow_other"}
-    pyfuse3.init(MirrorOps(fs), mountpoint, options)
+    pyfuse3.init(MirrorOps(fs, mountpoint), mountpoint, options)
     try:
-        raise_read_ahead(mountpoint)
         on_ready()
         await pyfuse3.main()
     finally:

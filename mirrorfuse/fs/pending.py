@@ -22,14 +22,18 @@ class DirtyBlock:
     __slots__ = ("data", "spans")
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self.data: bytes | bytearray = b""  # bytes: as written whole, not copied (yet)
         self.spans: list[tuple[int, int]] = []
 
     def write(self, off: int, buf: bytes | bytearray | memoryview) -> None:
         end = off + len(buf)
         if not self.data and off == 0:
-            self.data = bytearray(buf)
-        elif len(self.data) < end:
+            self.data = buf if isinstance(buf, bytes) else bytes(buf)
+            self._cover(off, end)
+            return
+        if isinstance(self.data, bytes):
+            self.data = bytearray(self.data)  # a second write into it: copied once
+        if len(self.data) < end:
             self.data.extend(bytes(end - len(self.data)))
         self.data[off:end] = buf
         self._cover(off, end)
@@ -48,7 +52,7 @@ class DirtyBlock:
 
     def cut(self, at: int) -> None:
         """Forget everything written at or after ``at`` (a truncation inside the block)."""
-        del self.data[at:]
+        self.data = self.data[:at]
         self.spans = [(lo, min(hi, at)) for lo, hi in self.spans if lo < at]
 
     def covers(self, lo: int, hi: int) -> bool:
@@ -101,6 +105,14 @@ class Layer:
         view = memoryview(buf)
         pos = off
         grew = 0
+        if off % bs + len(buf) <= bs:  # within one block: hand the buffer itself over
+            blk = self.dirty.get(off // bs)
+            if blk is None:
+                blk = self.dirty[off // bs] = DirtyBlock()
+            before = blk.nbytes
+            blk.write(off % bs, buf)
+            self.nbytes += blk.nbytes - before
+            return blk.nbytes - before
         while view:
             idx, boff = divmod(pos, bs)
             n = min(bs - boff, len(view))

@@ -13,10 +13,11 @@ from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.records import Inode
 
 from .base import FsError
-from .cache import CHUNK, ChunkCache
+from .cache import CHUNK, Chunk, ChunkCache
 from .pending import Layer
 
 READAHEAD_BYTES = 16 << 20
+MISSES_KEPT = 100_000  # blocks whose chunk misses are counted
 
 
 class Reader(ABC):
@@ -24,6 +25,7 @@ class Reader(ABC):
     bs: int
     cache: ChunkCache
     _turns: dict[tuple[str, ...], int]
+    _misses: dict[tuple[int, int], int]
 
     @abstractmethod
     def _errno(self, exc: MirrorfsError) -> FsError: ...
@@ -51,8 +53,12 @@ class Reader(ABC):
         missing = [c for c, f in zip(range(first, last + 1), futs, strict=True) if f is None]
         if missing:
             c0, c1 = missing[0], missing[-1] + 1
+            nchunks = -(-self.bs // ch)
             if not self.volume.chunk:  # whole-block checksums: the whole block comes anyway
-                c0, c1 = 0, -(-self.bs // ch)
+                c0, c1 = 0, nchunks
+            elif self._missed(blk, csum):  # a second miss in a block: the rest comes along
+                rest = [c for c in range(nchunks) if (blk, csum, c) not in self.cache.items]
+                c0, c1 = min(c0, rest[0]), max(c1, rest[-1] + 1)
             fetched = self._fetch(blk, csum, c0, c1)
             for c in missing:
                 futs[c - first] = fetched[c]
@@ -72,13 +78,22 @@ class Reader(ABC):
         views[0] = views[0][lo - base :]
         return b"".join(views)
 
+    def _missed(self, blk: int, csum: int) -> bool:
+        """Count a miss in a block; True from its second on (random reads that keep
+        landing in one block: fetching the rest at once costs less than a trip each)."""
+        if len(self._misses) > MISSES_KEPT:
+            self._misses.clear()
+        seen = self._misses.get((blk, csum), 0)
+        self._misses[(blk, csum)] = seen + 1
+        return seen > 0
+
     def _fetch(
         self, blk: int, csum: int, c0: int, c1: int, server: int | None = None
-    ) -> dict[int, asyncio.Future[bytes]]:
+    ) -> dict[int, asyncio.Future[Chunk]]:
         """Fetch chunks [c0, c1) of a block in one request; their futures are in the cache
         at once, so a second reader waits for this fetch instead of starting another."""
         loop = asyncio.get_running_loop()
-        futs = {c: loop.create_future() for c in range(c0, c1)}
+        futs: dict[int, asyncio.Future[Chunk]] = {c: loop.create_future() for c in range(c0, c1)}
         for c, f in futs.items():
             if self.cache.items.get((blk, csum, c)) is None:
                 self.cache.put((blk, csum, c), f)
@@ -102,7 +117,7 @@ class Reader(ABC):
             for c, f in futs.items():
                 off = (c - c0) * ch
                 if not f.done():
-                    f.set_result(bytes(view[off : off + ch]))
+                    f.set_result(view[off : off + ch])
 
         loop.create_task(run())
         return futs
