@@ -97,7 +97,10 @@ class FileSystem(Committer, OpenFiles):
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            await self.expire()
+            try:
+                await self.expire()
+            except Exception:  # a defect: say so, and keep writing data out
+                log.exception("writing out data that waited failed")
 
     # -- lookups ------------------------------------------------------------------------
 
