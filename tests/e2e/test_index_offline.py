@@ -10,6 +10,9 @@ from netns import run_scenario
 from netns_offline_scenario import BULK
 
 SCENARIO = Path(__file__).with_name("netns_offline_scenario.py")
+# one scenario of a minute (a thousand updates through the group, peers timing out):
+# with the long tests, so the default run stays under ten minutes
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
