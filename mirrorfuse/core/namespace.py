@@ -96,8 +96,13 @@ class Namespace:
     # -- the state machine --------------------------------------------------------------
 
     def apply(self, rec: AnyRecord) -> list[int]:
-        """Apply one record; returns the blocks it freed."""
+        """Apply one record; returns the blocks it freed. (The sequence number moves only
+        when it applied: a record refused here is never journaled.)"""
+        freed = self._apply(rec)
         self.seq += 1
+        return freed
+
+    def _apply(self, rec: AnyRecord) -> list[int]:
         match rec:
             case Mk():
                 self._mk(rec)

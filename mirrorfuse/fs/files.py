@@ -220,7 +220,9 @@ class OpenFiles(Reader, ABC):
         """Drop the runtime state of a file nobody has open and nothing is pending for;
         an inode with no name left goes then."""
         st = self.states.get(ino)
-        if st is None or st.opens > 0 or st.pending or (st.task and not st.task.done()):
+        if st is None or st.opens > 0 or st.pending or st.lock.locked():
+            return
+        if st.task is not None and not st.task.done() and st.task is not asyncio.current_task():
             return
         del self.states[ino]
         node = self.ns.inodes.get(ino)
@@ -275,11 +277,13 @@ class OpenFiles(Reader, ABC):
             offset = self._size(node)
         size = self._size(node)
         layer = st.top()
+        if layer.empty:
+            layer.since = time.monotonic()  # the age of its oldest change
         self.dirty_bytes += layer.write(self.bs, offset, data)
         layer.size = max(size, offset + len(data))
         layer.mtime = now_ns()
-        if layer.nbytes >= FLUSH_BYTES:
-            await self._start_write_out(h.ino, st)
+        if layer.nbytes >= FLUSH_BYTES and layer is st.layers[-1]:
+            await self._start_write_out(h.ino, st, layer)
         if self.dirty_bytes > WRITEBACK_BYTES:
             await self._relieve()
         return len(data)
@@ -287,11 +291,15 @@ class OpenFiles(Reader, ABC):
     async def truncate(self, ino: int, length: int) -> None:
         if length < 0:
             raise FsError(errno.EINVAL)
+        if self.readonly is not None:
+            raise FsError(errno.EROFS)
         node = self._inode(ino)
         if node.is_dir:
             raise FsError(errno.EISDIR)
         st = self._state(ino)
         layer = st.top()
+        if layer.empty:
+            layer.since = time.monotonic()
         before = layer.nbytes
         layer.truncate(self.bs, self._size(node), length)
         self.dirty_bytes += layer.nbytes - before
@@ -304,12 +312,14 @@ class OpenFiles(Reader, ABC):
             await self._write_out(ino, st)
             self._forget_if_idle(ino)
 
-    async def _start_write_out(self, ino: int, st: FileState) -> None:
+    async def _start_write_out(self, ino: int, st: FileState, layer: Layer) -> None:
         """Write the file's pending layers out in the background; wait for the one
         before if it still runs (two layers in memory at most)."""
         if st.task is not None and not st.task.done():
             await asyncio.wait([st.task])
-        st.layers.append(Layer(since=time.monotonic()))  # later writes go there
+        if not st.layers or st.layers[-1] is not layer:
+            return  # another writer (or a flush) sealed it meanwhile
+        st.layers.append(Layer())  # later writes go there
         st.task = asyncio.get_running_loop().create_task(self._background(ino, st))
 
     async def _background(self, ino: int, st: FileState) -> None:
@@ -318,21 +328,34 @@ class OpenFiles(Reader, ABC):
         except OSError as exc:
             st.error = exc
         finally:
+            st.task = None
             self._forget_if_idle(ino)
 
     async def _relieve(self) -> None:
         """Too much pending in all: write out the file holding most."""
-        biggest = max(
-            self.states.items(), key=lambda kv: sum(x.nbytes for x in kv[1].layers), default=None
-        )
+        candidates = [
+            (ino, st)
+            for ino, st in self.states.items()
+            if not st.lock.locked() and ino in self.ns.inodes and self.ns.inodes[ino].nlink
+        ]
+        biggest = max(candidates, key=lambda kv: sum(x.nbytes for x in kv[1].layers), default=None)
         if biggest is not None:
-            await self._write_out(*biggest)
+            ino, st = biggest
+            try:
+                await self._write_out(ino, st)
+            except OSError as exc:
+                st.error = exc  # that file's own fsync or close reports it
 
     async def expire(self) -> None:
         """Write out what waited more than WRITEBACK_AGE (called every second)."""
         old = time.monotonic() - WRITEBACK_AGE
         for ino, st in list(self.states.items()):
-            if st.layers and st.layers[0].since < old and not st.lock.locked() and st.pending:
+            if (
+                st.layers
+                and not st.layers[0].empty
+                and st.layers[0].since < old
+                and not st.lock.locked()
+            ):
                 node = self.ns.inodes.get(ino)
                 if node is not None and node.nlink > 0:
                     with contextlib.suppress(OSError):
@@ -355,9 +378,10 @@ class OpenFiles(Reader, ABC):
                 if st.layers and st.layers[0] is layer:
                     st.layers.pop(0)
                     self.dirty_bytes -= layer.nbytes
-            if st.error is not None:
-                err, st.error = st.error, None
-                raise err
+            err, st.error = st.error, None
+        self._forget_if_idle(ino)
+        if err is not None:
+            raise err
 
     async def _send(self, ino: int, layer: Layer) -> None:
         """One layer out: its blocks copy-on-write, then one record (or its bytes inline)."""
@@ -370,7 +394,8 @@ class OpenFiles(Reader, ABC):
         t = layer.mtime or now_ns()
         if size <= min(INLINE_MAX, self.bs):
             content = await self._block_after(node, layer, 0, size)
-            self._commit(Data(ino, size, t, {}, 0, inline=bytes(content)))
+            if ino in self.ns.inodes:
+                self._commit(Data(ino, size, t, {}, 0, inline=bytes(content)))
             return
         wanted = sorted(layer.dirty)
         if node.inline and 0 not in layer.dirty and not layer.hides(0):
@@ -388,6 +413,9 @@ class OpenFiles(Reader, ABC):
         except BaseException:
             self.alloc.release(blocks)
             raise
+        if ino not in self.ns.inodes:  # freed while its blocks were on the way
+            self.alloc.release(blocks)
+            return
         new = {i: (b, c) for i, b, c in zip(wanted, blocks, sums, strict=True)}
         self._commit(Data(ino, size, t, new, layer.cut))
 
@@ -418,7 +446,9 @@ class OpenFiles(Reader, ABC):
             return b""
         sequential = h.next_read == offset
         h.next_read = end
-        layers = self._layers(h.ino)
+        # a copy: a write-out may pop a layer while a part of this read waits (a layer
+        # applied again over what it committed gives the same bytes)
+        layers = list(self._layers(h.ino))
         first, last = offset // self.bs, (end - 1) // self.bs
         if sequential:
             self._read_ahead(node, layers, last + 1)

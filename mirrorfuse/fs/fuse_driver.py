@@ -300,13 +300,18 @@ def dump_tasks() -> None:
 
 async def serve(fs: FileSystem, mountpoint: str, fsname: str, on_ready: Callable[[], None]) -> None:
     """Mount and serve until unmounted; then write everything out."""
-    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump_tasks)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
     import pyfuse3.asyncio
 
     pyfuse3.asyncio.enable()
     options = set(pyfuse3.default_options)
     options |= {f"fsname={fsname}", "subtype=mirrorfs", "allow_other"}
     pyfuse3.init(MirrorOps(fs, mountpoint), mountpoint, options)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        # stop serving, write everything out, unmount (libfuse's own handlers are not
+        # installed by pyfuse3)
+        loop.add_signal_handler(sig, pyfuse3.terminate)
     try:
         on_ready()
         await pyfuse3.main()

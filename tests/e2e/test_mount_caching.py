@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import stat
 import subprocess
 
-from helpers import Mount, cli, drop_caches
+from helpers import Mount, cli, drop_caches, wait_for
 
 
 def test_an_open_unlinked_file_works_for_every_call_until_its_last_close(mfs: Mount):
@@ -121,3 +122,26 @@ def test_a_small_file_grows_into_blocks_and_shrinks_back(mfs: Mount):
     res = cli("get", *mfs.cluster.args, "/g", "-o", str(mfs.path.parent / "g.out"))
     assert res.returncode == 0, res.stderr
     assert (mfs.path.parent / "g.out").read_bytes() == b"a" * 2000
+
+
+def test_sigterm_writes_out_what_was_pending_before_the_mount_ends(mfs: Mount):
+    data = os.urandom(3 << 20)
+    with open(mfs.path / "late", "wb") as f:  # closed, not fsynced: still in memory
+        f.write(data)
+    os.kill(mfs.pid, signal.SIGTERM)
+    assert wait_for(lambda: not mfs.mounted(), 30)
+    again = Mount(mfs.cluster, mfs.path.parent / "again")
+    try:
+        assert (again.path / "late").read_bytes() == data
+    finally:
+        again.close()
+
+
+def test_a_big_file_unlinked_after_it_started_going_out_gives_its_space_back(mfs: Mount):
+    free = os.statvfs(mfs.path).f_bfree
+    with open(mfs.path / "big", "wb") as f:
+        f.write(os.urandom(40 << 20))  # past 32 MiB: written out in the background
+        f.flush()
+        os.sync()  # the kernel hands its pages to the mount (no fsync: nothing waits)
+        os.unlink(mfs.path / "big")
+    assert wait_for(lambda: os.statvfs(mfs.path).f_bfree >= free, 20)
