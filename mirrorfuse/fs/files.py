@@ -32,7 +32,7 @@ from mirrorfuse.core.namespace import Namespace
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.records import AnyRecord, Data, Free, Inode
 
-from .base import Context, FsError, now_ns
+from .base import Context, FsError, names, now_ns
 from .cache import Allocator, ChunkCache
 from .pending import Layer
 from .reading import Reader
@@ -121,21 +121,21 @@ class OpenFiles(Reader, ABC):
 
     # -- sizes as the user sees them -------------------------------------------------------
 
+    def _pending(self, ino: int, field: str) -> int | None:
+        """The newest pending value of a layer's ``size`` or ``mtime``, if any."""
+        for layer in reversed(self._layers(ino)):
+            value: int | None = getattr(layer, field)
+            if value is not None:
+                return value
+        return None
+
     def _size(self, node: Inode) -> int:
-        st = self.states.get(node.ino)
-        if st is not None:
-            for layer in reversed(st.layers):
-                if layer.size is not None:
-                    return layer.size
-        return node.size
+        size = self._pending(node.ino, "size")
+        return node.size if size is None else size
 
     def _mtime(self, node: Inode) -> int:
-        st = self.states.get(node.ino)
-        if st is not None:
-            for layer in reversed(st.layers):
-                if layer.mtime is not None:
-                    return layer.mtime
-        return node.mtime
+        mtime = self._pending(node.ino, "mtime")
+        return node.mtime if mtime is None else mtime
 
     def _layers(self, ino: int) -> list[Layer]:
         st = self.states.get(ino)
@@ -175,7 +175,7 @@ class OpenFiles(Reader, ABC):
         self, parent: int, name: str, mode: int, flags: int, ctx: Context
     ) -> tuple[int, Inode]:
         pdir = self._dir(parent)
-        existing = pdir.entries.get(name) if pdir.entries is not None else None
+        existing = names(pdir).get(name)
         if existing is not None:
             if flags & os.O_EXCL:
                 raise FsError(errno.EEXIST)
@@ -309,8 +309,7 @@ class OpenFiles(Reader, ABC):
             # nobody will close this file: write the truncation out now. With the file
             # open it waits for the close, so a truncate-and-rewrite lands as one
             # record (after a crash: old content or new, never empty)
-            await self._write_out(ino, st)
-            self._forget_if_idle(ino)
+            await self._write_out(ino, st)  # (which forgets a file now idle)
 
     async def _start_write_out(self, ino: int, st: FileState, layer: Layer) -> None:
         """Write the file's pending layers out in the background; wait for the one
@@ -359,8 +358,7 @@ class OpenFiles(Reader, ABC):
                 node = self.ns.inodes.get(ino)
                 if node is not None and node.nlink > 0:
                     with contextlib.suppress(OSError):
-                        await self._write_out(ino, st)
-                    self._forget_if_idle(ino)
+                        await self._write_out(ino, st)  # (which forgets a file now idle)
 
     async def _write_out(self, ino: int, st: FileState, seal: bool = True) -> None:
         """Write out the layers pending now, oldest first; ``seal``: the newest too (later

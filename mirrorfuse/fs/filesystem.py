@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from .base import Context, FsError, names, now_ns
 from .cache import Allocator, ChunkCache, cache_bytes
 from .committing import Committer
 from .files import FileState, Handle, OpenFiles
+from .reading import READAHEAD_BYTES
 
 log = logging.getLogger("mirrorfs-mount")
 XATTR_CREATE, XATTR_REPLACE = 1, 2
@@ -89,6 +91,8 @@ class FileSystem(Committer, OpenFiles):
         self.dirty_bytes = 0
         self._turns: dict[tuple[str, ...], int] = {}
         self._misses: dict[tuple[int, int], int] = {}
+        # bytes fetched ahead of a sequential reader; 0 reads as asked
+        self.readahead = int(os.environ.get("MIRRORFS_READAHEAD", READAHEAD_BYTES))
         self._used: tuple[int, int] = (-1, 0)  # (namespace seq, bytes stored) for statfs
         self.healer: AutoHealer | None = None  # the mount's own, set when it heals
         self.journal: Journal = journal_factory(self._committed)
@@ -110,6 +114,14 @@ class FileSystem(Committer, OpenFiles):
             raise FsError(errno.EEXIST)
         if name_too_long(name):
             raise FsError(errno.ENAMETOOLONG)
+
+    def _vacant(self, parent: int, name: str) -> Inode:
+        """The directory a new name goes into, once the name is valid and free there."""
+        self._check_name(name)
+        pdir = self._dir(parent)
+        if name in names(pdir):
+            raise FsError(errno.EEXIST)
+        return pdir
 
     def _inode(self, ino: int) -> Inode:
         node = self.ns.inodes.get(ino)
@@ -242,10 +254,7 @@ class FileSystem(Committer, OpenFiles):
         rdev: int = 0,
         target: str | None = None,
     ) -> Inode:
-        self._check_name(name)
-        pdir = self._dir(parent)
-        if name in names(pdir):
-            raise FsError(errno.EEXIST)
+        pdir = self._vacant(parent, name)
         if pdir.nlink == 0:
             raise FsError(errno.ENOENT)
         gid = ctx.gid
@@ -280,10 +289,7 @@ class FileSystem(Committer, OpenFiles):
         node = self._inode(ino)
         if node.is_dir:
             raise FsError(errno.EPERM)
-        self._check_name(name)
-        pdir = self._dir(parent)
-        if name in names(pdir):
-            raise FsError(errno.EEXIST)
+        pdir = self._vacant(parent, name)
         if node.nlink == 0:
             raise FsError(errno.ENOENT)
         self._commit(Ln(pdir.ino, name, node.ino, now_ns()))

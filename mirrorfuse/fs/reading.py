@@ -4,7 +4,6 @@ and blocks fetched ahead of a sequential reader, spread over every live mirror."
 from __future__ import annotations
 
 import asyncio
-import os
 from abc import ABC, abstractmethod
 
 from mirrorfuse.client.volume import Volume
@@ -26,6 +25,7 @@ class Reader(ABC):
     cache: ChunkCache
     _turns: dict[tuple[str, ...], int]
     _misses: dict[tuple[int, int], int]
+    readahead: int  # bytes fetched ahead of a sequential reader; 0 reads as asked
 
     @abstractmethod
     def _errno(self, exc: MirrorfsError) -> FsError: ...
@@ -33,11 +33,6 @@ class Reader(ABC):
     @property
     def chunk(self) -> int:
         return min(CHUNK, self.bs)
-
-    @property
-    def readahead(self) -> int:
-        """Bytes fetched ahead of a sequential reader; 0 reads as asked."""
-        return int(os.environ.get("MIRRORFS_READAHEAD", READAHEAD_BYTES))
 
     async def _committed_range(self, node: Inode, idx: int, lo: int, hi: int) -> bytes | bytearray:
         """Bytes [lo, hi) of block ``idx`` as committed (shorter where it ends early)."""
