@@ -45,6 +45,7 @@ from .reading import READAHEAD_BYTES
 log = logging.getLogger("mirrorfs-mount")
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE = 1
+UNSUPPORTED_XATTRS = ("system.", "security.")
 
 
 @dataclass
@@ -379,7 +380,10 @@ class FileSystem(Committer, OpenFiles):
 
     @staticmethod
     def _xname(name: str) -> None:
-        if name.startswith("system."):
+        # ACLs (system.) would be stored but never enforced, security labels and file
+        # capabilities are not used on a FUSE mount (nosuid); a definite "not supported"
+        # also lets ls -l stop asking for both on every file
+        if name.startswith(UNSUPPORTED_XATTRS):
             raise FsError(errno.EOPNOTSUPP)
         if not name or len(name) > 255:
             raise FsError(errno.ERANGE)
@@ -396,6 +400,7 @@ class FileSystem(Committer, OpenFiles):
         self._commit(Xset(node.ino, name, bytes(value), now_ns()))
 
     def getxattr(self, ino: int, name: str) -> bytes:
+        self._xname(name)
         node = self._inode(ino)
         if name not in node.xattrs:
             raise FsError(errno.ENODATA)
@@ -405,6 +410,7 @@ class FileSystem(Committer, OpenFiles):
         return list(self._inode(ino).xattrs)
 
     def removexattr(self, ino: int, name: str) -> None:
+        self._xname(name)
         node = self._inode(ino)
         if name not in node.xattrs:
             raise FsError(errno.ENODATA)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import sqlite3
 import stat
+import struct
 import subprocess
 from pathlib import Path
 
@@ -200,6 +202,43 @@ def test_extended_attributes(mfs: Mount):
     assert sorted(os.listxattr(f)) == ["user.bin", "user.colour"]
     os.removexattr(f, "user.colour")
     assert os.listxattr(f) == ["user.bin"]
+
+
+def test_acls_and_security_labels_are_not_supported(mfs: Mount):
+    """As on NFS: a definite EOPNOTSUPP (not ENODATA) for system.* and security.*, so
+    getfacl and SELinux-aware tools see no support instead of labels that nothing
+    enforces (the mount is nosuid: file capabilities would be ignored too), and ls -l
+    asks once per file system instead of twice per file."""
+    f = mfs.path / "f"
+    f.write_text("x")
+    d = mfs.path / "d"  # a directory takes both ACLs
+    d.mkdir()
+    # the kernel parses an ACL before passing it on: a valid one (rw-r--r--)
+    acl = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 6), (4, 4), (0x20, 4))
+    )
+    for name in (
+        "system.posix_acl_access",
+        "system.posix_acl_default",
+        "security.selinux",
+        "security.mirrorfs",
+    ):
+        for call, args in (
+            (os.getxattr, (d, name)),
+            (os.setxattr, (d, name, acl)),
+            (os.removexattr, (d, name)),
+        ):
+            with pytest.raises(OSError) as exc:
+                call(*args)
+            assert exc.value.errno == errno.EOPNOTSUPP, (call.__name__, name)
+    with pytest.raises(OSError) as exc:
+        os.getxattr(f, "user.none")
+    assert exc.value.errno == errno.ENODATA
+    os.setxattr(f, "trusted.k", b"v")  # root's namespace stays
+    assert os.getxattr(f, "trusted.k") == b"v" and os.listxattr(f) == ["trusted.k"]
+    out = subprocess.run(["ls", "-l", str(mfs.path)], capture_output=True, text=True, check=True)
+    assert out.stderr == "" and out.stdout.splitlines()[-1].endswith(" f")
+    assert out.stdout.splitlines()[-2].startswith("drwx")
 
 
 def test_open_file_stays_readable_after_unlink(mfs: Mount):
