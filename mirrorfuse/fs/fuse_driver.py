@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
+from . import fuse_reader
 from .base import Context, FsError
 from .filesystem import Attrs, FileSystem
 
@@ -302,9 +303,7 @@ async def serve(fs: FileSystem, mountpoint: str, fsname: str, on_ready: Callable
     """Mount and serve until unmounted; then write everything out."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGUSR1, dump_tasks)
-    import pyfuse3.asyncio
-
-    pyfuse3.asyncio.enable()
+    fuse_reader.enable()
     options = set(pyfuse3.default_options)
     options |= {f"fsname={fsname}", "subtype=mirrorfs", "allow_other"}
     pyfuse3.init(MirrorOps(fs, mountpoint), mountpoint, options)
