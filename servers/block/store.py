@@ -46,6 +46,21 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     _libc.fallocate(fd, _FALLOC_PUNCH, ctypes.c_longlong(offset), ctypes.c_longlong(length))
 
 
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a block to the disk now, without waiting (best effort).
+
+    Left to the kernel, nothing is written until a tenth of memory is dirty, so the
+    client's fsync found the whole file still to write: measured on cp of 256 MiB,
+    0.4 s of fsync after 0.8 s of copy. Started here, the disk works during the copy.
+    """
+    _libc.sync_file_range(
+        fd, ctypes.c_longlong(offset), ctypes.c_longlong(length), _SYNC_FILE_RANGE_WRITE
+    )
+
+
 @dataclass
 class Counters:
     reads: int = 0
@@ -390,6 +405,7 @@ class Store:
             return False
         try:
             os.pwrite(self._data_fd, data, slot * self.block_size)
+            start_writeback(self._data_fd, slot * self.block_size, len(data))
             if self.chunk:
                 sums = chunk_sums(data, self.chunk) if sums is None else sums
                 os.pwrite(self._sums_fd, sums, slot * self._sums_record)
