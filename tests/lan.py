@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,9 +97,7 @@ class Host:
 class Lan:
     """A switch and ``names`` hosts at SUBNET.1, .2, ...; ``loss`` is per frame (0.01: 1%)."""
 
-    def __init__(
-        self, names: Sequence[str], delay_ms: float = 1.0, loss: float = 0.01
-    ) -> None:
+    def __init__(self, names: Sequence[str], delay_ms: float = 1.0, loss: float = 0.01) -> None:
         for tool, package in NEEDED.items():
             if shutil.which(tool) is None:
                 raise LanError(f"{tool} is missing: apt-get install {package} (tests/run.sh does)")
@@ -391,7 +388,6 @@ class Writer:
 
 
 HOSTS = ("c", "s0", "s1", "s2", "s3")
-
 
 
 class Site:

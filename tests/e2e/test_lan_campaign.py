@@ -18,6 +18,11 @@ from lan import Site, Writer
 ROUNDS = 12
 
 
+def _failed(site: Site, servers: list[int]) -> bool:
+    states = site.states()
+    return all(states[s] == "failed" for s in servers)
+
+
 @pytest.mark.slow
 def test_lan_partition_campaign(tmp_path):
     seed = int(os.environ.get("MIRRORFS_LAN_SEED") or random.randrange(1 << 30))
@@ -44,8 +49,9 @@ def test_lan_partition_campaign(tmp_path):
                     site.lan.separate("c", separated)
                 time.sleep(rng.uniform(1, 6))
                 assert w.wait_more(3), f"round {rnd}: writes stopped with {how} out"
-                gone = lambda: all(site.states()[s] == "failed" for s in out)  # noqa: E731
-                assert wait_for(gone, 30), f"round {rnd} {how}: {site.states()}"
+                assert wait_for(lambda out=out: _failed(site, out), 30), (
+                    f"round {rnd} {how}: {site.states()}"
+                )
                 for s in out:
                     if how[s] == "cut":
                         site.lan.reconnect(f"s{s}")
