@@ -9,10 +9,12 @@ from __future__ import annotations
 import datetime
 import errno
 import os
+import signal
+import threading
 
 import pytest
 from cryptography import x509
-from helpers import drop_caches, sha, wait_for
+from helpers import cli, drop_caches, sha, wait_for
 from lan import Site, Writer
 
 
@@ -158,3 +160,19 @@ def test_lan_servers_with_clocks_years_off(make_site):
         w.finish()
     assert not w.errors()
     site.verify(m, w.synced())
+
+
+def test_format_waits_as_long_as_its_timeout_for_a_slow_server(make_cluster):
+    """A server slower to answer than the default wait (stopped for 6 s here: a far or
+    busy host) is formatted when --timeout allows it, as every other command does."""
+    c = make_cluster(4, format_args=None)
+    c.servers[0].signal(signal.SIGSTOP)
+    cont = threading.Timer(6, c.servers[0].signal, (signal.SIGCONT,))
+    cont.start()
+    try:
+        res = cli("format", *c.args, "--timeout", "15")
+    finally:
+        cont.cancel()
+        c.servers[0].signal(signal.SIGCONT)
+    assert res.returncode == 0, res.stderr
+    assert [r["state"] for r in c.status()["rows"]] == ["alive"] * 4
