@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import hashlib
 import os
 import signal
 import threading
@@ -90,6 +91,25 @@ def test_lan_server_cut_off_during_writes_is_failed_then_heals(make_site):
     log = m.log.read_text()
     assert "healing server 2 from server 3: what changed" in log, log[-2000:]
     site.verify(m, w.synced())
+
+
+def test_lan_server_cut_off_while_the_mount_is_idle(make_site):
+    """Nothing asked it yet: status, which asks every server itself, already says it
+    cannot reach it (never alive); the first write that needs it marks it failed."""
+    site = make_site()
+    m = site.mount()
+    (m.path / "first").write_bytes(os.urandom(3 << 20))
+    site.lan.cut("s1")
+    row = site.rows()[1]
+    assert row["state"] == "unreachable" and "within" in row["error"], row
+    data = os.urandom(3 << 20)  # three blocks: one on pair 0 at least
+    with open(m.path / "second", "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    assert site.states() == ["alive", "failed", "alive", "alive"]
+    site.lan.reconnect("s1")
+    assert site.all_alive(), site.states()
+    site.verify(m, {"second": hashlib.sha256(data).hexdigest()})
 
 
 def test_lan_client_cut_off_from_a_whole_pair(make_site):
