@@ -205,3 +205,23 @@ def test_every_cluster_command_takes_the_mountpoint(local, cluster4, make_mount)
     res = cli("status", str(mnt), "--mount", str(other.path))
     assert res.returncode == 1 and "two mountpoints given" in res.stderr
     assert mount_sh("-u", str(mnt)).returncode == 0
+
+
+def test_an_older_python_is_named_before_anything_is_installed(tmp_path):
+    """mount.sh on a machine whose python3 is too old: one line, no virtualenv made."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text(
+        '#!/bin/sh\n[ "$1" = -V ] && { echo "Python 3.10.12"; exit 0; }\nexit 1\n'
+    )
+    (fake / "python3").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{fake}:{os.environ['PATH']}",
+        "MIRRORFS_VENV": str(tmp_path / "v"),
+    }
+    script = f"cd {REPO} && source mirrorfuse/tools/bootstrap.sh && bootstrap_venv ''"
+    res = run(["bash", "-c", script], env=env)
+    assert res.returncode == 1
+    assert res.stderr == "mirrorfs needs Python 3.11 or newer; python3 is Python 3.10.12\n"
+    assert not (tmp_path / "v").exists()

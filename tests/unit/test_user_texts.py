@@ -47,7 +47,6 @@ def test_the_readme_states_the_python_the_project_requires():
     version = needed.removeprefix(">=")
     assert re.fullmatch(r"3\.\d+", version), needed
     assert f"Python {version} or newer" in (REPO / "README.md").read_text()
-    assert f"({version.replace('.', ', ')})" in (REPO / "mirrorfuse/tools/bootstrap.sh").read_text()
 
 
 def test_status_help_names_an_option_that_exists():
