@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from helpers import REPO, cli, free_base_port, mount_sh, run, sha, wait_for
@@ -50,29 +51,33 @@ def check_data(mnt: Path, name: str = "f") -> None:
 def test_bad_arguments_are_named_and_leave_nothing_behind(local, tmp_path):
     mnt, args, base = local
     data = Path(args[1]).resolve()
-    for argv, message in [
+    cases = [
         (["--data", "/etc/passwd"], "--data /etc/passwd is not a directory"),
         (["--data", str(data), "--base-port", "0"], "base port 0 is outside 1024-65535"),
         (["--data", str(data), "--base-port", "99999"], "base port 99999 is outside 1024-65535"),
         ([*args, "--count", "5"], "5 servers is an odd number"),
         ([*args, "--block-size", "3K"], "block size 3072 must be a power of two"),
-    ]:
-        res = mount_sh(*argv, str(mnt))
+    ]
+    with ThreadPoolExecutor(len(cases)) as pool:  # each is a start-up; none creates anything
+        results = list(pool.map(lambda c: mount_sh(*c[0], str(mnt)), cases))
+    for (_, message), res in zip(cases, results, strict=True):
         assert res.returncode == 2, res.stderr
         assert f"mount.sh: error: {message}" in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
-        assert not mnt.exists() and not data.exists(), argv
+    assert not mnt.exists() and not data.exists()
     # a data directory that holds a cluster: a bad value is named as such, not as a mismatch
     data.mkdir()
     (data / "cluster.json").write_text(json.dumps({"count": 4, "base_port": base, "tls": False}))
-    for argv, message in [
+    cases = [
         (["--count", "5"], "odd number"),
         (["--base-port", "99999"], "base port 99999 is outside 1024-65535"),
         (["--count", "6"], f"{data} holds a cluster of 4 servers on base port {base}"),
-    ]:
-        res = mount_sh("--data", str(data), *argv, str(mnt))
+    ]
+    with ThreadPoolExecutor(len(cases)) as pool:  # each is a start-up; none creates anything
+        results = list(pool.map(lambda c: mount_sh("--data", str(data), *c[0], str(mnt)), cases))
+    for (_, message), res in zip(cases, results, strict=True):
         assert res.returncode == 2 and message in res.stderr, res.stderr
-        assert not mnt.exists()
+    assert not mnt.exists()
     # a run that fails later still removes the mountpoint it created (and only that)
     dead = free_base_port(4)
     servers = ",".join(f"127.0.0.1:{dead + i}" for i in range(4))
@@ -86,8 +91,9 @@ def test_bad_arguments_are_named_and_leave_nothing_behind(local, tmp_path):
     assert servers_of(data) == {}
 
 
-def test_a_closed_output_stops_nothing(local, tmp_path):
-    """`./mount.sh ... | head -1` stopped all four servers while the mount went on (EIO)."""
+def test_a_closed_output_stops_nothing_and_a_killed_mount_is_mounted_again(local):
+    """`./mount.sh ... | head -1` stopped all four servers while the mount went on (EIO);
+    ./mount.sh after the mount process was killed ended in FileExistsError."""
     mnt, args, _ = local
     data = Path(args[1]).resolve()
     line = f"set -o pipefail; {REPO}/mount.sh {' '.join(args)} {mnt} | head -1"
@@ -97,33 +103,22 @@ def test_a_closed_output_stops_nothing(local, tmp_path):
     assert "Traceback" not in res.stderr and "BrokenPipe" not in res.stderr, res.stderr
     assert registry.is_mounted(str(mnt))
     assert sorted(servers_of(data)) == [0, 1, 2, 3]
-    check_data(mnt)
-    assert states() == ["alive"] * 4
-    down = mount_sh("-u", str(mnt))
-    assert down.returncode == 0 and "stopped 4 servers" in down.stdout, down.stdout + down.stderr
-    assert wait_for(lambda: servers_of(data) == {}, 20)
-    for i in range(4):  # every server stopped cleanly: nothing printed into a closed pipe
-        log = (data / f"server{i}.log").read_text()
-        assert "stopped" in log and "Traceback" not in log, log
-
-
-def test_a_killed_mount_is_cleared_and_mounted_again(local):
-    mnt, args, _ = local
-    data = Path(args[1]).resolve()
-    assert mount_sh(*args, str(mnt)).returncode == 0
     check_data(mnt, "kept")
     kept = sha(mnt / "kept")
-    pid = registry.read(str(mnt))["mount_pid"]
-    os.kill(pid, signal.SIGKILL)
+    assert states() == ["alive"] * 4
+    os.kill(registry.read(str(mnt))["mount_pid"], signal.SIGKILL)
     assert wait_for(lambda: registry.is_disconnected(str(mnt)), 30)
-    again = mount_sh(*args, str(mnt))  # was: FileExistsError
+    again = mount_sh(*args, str(mnt))
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"cleared the mount at {mnt}: its mount process had ended" in again.stdout
     assert "4 servers on" in again.stdout and "(already running)" in again.stdout
     assert sha(mnt / "kept") == kept
     down = mount_sh("-u", str(mnt))  # the servers of the first run are stopped too
-    assert down.returncode == 0 and "stopped 4 servers" in down.stdout, down.stdout
+    assert down.returncode == 0 and "stopped 4 servers" in down.stdout, down.stdout + down.stderr
     assert wait_for(lambda: servers_of(data) == {}, 20)
+    for i in range(4):  # every server stopped cleanly: nothing printed into a closed pipe
+        log = (data / f"server{i}.log").read_text()
+        assert "stopped" in log and "Traceback" not in log, log
 
 
 def test_start_brings_a_server_back_that_unmount_stops(local, tmp_path):
@@ -177,8 +172,10 @@ def test_every_cluster_command_takes_the_mountpoint(local, cluster4, make_mount)
     assert mount_sh(*args, str(mnt)).returncode == 0
     other = make_mount(cluster4, name="other")
     mnt = Path(os.path.realpath(mnt))
-    for argv in (["fsck", "--deep"], ["rebuild", "1"], ["status"], ["heal"], ["start", "1"]):
-        res = cli(*argv)
+    commands = (["fsck", "--deep"], ["rebuild", "1"], ["status"], ["heal"], ["start", "1"])
+    with ThreadPoolExecutor(len(commands)) as pool:
+        results = list(pool.map(lambda argv: cli(*argv), commands))
+    for argv, res in zip(commands, results, strict=True):
         assert res.returncode == 1, res.stdout
         assert res.stderr.startswith(f"usage: mirrorfs-cli {argv[0]} "), res.stderr
         assert (
