@@ -69,7 +69,12 @@ def mount_line(m: dict[str, Any]) -> str:
 def cmd_start(args: argparse.Namespace) -> int:
     from .up import start_server  # the mount's code, only for this command
 
-    print(start_server(registry.find(mountpoint_of(args)), args.id))
+    where = mountpoint_of(args)
+    if where is None and not registry.live_records():
+        raise UsageError(
+            "no mirrorfs mount on this machine: ./mount.sh MOUNTPOINT starts the servers it needs"
+        )
+    print(start_server(registry.find(where), args.id))
     return 0
 
 

@@ -164,6 +164,8 @@ def test_start_brings_a_server_back_that_unmount_stops(local, tmp_path):
     down = mount_sh("-u", str(mnt))
     assert down.returncode == 0 and "stopped 4 servers" in down.stdout, down.stdout
     assert wait_for(lambda: servers_of(data) == {}, 20)
+    res = cli("start", "1")
+    assert res.returncode == 1 and "error: no mirrorfs mount on this machine" in res.stderr
 
 
 def test_every_cluster_command_takes_the_mountpoint(local, cluster4, make_mount):
