@@ -28,12 +28,15 @@ WITH_VALUE = {"key_file": "--key-file", "timeout": "--timeout", "log": "--log"}
 FLAGS = {"tls": "--tls", "force": "--force"}
 # for mount(8), systemd or the kernel, and true of every mirrorfs mount anyway (FUSE
 # mounts are nosuid and nodev; a suid or dev asked for is not granted, which is safe)
-IGNORED = frozenset(
-    "defaults rw auto noauto user nouser users owner group _netdev nofail "
-    "dev nodev suid nosuid exec async atime noatime relatime norelatime strictatime "
-    "nostrictatime lazytime nolazytime diratime nodiratime nomand silent loud "
-    "iversion noiversion".split()
-)
+# fmt: off
+IGNORED = frozenset([
+    "defaults", "rw", "auto", "noauto", "user", "nouser", "users", "owner", "group",
+    "_netdev", "nofail", "dev", "nodev", "suid", "nosuid", "exec", "async",
+    "atime", "noatime", "relatime", "norelatime", "strictatime", "nostrictatime",
+    "lazytime", "nolazytime", "diratime", "nodiratime", "nomand", "silent", "loud",
+    "iversion", "noiversion",
+])
+# fmt: on
 IGNORED_PREFIXES = ("x-", "comment=")
 REFUSED = {
     "ro": "read-only mounts are not supported (a mount takes the volume's write lease)",
@@ -72,9 +75,7 @@ def mount_argv(
     try:
         parse_servers(source)
     except UsageError as exc:
-        raise UsageError(
-            f"{exc} (the source is the servers, host:port,... in id order)"
-        ) from None
+        raise UsageError(f"{exc} (the source is the servers, host:port,... in id order)") from None
     argv = ["--servers", source]
     unknown: list[str] = []
     for opt in (o for group in options for o in group.split(",")):

@@ -29,6 +29,7 @@ BIN = Path(sys.executable).parent
 UNITS = ["mirrorfs-server@.service", "mirrorfs-index.service", "mirrorfs-peer.service"]
 INSTALLED_BIN = "/usr/local/bin/"  # where the units expect the commands (README)
 HELPER = Path("/sbin/mount.fuse.mirrorfs")
+UTAB = Path("/run/mount/utab")
 MiB = 1 << 20
 
 
@@ -136,14 +137,16 @@ def test_unit_starts_an_installed_command_with_options_it_takes(unit, tmp_path):
 def test_example_settings_are_the_units_defaults(example, units):
     shown = example_settings(example)
     assert shown
+    used = set()
     for unit in units:
         service = read_unit(CONTRIB / unit)["Service"]
         assert f"-/etc/mirrorfs/{example}" in service["EnvironmentFile"]
         env = defaults(service)
         for name, value in shown.items():
-            if name.startswith("MIRRORFS_PEER") and unit != "mirrorfs-peer.service":
-                continue
-            assert env.get(name) == value, f"{unit}: {name}"
+            if name in service["ExecStart"][0]:
+                assert env.get(name) == value, f"{unit}: {name}"
+                used.add(name)
+    assert used == set(shown), "settings no unit reads"
 
 
 def test_systemd_analyze_verify(tmp_path):
@@ -164,6 +167,7 @@ def test_sysusers_file_makes_the_user(tmp_path):
     sysusers = shutil.which("systemd-sysusers")
     if sysusers is None:
         pytest.skip("systemd-sysusers is not installed")
+    (tmp_path / "etc").mkdir()
     res = run([sysusers, f"--root={tmp_path}", str(CONTRIB / "mirrorfs.sysusers")])
     assert res.returncode == 0, res.stderr
     [line] = [ln for ln in (tmp_path / "etc/passwd").read_text().splitlines() if "mirrorfs" in ln]
@@ -180,12 +184,20 @@ def helper():
         pytest.skip(f"{HELPER} is installed already: the test does not replace it")
     if os.geteuid() != 0:
         pytest.skip("mount(8) with a helper needs root")
+    made_utab = not UTAB.parent.exists()  # mount(8) keeps _netdev and the like there
     HELPER.symlink_to(CONTRIB / "mount.fuse.mirrorfs")
     try:
         yield
     finally:
         if HELPER.is_symlink() and HELPER.readlink() == CONTRIB / "mount.fuse.mirrorfs":
             HELPER.unlink()
+        if made_utab:  # nothing left in it once everything is unmounted: it goes too
+            for name in ("utab", "utab.lock"):
+                path = UTAB.parent / name
+                if path.exists() and path.stat().st_size == 0:
+                    path.unlink()
+            with contextlib.suppress(OSError):
+                UTAB.parent.rmdir()
 
 
 class Mounts:
@@ -205,6 +217,7 @@ class Mounts:
     def umount(self, path: Path) -> None:
         res = run(["umount", str(path)])
         assert res.returncode == 0, res.stderr
+        assert f" TARGET={path} " not in (UTAB.read_text() if UTAB.exists() else "")
         pid = self.pids[-1]
         assert wait_for(lambda: not alive(pid), 30), "the mount process did not end"
 
