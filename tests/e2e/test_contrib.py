@@ -16,8 +16,9 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from helpers import Cluster, run, sha, wait_for
+from helpers import Cluster, free_ports, run, sha, wait_for
 
+from mirrorfuse.tools import fstab
 from mirrorfuse.tools import index as index_tool
 from mirrorfuse.tools import peer as peer_tool
 from mirrorfuse.tools import server as server_tool
@@ -172,6 +173,91 @@ def test_sysusers_file_makes_the_user(tmp_path):
     assert res.returncode == 0, res.stderr
     [line] = [ln for ln in (tmp_path / "etc/passwd").read_text().splitlines() if "mirrorfs" in ln]
     assert line.startswith("mirrorfs:") and line.endswith(":/var/lib/mirrorfs:/usr/sbin/nologin")
+
+
+def unit_command(unit: str, tmp: Path, settings: dict[str, str]) -> tuple[list[str], dict]:
+    """A unit's ExecStart and environment as systemd would run it, its directories (and the
+    commands) moved to where this test may write."""
+    service = read_unit(CONTRIB / unit)["Service"]
+    env = {**defaults(service), **settings}
+    moved = {"/var/lib/mirrorfs": str(tmp / "var"), "/run/": f"{tmp}/run/"}
+    for old, new in moved.items():
+        env = {k: v.replace(old, new) for k, v in env.items()}
+    command = service["ExecStart"][0].replace(INSTALLED_BIN, f"{BIN}/")
+    for old, new in moved.items():
+        command = command.replace(old, new)
+    for d in service.get("StateDirectory", [""])[0].split():
+        (tmp / "var" / d.removeprefix("mirrorfs/").replace("%i", "3")).mkdir(
+            parents=True, exist_ok=True
+        )
+    for d in service.get("RuntimeDirectory", [""])[0].split():
+        (tmp / "run" / d).mkdir(parents=True, exist_ok=True)
+    return expand(command, env, "3"), {**os.environ, **env}
+
+
+def test_units_run_and_stop_cleanly(tmp_path):
+    """The daemons start from the units' command lines and end with status 0 on SIGTERM
+    (systemd's stop), so Restart=on-failure restarts only a failure."""
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "a.txt").write_text("shared\n")
+    server_port, group_port = free_ports(2)
+    group = f"239.{os.getpid() % 250}.{server_port % 250}.7"
+    index_env = {"MIRRORFS_INDEX_GROUP": group, "MIRRORFS_INDEX_PORT": str(group_port)}
+    runs = [
+        ("mirrorfs-server@.service", {"MIRRORFS_PORT": str(server_port)}, "3 listening on"),
+        ("mirrorfs-index.service", index_env, "replica 1 on"),
+        ("mirrorfs-peer.service", {**index_env, "MIRRORFS_PEER_SHARE": str(share)}, "serving"),
+    ]
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        for unit, settings, ready in runs:
+            argv, env = unit_command(unit, tmp_path, settings)
+            log = tmp_path / f"{unit}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(argv, env=env, stdout=out, stderr=out)
+            procs.append((proc, log))
+            assert wait_for(lambda log=log, ready=ready: ready in log.read_text(), 20), (
+                log.read_text()
+            )
+        assert (tmp_path / "var/keys/index.key").exists()  # made by the index, read by the peer
+        assert list((tmp_path / "run/mirrorfs-peer/peers").glob("*.sock"))
+    finally:
+        for proc, _ in reversed(procs):
+            proc.send_signal(signal.SIGTERM)
+        codes = []
+        for proc, _ in procs:
+            try:
+                codes.append(proc.wait(timeout=20))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes.append(proc.wait())
+    assert codes == [0, 0, 0], [log.read_text() for _, log in procs]
+    assert not any("Traceback" in log.read_text() for _, log in procs)
+
+
+def test_readme_fstab_line_makes_a_network_mount_unit(tmp_path):
+    """The README's fstab line, as systemd reads it at boot: a mount unit of type
+    fuse.mirrorfs, started with the network file systems, with options the helper takes."""
+    generator = Path("/usr/lib/systemd/system-generators/systemd-fstab-generator")
+    if not generator.exists():
+        pytest.skip("systemd-fstab-generator is not installed")
+    readme = (REPO / "README.md").read_text().splitlines()
+    [line] = [ln.strip() for ln in readme if re.search(r"\sfuse\.mirrorfs\s+\S+\s+0\s+0$", ln)]
+    (tmp_path / "fstab").write_text(line + "\n")
+    out = [tmp_path / d for d in ("normal", "early", "late")]
+    for d in out:
+        d.mkdir()
+    env = {**os.environ, "SYSTEMD_FSTAB": str(tmp_path / "fstab")}
+    res = run([str(generator), *map(str, out)], env=env)
+    assert res.returncode == 0, res.stderr
+    source, where, _, options, *_ = line.split()
+    name = where.strip("/").replace("/", "-") + ".mount"
+    assert (out[0] / "remote-fs.target.wants" / name).exists()  # _netdev: after the network
+    mount = read_unit(out[0] / name)["Mount"]
+    assert mount["Type"] == ["fuse.mirrorfs"] and mount["What"] == [source]
+    command, ignored = fstab.mount_argv(source, where, mount["Options"])
+    assert command[:2] == ["--servers", source] and "--key-file" in command and not ignored
 
 
 # ---- the mount helper, through mount(8) -------------------------------------------------
