@@ -56,8 +56,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "systemd's own (_netdev, noauto, nofail, x-systemd.*, rw, ...) are ignored.",
     )
     p.add_argument("source", metavar="SERVERS", help="host:port,... of every server, in id order")
-    p.add_argument("mountpoint")
-    p.add_argument("-o", dest="options", action="append", default=[], help="OPTION,...")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument(
+        "-o", dest="options", metavar="OPTION,...", action="append", default=[], help="options"
+    )
     p.add_argument("-s", dest="sloppy", action="store_true", help="ignore unknown options")
     p.add_argument("-f", dest="fake", action="store_true", help="check only, mount nothing")
     p.add_argument("-n", action="store_true", help="(ignored: the kernel keeps the mount table)")
