@@ -19,7 +19,7 @@ from mirrorfuse.fs.opening import open_filesystem
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 
-from . import logs, registry
+from . import fstab, logs, registry
 from .args import add_cluster_args, cluster_from_args, run, seconds_arg
 
 PROG = "mirrorfs-mount"
@@ -27,7 +27,12 @@ log = logging.getLogger(PROG)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description="Mount a mirrorfs volume.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Mount a mirrorfs volume.",
+        epilog="As mount(8)'s helper (fstab, mount -t fuse.mirrorfs): mirrorfs-mount --fstab "
+        "SERVERS MOUNTPOINT -o OPTIONS (contrib/mount.fuse.mirrorfs runs it).",
+    )
     add_cluster_args(p)
     p.add_argument("mountpoint", help="an empty directory")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -179,7 +184,10 @@ def mount(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logs.setup(PROG, logging.WARNING)
-    return mount(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--fstab"]:  # mount(8)'s calling convention: SOURCE MOUNTPOINT -o OPTIONS
+        return fstab.main(argv[1:], mount)
+    return mount(argv)
 
 
 if __name__ == "__main__":
