@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,11 @@ def test_a_bad_or_busy_metrics_address_is_one_line(cluster4, make_mount, tmp_pat
                "--metrics", "nonsense"])  # fmt: skip
     assert res.returncode == 2
     assert "metrics address 'nonsense' is not host:port" in res.stderr
+    mnt = tmp_path / "mnt"
+    res = run([sys.executable, "-m", "mirrorfuse.tools.up", "--metrics", "9100", str(mnt)])
+    assert res.returncode == 2  # mount.sh: refused before anything starts
+    assert "metrics address '9100' is not host:port" in res.stderr
+    assert not mnt.exists()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -126,7 +132,6 @@ def test_a_bad_or_busy_metrics_address_is_one_line(cluster4, make_mount, tmp_pat
             f"mirrorfs-server: error: metrics port {taken} on 127.0.0.1 is in use"
         )
         assert "Traceback" not in res.stderr
-        mnt = tmp_path / "mnt"
         mnt.mkdir()
         res = run([MOUNT, *cluster4.args, str(mnt), "--metrics", f"127.0.0.1:{taken}"])
         assert res.returncode == 1
