@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 
 from mirrorfuse.client.blocking import run_async
+from mirrorfuse.wire.errors import UsageError
 from mirrorfuse.wire.sizes import check_block_size, human, parse_size
 
 from . import admin, download, indexcmd, logs, servefile, shell
@@ -34,6 +35,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.where:
         args.mount = args.where
     spec = cluster_from_args(args)
+    if args.watch:
+        if args.json:
+            raise UsageError("--watch shows a table: it does not go with --json")
+        from .watch import watch
+
+        return watch(lambda: run_async(admin.status(spec, args.timeout)), args.interval, sys.stdout)
     st = run_async(admin.status(spec, args.timeout))
     if args.json:
         print(json.dumps(st, indent=2))
@@ -102,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("status", cmd_status, "show servers, mirror pairs, states and usage")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.add_argument(
+        "--watch",
+        action="store_true",
+        help="ask again every interval: redrawn in place on a terminal, a table per "
+        "interval when piped; Ctrl-C ends it",
+    )
+    sp.add_argument(
+        "-n", "--interval", type=seconds_arg, default=2.0, help="seconds between updates (2)"
+    )
     sp.add_argument("where", nargs="?", metavar="MOUNTPOINT", help="same as --mount")
 
     sp = command("fsck", cmd_fsck, "check the namespace (and with --deep every block) of a volume")
