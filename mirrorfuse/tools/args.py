@@ -17,6 +17,7 @@ from mirrorfuse.wire.addresses import (
     DEFAULT_HOST,
     ClusterSpec,
     from_base_port,
+    parse_address,
     parse_port,
     parse_servers,
 )
@@ -39,6 +40,11 @@ def _argtype(parse: Callable[[str], object]) -> Callable[[str], object]:
 
 port_arg = _argtype(parse_port)
 size_arg = _argtype(parse_size)
+metrics_arg = _argtype(lambda text: parse_address(text, "metrics address"))
+
+METRICS_HELP = (
+    "serve Prometheus metrics on HOST:PORT (/metrics; e.g. 127.0.0.1:9100); off by default"
+)
 
 
 def listen_port_arg(text: str) -> int:

@@ -42,6 +42,12 @@ def cmd_format(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
+    if args.watch:
+        if args.json:
+            raise UsageError("--watch shows a table: it does not go with --json")
+        from .watch import watch
+
+        return watch(lambda: run_async(admin.status(spec, args.timeout)), args.interval, sys.stdout)
     st = run_async(admin.status(spec, args.timeout))
     st["mount"] = mount_info(spec)
     if args.json:
@@ -143,6 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("status", cmd_status, "show servers, mirror pairs, states and usage")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sp.add_argument(
+        "--watch",
+        action="store_true",
+        help="ask again every interval: redrawn in place on a terminal, a table per "
+        "interval when piped; Ctrl-C ends it",
+    )
+    sp.add_argument(
+        "-n", "--interval", type=seconds_arg, default=2.0, help="seconds between updates (2)"
+    )
     add_mountpoint_arg(sp)
 
     sp = command("fsck", cmd_fsck, "check the namespace (and with --deep every block) of a volume")

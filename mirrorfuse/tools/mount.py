@@ -15,12 +15,20 @@ from pathlib import Path
 
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.volume import Volume
+from mirrorfuse.fs.filesystem import FileSystem
 from mirrorfuse.fs.opening import open_filesystem
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 
 from . import fstab, logs, registry
-from .args import add_cluster_args, cluster_from_args, run, seconds_arg
+from .args import (
+    METRICS_HELP,
+    add_cluster_args,
+    cluster_from_args,
+    metrics_arg,
+    run,
+    seconds_arg,
+)
 
 PROG = "mirrorfs-mount"
 log = logging.getLogger(PROG)
@@ -52,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="log file of the background mount (default: one per mountpoint, in "
         f"{registry.state_dir() / 'logs'})",
     )
+    p.add_argument("--metrics", type=metrics_arg, metavar="HOST:PORT", help=METRICS_HELP)
     return p.parse_args(argv)
 
 
@@ -97,9 +106,19 @@ async def _serve(args: argparse.Namespace, spec: ClusterSpec, report: Callable[[
     from mirrorfuse.fs.fuse_driver import serve as serve_fuse
 
     volume = Volume(spec, args.timeout)
+    opened: list[FileSystem] = []
+    exporter = None
+    if args.metrics is not None:  # first: a port in use is said before anything is mounted
+        from servers.metrics import serve as serve_metrics
+
+        from .metrics import mount_metrics
+
+        collect = mount_metrics(volume, lambda: opened[0] if opened else None)
+        exporter = serve_metrics(args.metrics, collect)
     try:
         await volume.open()
         fs = await open_filesystem(volume, args.mountpoint, args.force, heal=True)
+        opened.append(fs)
 
         def ready() -> None:
             registry.write(
@@ -118,6 +137,8 @@ async def _serve(args: argparse.Namespace, spec: ClusterSpec, report: Callable[[
         await serve_fuse(fs, args.mountpoint, f"mirrorfs:{volume.volume_id}", ready)
         return 0
     finally:
+        if exporter is not None:
+            exporter.stop()
         await volume.close()
 
 

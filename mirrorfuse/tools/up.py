@@ -31,7 +31,7 @@ from servers.files import atomic_write, write_key
 
 from . import logs, registry
 from .admin import format_volume, probe
-from .args import run
+from .args import metrics_arg, run
 from .hosts import checked_cluster
 from .mount import mount
 from .spawn import ServerProc, SpawnError, running_server
@@ -66,6 +66,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--tls", action="store_true", help="encrypt traffic (local servers start with --tls)"
     )
     p.add_argument("--key-file", help="the volume's key (default: the key directory's)")
+    p.add_argument(
+        "--metrics",
+        type=metrics_arg,
+        metavar="HOST:PORT",
+        help="serve the mount's Prometheus metrics there (off by default)",
+    )
     return p.parse_args(argv)
 
 
@@ -247,6 +253,7 @@ def up(args: argparse.Namespace) -> int:
             raise MirrorfsError("no server answers: " + "; ".join(missing))
         servers = ",".join(str(a) for a in spec.addresses)
         argv = ["--servers", servers, mnt] + (["--force"] if args.force else [])
+        argv += ["--metrics", str(args.metrics)] if args.metrics else []
         argv += (["--tls"] if spec.tls else []) + (
             ["--key-file", spec.key_file] if spec.key_file else []
         )
