@@ -13,10 +13,15 @@ bootstrap_venv() {
     python3 -m venv "$VENV" || { echo "could not create a virtualenv in $VENV (Debian: apt-get install python3-venv)" >&2; exit 1; }
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    # pyfuse3 is compiled against libfuse3 here; -O1 halves that (its C is glue)
-    CFLAGS="${CFLAGS:--O1}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" \
-      || { echo "installing mirrorfs into $VENV failed" >&2; exit 1; }
-    touch "$stamp"
+    # one install at a time: two mount.sh started together would both run pip on one .venv
+    if command -v flock >/dev/null 2>&1; then exec 9>"$VENV/.mirrorfs-install.lock"; flock 9; fi
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then  # not done meanwhile
+      # pyfuse3 is compiled against libfuse3 here; -O1 halves that (its C is glue)
+      CFLAGS="${CFLAGS:--O1}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" \
+        || { echo "installing mirrorfs into $VENV failed" >&2; exit 1; }
+      touch "$stamp"
+    fi
+    exec 9>&-
   fi
 }
 
