@@ -55,7 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3.0,
         help="seconds before a silent server is marked failed (3)",
     )
-    p.add_argument("--log", help="log file of the background mount")
+    p.add_argument(
+        "--log",
+        help="log file of the background mount (default: one per mountpoint, in "
+        f"{registry.state_dir() / 'logs'})",
+    )
     p.add_argument("--metrics", type=metrics_arg, metavar="HOST:PORT", help=METRICS_HELP)
     return p.parse_args(argv)
 
@@ -125,6 +129,7 @@ async def _serve(args: argparse.Namespace, spec: ClusterSpec, report: Callable[[
                     "volume": volume.volume_id,
                     "key_file": spec.key_file,
                     "tls": spec.tls,
+                    "log": getattr(args, "log_path", None),
                 },
             )
             report(f"ok {volume.volume_id}")
@@ -142,7 +147,7 @@ def background(args: argparse.Namespace, spec: ClusterSpec) -> int:
 
     The child is forked, not started anew: it has everything imported already.
     """
-    log_path = args.log or str(registry.state_dir() / "mount.log")
+    log_path = args.log_path = os.path.abspath(args.log or registry.mount_log(args.mountpoint))
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
     sys.stdout.flush()
@@ -171,7 +176,7 @@ def background(args: argparse.Namespace, spec: ClusterSpec) -> int:
     with os.fdopen(r) as pipe:
         answer = pipe.read()
     if answer.startswith("ok"):
-        print(
+        logs.say(
             f"mounted volume {answer.split()[1]} at {args.mountpoint} (pid {pid}, log {log_path})"
         )
         return 0
@@ -194,6 +199,7 @@ def mount(argv: list[str]) -> int:
     """The command, for a caller that set up logging already (mount.sh)."""
     args = parse_args(argv)
     args.ready_fd = None  # the background child tells its parent through a pipe
+    args.log_path = None  # the foreground mount logs to its standard error
     return run(PROG, lambda: start(args))
 
 
