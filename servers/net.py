@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from mirrorfuse.core.stats import OpStats
 from mirrorfuse.wire.auth import HELLO_SIZE, PROOF_SIZE, AuthError, ServerHandshake
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.frames import (
@@ -70,8 +71,11 @@ class Refused(Exception):
         self.last = last
 
 
-def dispatch(frame: Frame, handlers: Mapping[type[Request[Any]], Handler]) -> Out:
-    """Decode a request, run its handler, frame the reply; every failure is an error reply."""
+def dispatch(
+    frame: Frame, handlers: Mapping[type[Request[Any]], Handler], stats: OpStats | None = None
+) -> Out:
+    """Decode a request, run its handler, frame the reply; every failure is an error reply.
+    With ``stats``, each request of a known type is counted and timed (metrics)."""
     if frame.is_reply:
         return encode_error(frame.req_id, frame.type, "BAD_REQUEST", "unexpected reply frame")
     kind = REQUESTS.get(frame.type)
@@ -79,17 +83,24 @@ def dispatch(frame: Frame, handlers: Mapping[type[Request[Any]], Handler]) -> Ou
     if kind is None or handler is None:
         msg = f"unknown message type {frame.type}"
         return encode_error(frame.req_id, frame.type, "UNKNOWN_TYPE", msg)
+    start = time.perf_counter()
     try:
         body, data = handler(decode(kind, frame.body), frame.payload, frame.flags)
     except BadMessage as exc:
-        msg = f"bad {Msg(frame.type).name} request: {exc}"
-        return encode_error(frame.req_id, frame.type, "BAD_REQUEST", msg)
+        code, msg, last = "BAD_REQUEST", f"bad {Msg(frame.type).name} request: {exc}", None
     except Refused as exc:
-        return encode_error(frame.req_id, frame.type, exc.code, str(exc), exc.last)
+        code, msg, last = exc.code, str(exc), exc.last
     except OSError as exc:
         log.error("I/O error: %s", exc)
-        return encode_error(frame.req_id, frame.type, "EIO", f"I/O error: {exc.strerror}")
-    return encode_reply(frame.type, frame.req_id, body, data)
+        code, msg, last = "EIO", f"I/O error: {exc.strerror}", None
+    else:
+        if stats is not None:
+            took = time.perf_counter() - start
+            stats.of(frame.type).record(took, len(frame.payload), len(data))
+        return encode_reply(frame.type, frame.req_id, body, data)
+    if stats is not None:
+        stats.failed(frame.type, code, time.perf_counter() - start)
+    return encode_error(frame.req_id, frame.type, code, msg, last)
 
 
 @dataclass

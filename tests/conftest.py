@@ -5,11 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import Cluster, Mount
+from helpers import Cluster, Mount, free_base_port
+
+from mirrorfuse.tools import registry
+from mirrorfuse.tools.spawn import running_server
 
 # The tests' own registry of mounts, so they neither see nor disturb the user's.
 _STATE = tempfile.mkdtemp(prefix="mirrorfs-test-state-")
@@ -99,3 +104,27 @@ def make_mount(tmp_path):
 def mfs(cluster4, make_mount) -> Mount:
     """A freshly formatted 4-server volume, mounted."""
     return make_mount(cluster4)
+
+
+@pytest.fixture
+def local(tmp_path):
+    """./mount.sh's own cluster in tmp_path (mountpoint, its arguments, base port);
+    unmounted and stopped afterwards whatever happens."""
+    base = free_base_port(4)
+    mnt = tmp_path / "mnt"
+    data = tmp_path / "data"
+    args = ["--data", str(data), "--base-port", str(base)]
+    yield mnt, args, base
+    # whatever a failed test left: the mount's pid as recorded, ended by pid
+    record = registry.read(os.path.realpath(mnt)) or {}
+    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+    pid = record.get("mount_pid")
+    with contextlib.suppress(ProcessLookupError, TypeError):
+        os.kill(pid, signal.SIGKILL)
+    subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+    # and every server of this data directory, however it was started
+    for entry in os.listdir("/proc"):
+        server = running_server(int(entry)) if entry.isdigit() else None
+        if server is not None and server.data.is_relative_to(data.resolve()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry), signal.SIGKILL)

@@ -26,6 +26,7 @@ __all__ = [
     "Mount",
     "ServerProc",
     "cli",
+    "mount_sh",
     "free_base_port",
     "free_ports",
     "run",
@@ -51,6 +52,14 @@ def run(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProce
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return run([CLI, *args], timeout=timeout)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mount_sh(*args: str, **kw) -> subprocess.CompletedProcess[str]:
+    """./mount.sh as a user runs it."""
+    return run([str(REPO / "mount.sh"), *args], timeout=180, **kw)
 
 
 def prove(s: socket.socket, key: bytes) -> None:

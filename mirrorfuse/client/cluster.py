@@ -14,9 +14,11 @@ one per request or per reconnection (its port still accepts connections).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from mirrorfuse.core.stats import OpStats
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, ServerError
 from mirrorfuse.wire.messages import Hello, Identity, Lease, Message, Reply, Request
@@ -46,6 +48,7 @@ class Cluster:
         self._connecting: dict[int, asyncio.Future[Connection]] = {}
         self.hung: dict[int, ServerDown] = {}  # server -> how it went silent
         self.hangs = [0] * spec.count  # times each server was found silent
+        self.stats = OpStats()  # requests by message type (metrics)
         self._probes: dict[int, asyncio.Task[None]] = {}
 
     async def connection(self, server: int) -> Connection:
@@ -98,13 +101,22 @@ class Cluster:
         silent = self.hung.get(server)
         if silent is not None:
             raise ServerDown(server, silent.address, f"{silent.reason} (still silent)", True)
+        start = time.perf_counter()
         try:
             conn = await self.connection(server)
-            return await conn.call(req, payload, flags)
+            reply = await conn.call(req, payload, flags)
         except ServerDown as exc:
+            self.stats.failed(req.TYPE, "DOWN", time.perf_counter() - start)
             if exc.hung:
                 self._went_silent(server, exc)
             raise
+        except ServerError as exc:
+            self.stats.failed(req.TYPE, exc.code, time.perf_counter() - start)
+            raise
+        self.stats.of(req.TYPE).record(
+            time.perf_counter() - start, len(payload), len(reply.payload)
+        )
+        return reply
 
     def _went_silent(self, server: int, exc: ServerDown) -> None:
         if server in self.hung:

@@ -254,6 +254,9 @@ class AutoHealer:
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
         self._said: dict[int, str] = {}  # server -> why its last heal stopped
+        self.healed = 0  # heals finished (the server alive again)
+        self.stopped = 0  # heals that stopped before the end
+        self.copied = 0  # blocks copied by the finished heals
         self.name = f"mount-{uuid.uuid4().hex[:8]}"  # its heals, begun again, are its own
 
     def start(self) -> None:
@@ -272,15 +275,17 @@ class AutoHealer:
             for server in range(self.vol.spec.count):
                 if await self._wanted(server):
                     try:
-                        await heal(
+                        self.copied += await heal(
                             self.vol,
                             server,
                             progress=log.info,
                             metadata=self.metadata,
                             healer=self.name,
                         )
+                        self.healed += 1
                         self._said.pop(server, None)
                     except MirrorfsError as exc:
+                        self.stopped += 1
                         if self._said.get(server) != str(exc):  # not again every round
                             log.warning("healing server %d stopped: %s", server, exc)
                         self._said[server] = str(exc)

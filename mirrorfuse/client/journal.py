@@ -16,10 +16,12 @@ them (a rebuild target says GAP).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirrorfuse.core.replay import Batch
+from mirrorfuse.core.stats import OpStat
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.messages import MetaInfo
 from mirrorfuse.wire.records import encode_batch
@@ -79,6 +81,8 @@ class Journal:
         self.trouble: BaseException | None = None  # the last try failed; trying again
         self._closing = False
         self._wake = asyncio.Event()
+        self.appends = OpStat()  # batches on every writable server: how many, how long
+        self.records = 0  # records in them
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def _notify(self) -> None:
@@ -218,7 +222,10 @@ class Journal:
             self._ckpt = item
             self._tail, self._tail_bytes = [], 0
             return
+        start = time.perf_counter()
         await self._meta.append(item, self._heal)
+        self.appends.record(time.perf_counter() - start, len(item.data))
+        self.records += item.count
         self._tail.append(item)
         self._tail_bytes += len(item.data)
         self.committed = item.last

@@ -53,6 +53,7 @@ class FailureTable:
         self._refresh: asyncio.Task[None] | None = None
         self._pending: Table | None = None  # a table being persisted (connections check it)
         self._announced: set[int] = set()
+        self.failures = [0] * cluster.spec.count  # times this client marked each failed
         self._strikes: dict[int, int] = {}  # failed attempts on a pair's last live copy
         self._gone: set[int] = set()  # last copies that ran out of tries: EIO at once
 
@@ -161,6 +162,7 @@ class FailureTable:
             if self.epoch is None:
                 # without the lease nothing may change on the servers (they fence it):
                 # kept here, and written by ``persist`` once the lease is held
+                self._count_failed(new)
                 self.table = new
                 self.unpersisted = True
                 return
@@ -186,6 +188,7 @@ class FailureTable:
                 else:
                     answers.append(r.body)
             if any(a.accepted for a in answers):
+                self._count_failed(new)
                 self.table = new
             rejected = [a.table for a in answers if not a.accepted]
             for other in rejected:  # another client moved the table on: merge, go again
@@ -211,6 +214,10 @@ class FailureTable:
     def close(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
+
+    def _count_failed(self, new: Table) -> None:
+        for s, (was, now) in enumerate(zip(self.table.states, new.states, strict=False)):
+            self.failures[s] += now == State.FAILED and was != State.FAILED
 
     # -- failures -------------------------------------------------------------------------
 

@@ -18,11 +18,14 @@ import asyncio
 import errno
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pyfuse3
+
+from mirrorfuse.core.stats import OpStats
 
 from . import fuse_reader
 from .base import Context, FsError
@@ -71,29 +74,46 @@ def _entry(a: Attrs) -> pyfuse3.EntryAttributes:
 _inflight: dict[int, tuple[str, Any]] = {}  # requests being served: SIGUSR1 shows them
 
 
+# the kernel's requests by name: counts, time, errors by errno (the mount's metrics)
+STATS = OpStats()
+_READ, _WRITE = STATS.of("read"), STATS.of("write")  # their bytes too
+
+
+def _failed(name: str, start: float, code: int) -> pyfuse3.FUSEError:
+    STATS.failed(name, errno.errorcode.get(code, str(code)), time.perf_counter() - start)
+    return pyfuse3.FUSEError(code)
+
+
 async def _call(func: Callable[..., Awaitable[T]], *args: Any) -> T:
+    name = func.__name__
+    start = time.perf_counter()
     coro = func(*args)
-    _inflight[id(coro)] = (func.__name__, coro)
+    _inflight[id(coro)] = (name, coro)
     try:
-        return await coro
+        result = await coro
     except FsError as exc:
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        raise _failed(name, start, exc.errno or errno.EIO) from None
     except Exception:
         # unanswered, the caller would hang in the kernel for ever: EIO, and say why
-        log.exception("%s failed", func.__name__)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+        log.exception("%s failed", name)
+        raise _failed(name, start, errno.EIO) from None
     finally:
         del _inflight[id(coro)]
+    STATS.of(name).record(time.perf_counter() - start)
+    return result
 
 
 def _sync(func: Callable[..., T], *args: Any) -> T:
+    start = time.perf_counter()
     try:
-        return func(*args)
+        result = func(*args)
     except FsError as exc:
-        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        raise _failed(func.__name__, start, exc.errno or errno.EIO) from None
     except Exception:
         log.exception("%s failed", func.__name__)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+        raise _failed(func.__name__, start, errno.EIO) from None
+    STATS.of(func.__name__).record(time.perf_counter() - start)
+    return result
 
 
 class MirrorOps(pyfuse3.Operations):
@@ -239,10 +259,14 @@ class MirrorOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._attrs(node.ino)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await _call(self.fs.read, fh, off, size)
+        data = await _call(self.fs.read, fh, off, size)
+        _READ.reply_bytes += len(data)
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        return await _call(self.fs.write, fh, off, buf)
+        n = await _call(self.fs.write, fh, off, buf)
+        _WRITE.request_bytes += n
+        return n
 
     async def flush(self, fh: int) -> None:
         await _call(self.fs.flush, fh)

@@ -17,6 +17,7 @@ from mirrorfuse.wire.addresses import (
     DEFAULT_HOST,
     ClusterSpec,
     from_base_port,
+    parse_address,
     parse_port,
     parse_servers,
 )
@@ -39,6 +40,11 @@ def _argtype(parse: Callable[[str], object]) -> Callable[[str], object]:
 
 port_arg = _argtype(parse_port)
 size_arg = _argtype(parse_size)
+metrics_arg = _argtype(lambda text: parse_address(text, "metrics address"))
+
+METRICS_HELP = (
+    "serve Prometheus metrics on HOST:PORT (/metrics; e.g. 127.0.0.1:9100); off by default"
+)
 
 
 def listen_port_arg(text: str) -> int:
@@ -67,8 +73,16 @@ def rate_arg(text: str) -> float:
     return _positive(text, "MiB/s")
 
 
-def add_cluster_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cluster (one of)")
+def add_cluster_args(parser: argparse.ArgumentParser, mount: bool = False) -> None:
+    """How a command names its cluster; with ``mount``, also by a mountpoint (--mount)."""
+    title = "cluster (one of; default: the only mirrorfs mount)" if mount else "cluster (one of)"
+    group = parser.add_argument_group(title)
+    if mount:
+        group.add_argument(
+            "--mount",
+            metavar="MOUNTPOINT",
+            help="the cluster behind this mirrorfs mount of this machine",
+        )
     group.add_argument(
         "--servers", metavar="HOST:PORT,...", help="every server, in id order (server 0 first)"
     )
@@ -93,9 +107,34 @@ def add_key_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_mountpoint_arg(parser: argparse.ArgumentParser, option: bool = False) -> None:
+    """MOUNTPOINT, last on the line: the same as --mount (which ``option`` adds)."""
+    if option:
+        parser.add_argument(
+            "--mount", metavar="MOUNTPOINT", help="the mount whose cluster it is (same as below)"
+        )
+    parser.add_argument(
+        "where",
+        nargs="?",
+        metavar="MOUNTPOINT",
+        help="a mirrorfs mount of this machine: its cluster (same as --mount)",
+    )
+
+
+def mountpoint_of(args: argparse.Namespace) -> str | None:
+    """The mountpoint a command was given, positional or --mount (None: not given)."""
+    where, option = getattr(args, "where", None), getattr(args, "mount", None)
+    if where is not None and option is not None and where != option:
+        raise UsageError(f"two mountpoints given ({where} and --mount {option}): give one")
+    return where if where is not None else option
+
+
 def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
+    mountpoint = mountpoint_of(args)
     if args.servers and args.base_port is not None:
         raise UsageError("give either --servers or --base-port/--count, not both")
+    if mountpoint is not None and (args.servers or args.base_port is not None):
+        raise UsageError("give either a mountpoint or --servers or --base-port/--count")
     if args.servers:
         spec = checked_cluster(parse_servers(args.servers), "--servers")
     elif args.base_port is not None:
@@ -105,7 +144,7 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
     else:
         from . import registry
 
-        spec = registry.default_cluster(getattr(args, "mount", None))
+        spec = registry.default_cluster(mountpoint)
     key_file = getattr(args, "key_file", None)
     if key_file:
         spec = dataclasses.replace(spec, key_file=str(Path(key_file).resolve()))
@@ -114,11 +153,19 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterSpec:
     return spec
 
 
-def run(prog: str, command: Callable[[], int], usage_exit: int = 2) -> int:
-    """Run a command's body; its errors become one line and an exit code."""
+def run(
+    prog: str,
+    command: Callable[[], int],
+    usage_exit: int = 2,
+    usage: Callable[[], str] | None = None,
+) -> int:
+    """Run a command's body; its errors become one line and an exit code (bad usage:
+    the command's usage line first, when given, as argparse does)."""
     try:
         return command()
     except UsageError as exc:
+        if usage is not None:
+            print(usage(), end="", file=sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return usage_exit
     except MirrorfsError as exc:

@@ -8,13 +8,20 @@ bootstrap_venv() {
   stamp="$VENV/.mirrorfs-installed-${extras:-base}"
   if [ ! -x "$VENV/bin/python" ]; then
     command -v python3 >/dev/null || { echo "python3 is needed (3.11 or newer)" >&2; exit 1; }
+    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+      || { echo "mirrorfs needs Python 3.11 or newer; python3 is $(python3 -V 2>&1)" >&2; exit 1; }
     python3 -m venv "$VENV" || { echo "could not create a virtualenv in $VENV (Debian: apt-get install python3-venv)" >&2; exit 1; }
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    # pyfuse3 is compiled against libfuse3 here; -O1 halves that (its C is glue)
-    CFLAGS="${CFLAGS:--O1}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" \
-      || { echo "installing mirrorfs into $VENV failed" >&2; exit 1; }
-    touch "$stamp"
+    # one install at a time: two mount.sh started together would both run pip on one .venv
+    if command -v flock >/dev/null 2>&1; then exec 9>"$VENV/.mirrorfs-install.lock"; flock 9; fi
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then  # not done meanwhile
+      # pyfuse3 is compiled against libfuse3 here; -O1 halves that (its C is glue)
+      CFLAGS="${CFLAGS:--O1}" "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$spec" \
+        || { echo "installing mirrorfs into $VENV failed" >&2; exit 1; }
+      touch "$stamp"
+    fi
+    exec 9>&-
   fi
 }
 
@@ -22,7 +29,9 @@ bootstrap_venv() {
 # binding) against it needs: installed when missing and we are root.
 ensure_fuse() {
   local need=()
-  command -v fusermount3 >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep -q libfuse3.so \
+  # grep reads all of ldconfig's list (no -q): with pipefail, ldconfig cut off by SIGPIPE
+  # would count as FUSE missing
+  command -v fusermount3 >/dev/null 2>&1 && ldconfig -p 2>/dev/null | grep libfuse3.so >/dev/null \
     || need+=(fuse3)
   command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
   pkg-config --exists fuse3 2>/dev/null || need+=(libfuse3-dev)

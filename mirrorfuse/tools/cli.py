@@ -7,12 +7,22 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from mirrorfuse.client.blocking import run_async
+from mirrorfuse.wire.addresses import ClusterSpec
+from mirrorfuse.wire.errors import UsageError
 from mirrorfuse.wire.sizes import check_block_size, human, parse_size
 
-from . import admin, download, indexcmd, logs, servefile, shell
-from .args import add_cluster_args, cluster_from_args, run, seconds_arg
+from . import admin, download, indexcmd, logs, registry, servefile, shell
+from .args import (
+    add_cluster_args,
+    add_mountpoint_arg,
+    cluster_from_args,
+    mountpoint_of,
+    run,
+    seconds_arg,
+)
 from .fsck import fsck
 from .fsck import summary as fsck_summary
 
@@ -31,15 +41,47 @@ def cmd_format(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    if args.where:
-        args.mount = args.where
     spec = cluster_from_args(args)
+    if args.watch:
+        if args.json:
+            raise UsageError("--watch shows a table: it does not go with --json")
+        from .watch import watch
+
+        return watch(lambda: run_async(admin.status(spec, args.timeout)), args.interval, sys.stdout)
     st = run_async(admin.status(spec, args.timeout))
+    st["mount"] = mount_info(spec)
     if args.json:
         print(json.dumps(st, indent=2))
     else:
         print(admin.format_status(st))
+        if st["mount"]:
+            print(mount_line(st["mount"]))
     return 0 if st["volume"] is not None else 1
+
+
+def mount_info(spec: ClusterSpec) -> dict[str, Any] | None:
+    """The mount of this machine that uses the cluster: where, its pid, its log."""
+    rec = registry.mount_of(spec)
+    if rec is None:
+        return None
+    return {"mountpoint": rec["mountpoint"], "pid": rec.get("mount_pid"), "log": rec.get("log")}
+
+
+def mount_line(m: dict[str, Any]) -> str:
+    log = m["log"] or "its standard error (mounted with -f)"
+    return f"mounted at {m['mountpoint']} (pid {m['pid']}), log {log}"
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from .up import start_server  # the mount's code, only for this command
+
+    where = mountpoint_of(args)
+    if where is None and not registry.live_records():
+        raise UsageError(
+            "no mirrorfs mount on this machine: ./mount.sh MOUNTPOINT starts the servers it needs"
+        )
+    print(start_server(registry.find(where), args.id))
+    return 0
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
@@ -49,6 +91,11 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
+    if args.id is not None and not args.id.lstrip("-").isdigit():  # heal MOUNTPOINT
+        if args.where is not None:
+            raise UsageError(f"server id {args.id!r} is not a number")
+        args.id, args.where = None, args.id
+    args.id = None if args.id is None else int(args.id)
     spec = cluster_from_args(args)
     say = lambda m: print(m, flush=True)  # noqa: E731
     run_async(admin.heal_servers(spec, args.id, say, args.timeout, args.full))
@@ -84,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     ) -> argparse.ArgumentParser:
         """A command on a cluster: its servers are named the same way everywhere."""
         sp = sub.add_parser(name, help=text, description=text)
-        add_cluster_args(sp)
+        add_cluster_args(sp, mount=True)
         sp.add_argument(
             "--timeout",
             type=seconds_arg,
@@ -102,7 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = command("status", cmd_status, "show servers, mirror pairs, states and usage")
     sp.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    sp.add_argument("where", nargs="?", metavar="MOUNTPOINT", help="same as --mount")
+    sp.add_argument(
+        "--watch",
+        action="store_true",
+        help="ask again every interval: redrawn in place on a terminal, a table per "
+        "interval when piped; Ctrl-C ends it",
+    )
+    sp.add_argument(
+        "-n", "--interval", type=seconds_arg, default=2.0, help="seconds between updates (2)"
+    )
+    add_mountpoint_arg(sp)
 
     sp = command("fsck", cmd_fsck, "check the namespace (and with --deep every block) of a volume")
     sp.add_argument(
@@ -115,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rewrite bad copies from their mirror (implies --deep; not while mounted)",
     )
+    add_mountpoint_arg(sp)
 
     sp = sub.add_parser(
         "shell",
@@ -170,18 +227,33 @@ def build_parser() -> argparse.ArgumentParser:
         "bring failed or stale servers back: only what changed, or everything when their "
         "directory is empty, another or older (a mount does this by itself)",
     )
-    sp.add_argument("id", type=int, nargs="?", help="one server (default: every one that needs it)")
+    sp.add_argument("id", nargs="?", help="one server (default: every one that needs it)")
     sp.add_argument("--full", action="store_true", help="copy everything, whatever it holds")
+    add_mountpoint_arg(sp)
 
     sp = command("rebuild", cmd_rebuild, "copy all of a server's mirror onto it (a full heal)")
     sp.add_argument("id", type=int, help="id of the server (running, old or empty data dir)")
+    add_mountpoint_arg(sp)
+
+    sp = sub.add_parser(
+        "start",
+        help="start a server of a ./mount.sh cluster again (./mount.sh -u stops it)",
+        description="Start server ID of the cluster that ./mount.sh started for a mount, "
+        "as ./mount.sh starts it (its data directory, port and log); the mount heals it, "
+        "and ./mount.sh -u stops it with the others.",
+    )
+    sp.add_argument("id", type=int, help="id of the server")
+    add_mountpoint_arg(sp, option=True)
+    sp.set_defaults(func=cmd_start)
+    for each in sub.choices.values():  # a command's errors show its own usage
+        each.set_defaults(usage=each.format_usage, prog=each.prog)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup(PROG, logging.WARNING)
-    return run(PROG, lambda: int(args.func(args)), usage_exit=1)
+    return run(args.prog, lambda: int(args.func(args)), usage_exit=1, usage=args.usage)
 
 
 if __name__ == "__main__":

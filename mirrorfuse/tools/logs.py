@@ -7,6 +7,7 @@ standard output; warnings and errors go through logging.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 
@@ -35,3 +36,20 @@ def setup(prog: str, level: int = logging.INFO, timestamps: bool = False) -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+def say(text: str) -> None:
+    """One line of a command's account on standard output.
+
+    A reader that has gone (``./mount.sh ... | head -1``) silences the rest rather
+    than failing the command halfway, with its servers started and its mount up.
+    """
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        try:  # later lines, and the flush at exit, go nowhere
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, sys.stdout.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the rest of the process)

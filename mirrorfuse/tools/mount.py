@@ -15,19 +15,32 @@ from pathlib import Path
 
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.volume import Volume
+from mirrorfuse.fs.filesystem import FileSystem
 from mirrorfuse.fs.opening import open_filesystem
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import MirrorfsError, UsageError
 
-from . import logs, registry
-from .args import add_cluster_args, cluster_from_args, run, seconds_arg
+from . import fstab, logs, registry
+from .args import (
+    METRICS_HELP,
+    add_cluster_args,
+    cluster_from_args,
+    metrics_arg,
+    run,
+    seconds_arg,
+)
 
 PROG = "mirrorfs-mount"
 log = logging.getLogger(PROG)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description="Mount a mirrorfs volume.")
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Mount a mirrorfs volume.",
+        epilog="As mount(8)'s helper (fstab, mount -t fuse.mirrorfs): mirrorfs-mount --fstab "
+        "SERVERS MOUNTPOINT -o OPTIONS (contrib/mount.fuse.mirrorfs runs it).",
+    )
     add_cluster_args(p)
     p.add_argument("mountpoint", help="an empty directory")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
@@ -42,7 +55,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3.0,
         help="seconds before a silent server is marked failed (3)",
     )
-    p.add_argument("--log", help="log file of the background mount")
+    p.add_argument(
+        "--log",
+        help="log file of the background mount (default: one per mountpoint, in "
+        f"{registry.state_dir() / 'logs'})",
+    )
+    p.add_argument("--metrics", type=metrics_arg, metavar="HOST:PORT", help=METRICS_HELP)
     return p.parse_args(argv)
 
 
@@ -88,9 +106,19 @@ async def _serve(args: argparse.Namespace, spec: ClusterSpec, report: Callable[[
     from mirrorfuse.fs.fuse_driver import serve as serve_fuse
 
     volume = Volume(spec, args.timeout)
+    opened: list[FileSystem] = []
+    exporter = None
+    if args.metrics is not None:  # first: a port in use is said before anything is mounted
+        from servers.metrics import serve as serve_metrics
+
+        from .metrics import mount_metrics
+
+        collect = mount_metrics(volume, lambda: opened[0] if opened else None)
+        exporter = serve_metrics(args.metrics, collect)
     try:
         await volume.open()
         fs = await open_filesystem(volume, args.mountpoint, args.force, heal=True)
+        opened.append(fs)
 
         def ready() -> None:
             registry.write(
@@ -101,6 +129,7 @@ async def _serve(args: argparse.Namespace, spec: ClusterSpec, report: Callable[[
                     "volume": volume.volume_id,
                     "key_file": spec.key_file,
                     "tls": spec.tls,
+                    "log": getattr(args, "log_path", None),
                 },
             )
             report(f"ok {volume.volume_id}")
@@ -108,6 +137,8 @@ async def _serve(args: argparse.Namespace, spec: ClusterSpec, report: Callable[[
         await serve_fuse(fs, args.mountpoint, f"mirrorfs:{volume.volume_id}", ready)
         return 0
     finally:
+        if exporter is not None:
+            exporter.stop()
         await volume.close()
 
 
@@ -116,7 +147,7 @@ def background(args: argparse.Namespace, spec: ClusterSpec) -> int:
 
     The child is forked, not started anew: it has everything imported already.
     """
-    log_path = args.log or str(registry.state_dir() / "mount.log")
+    log_path = args.log_path = os.path.abspath(args.log or registry.mount_log(args.mountpoint))
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     r, w = os.pipe()
     sys.stdout.flush()
@@ -145,7 +176,7 @@ def background(args: argparse.Namespace, spec: ClusterSpec) -> int:
     with os.fdopen(r) as pipe:
         answer = pipe.read()
     if answer.startswith("ok"):
-        print(
+        logs.say(
             f"mounted volume {answer.split()[1]} at {args.mountpoint} (pid {pid}, log {log_path})"
         )
         return 0
@@ -168,12 +199,16 @@ def mount(argv: list[str]) -> int:
     """The command, for a caller that set up logging already (mount.sh)."""
     args = parse_args(argv)
     args.ready_fd = None  # the background child tells its parent through a pipe
+    args.log_path = None  # the foreground mount logs to its standard error
     return run(PROG, lambda: start(args))
 
 
 def main(argv: list[str] | None = None) -> int:
     logs.setup(PROG, logging.WARNING)
-    return mount(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--fstab"]:  # mount(8)'s calling convention: SOURCE MOUNTPOINT -o OPTIONS
+        return fstab.main(argv[1:], mount)
+    return mount(argv)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ mountpoint it is given.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -37,16 +38,50 @@ def _record_path(mountpoint: str) -> Path:
     return state_dir() / "mounts" / f"{key}.json"
 
 
-def is_mounted(mountpoint: str) -> bool:
+def mount_type(mountpoint: str) -> str | None:
+    """The file system type mounted at ``mountpoint`` (``fuse.mirrorfs``), None if none is."""
     real = os.path.realpath(mountpoint)
     try:
         with open("/proc/self/mountinfo") as f:
-            return any(line.split()[4] == real for line in f)
+            found = None
+            for line in f:
+                fields = line.split()
+                if fields[4] == real:  # the last mount on a path is the one seen
+                    found = fields[fields.index("-") + 1]
+            return found
     except OSError:
+        return None
+
+
+def is_mounted(mountpoint: str) -> bool:
+    return mount_type(mountpoint) is not None
+
+
+def is_disconnected(mountpoint: str) -> bool:
+    """A mirrorfs mount whose process has gone: every call on it fails with ENOTCONN
+    (but stat, from the kernel's cache). A live mount process is not asked at all."""
+    if mount_type(mountpoint) != "fuse.mirrorfs":
         return False
+    rec = read(mountpoint)
+    if rec is not None and pid_alive(rec.get("mount_pid")):
+        return False
+    try:
+        os.listdir(mountpoint)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def mount_log(mountpoint: str) -> Path:
+    """One log per mount, named after its mountpoint: /mnt/mfs logs to logs/mnt-mfs.log."""
+    name = mountpoint.strip("/").replace("/", "-") or "root"
+    if len(name) > 200:  # a file name has 255 bytes at most
+        name = name[-180:] + "-" + hashlib.sha1(mountpoint.encode()).hexdigest()[:8]
+    return state_dir() / "logs" / f"{name}.log"
 
 
 def pid_alive(pid: int | None) -> bool:
+    """A process that runs (a zombie has ended: only its exit status waits)."""
     if not pid:
         return False
     try:
@@ -55,7 +90,11 @@ def pid_alive(pid: int | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(") ")[2][:1] != "Z"
+    except OSError:
+        return False
 
 
 def write(mountpoint: str, record: dict[str, Any]) -> None:
@@ -97,23 +136,34 @@ def spec_of(record: dict[str, Any]) -> ClusterSpec:
     )
 
 
-def default_cluster(mountpoint: str | None = None) -> ClusterSpec:
-    """The cluster behind ``mountpoint``, or behind the only mirrorfs mount of this machine."""
+def find(mountpoint: str | None = None) -> dict[str, Any]:
+    """The record of ``mountpoint``, or of the only mirrorfs mount of this machine."""
     if mountpoint is not None:
         rec = read(os.path.realpath(mountpoint))
         if rec is None:
             raise UsageError(f"{mountpoint} is not a mirrorfs mount started on this machine")
-        return spec_of(rec)
+        return rec
     records = live_records()
     if len(records) == 1:
-        return spec_of(records[0])
+        return records[0]
     if not records:
         raise UsageError(
             "no cluster named and no mirrorfs mount found on this machine: give "
             "--servers HOST:PORT,... or --base-port B --count N (or a mountpoint)"
         )
     where = ", ".join(r["mountpoint"] for r in records)
-    raise UsageError(f"several mirrorfs mounts ({where}): name one of them")
+    raise UsageError(f"several mirrorfs mounts ({where}): name one of them (a MOUNTPOINT)")
+
+
+def default_cluster(mountpoint: str | None = None) -> ClusterSpec:
+    """The cluster behind ``mountpoint``, or behind the only mirrorfs mount of this machine."""
+    return spec_of(find(mountpoint))
+
+
+def mount_of(spec: ClusterSpec) -> dict[str, Any] | None:
+    """The live mount of this machine that uses the servers of ``spec``, if any."""
+    servers = [str(a) for a in spec.addresses]
+    return next((r for r in live_records() if r.get("servers") == servers), None)
 
 
 def peer_dir() -> Path:

@@ -11,13 +11,14 @@ from pathlib import Path
 
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.wire.addresses import DEFAULT_HOST, MAX_SERVERS
-from servers.block.server import listen
+from servers import metrics
+from servers.block.server import BlockServer, listen
 from servers.block.store import Store
 from servers.files import read_key
 from servers.tls import server_tls
 
 from . import logs
-from .args import port_arg, run, size_arg
+from .args import METRICS_HELP, metrics_arg, port_arg, run, size_arg
 
 PROG = "mirrorfs-server"
 
@@ -45,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=size_arg,
         help="most data this server may hold, e.g. 64M or 10G (default: its disk)",
     )
+    p.add_argument("--metrics", type=metrics_arg, metavar="HOST:PORT", help=METRICS_HELP)
     args = p.parse_args(argv)
     if not 0 <= args.id < MAX_SERVERS:
         p.error(f"argument --id: {args.id} is outside 0-{MAX_SERVERS - 1}")
@@ -53,16 +55,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace, store: Store) -> int:
     tls, binding = server_tls(args.data) if args.tls else (None, b"")
-    listener = await listen(store, args.host, args.port, tls, binding)
+    server = BlockServer(store, binding)
+    listener = await listen(store, args.host, args.port, tls, binding, server)
+    exporter = None
+    if args.metrics is not None:
+        try:
+            exporter = metrics.serve(args.metrics, metrics.block_server(server))
+        except metrics.ListenError:
+            listener.close()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     sb = store.superblock
     state = f"volume {sb.volume}" if sb else "unformatted"
+    served = f", metrics on http://{args.metrics}/metrics" if args.metrics else ""
     line = (
         f"{PROG} {args.id} listening on {args.host}:{args.port} "
-        f"(pid {os.getpid()}, data {args.data}, {state})"
+        f"(pid {os.getpid()}, data {args.data}, {state}{served})"
     )
     print(line, flush=True)
     if not os.isatty(sys.stdout.fileno()):
@@ -72,6 +83,8 @@ async def serve(args: argparse.Namespace, store: Store) -> int:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     await stop.wait()
     listener.close()
+    if exporter is not None:
+        exporter.stop()
     store.close()
     print(f"{PROG} {args.id} stopped", flush=True)
     return 0

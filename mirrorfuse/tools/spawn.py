@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from mirrorfuse.wire.addresses import ClusterSpec, from_base_port
@@ -44,6 +45,43 @@ def free_base_port(count: int, low: int = 20000, high: int = 60000) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free range of ports on 127.0.0.1")
+
+
+@dataclass(frozen=True)
+class Running:
+    """A mirrorfs-server process of this machine, as its command line started it."""
+
+    id: int
+    data: Path
+
+
+def running_server(pid: int | None) -> Running | None:
+    """The server ``pid`` is, read from /proc; None when it is no (longer a) mirrorfs-server.
+
+    A recorded pid may have been reused by another process since: only this tells.
+    """
+    if not pid:
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rpartition(") ")[2][:1] == "Z":
+                return None
+    except OSError:
+        return None
+    if not any(Path(a).name == "mirrorfs-server" for a in argv[:2]):
+        return None
+    opts = dict(zip(argv, argv[1:], strict=False))
+    try:
+        server, data = int(opts["--id"]), opts["--data"]
+    except (KeyError, ValueError):
+        return None
+    if not os.path.isabs(data):
+        try:
+            data = os.path.join(os.readlink(f"/proc/{pid}/cwd"), data)
+        except OSError:
+            return None
+    return Running(server, Path(os.path.realpath(data)))
 
 
 class ServerProc:

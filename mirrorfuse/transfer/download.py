@@ -265,7 +265,7 @@ class Download:
             # cancelling the saver leaves its thread writing: the final save waits for it
             # (both write OUTPUT.mfs-state.tmp)
             await asyncio.gather(*saving, return_exceptions=True)
-        progress.show(final=True)
+            progress.show(final=True)  # also when it failed: the live view ends
         return sched.finished
 
     def _kick(self) -> None:

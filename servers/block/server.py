@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from mirrorfuse.core import failures
+from mirrorfuse.core.stats import OpStats
 from mirrorfuse.wire.addresses import MAX_SERVERS, MIN_SERVERS
 from mirrorfuse.wire.auth import ServerHandshake
 from mirrorfuse.wire.checksums import (
@@ -113,6 +114,7 @@ class BlockServer:
         self.store = store
         self.binding = binding  # the SHA-256 of its TLS certificate, when it has one
         self.limits = Limits()
+        self.stats = OpStats()  # per message type: counts, bytes, latency (metrics)
         self.handlers: dict[type[Request[Any]], Handler] = {
             Hello: self.hello,
             Stat: self.stat,
@@ -375,7 +377,7 @@ class BlockServer:
         return GenReply(gen=self.store.table.gen), b""
 
     def handle(self, frame: Frame) -> Out:
-        return dispatch(frame, self.handlers)
+        return dispatch(frame, self.handlers, self.stats)
 
     async def serve_in_order(self) -> None:
         """The queue of metadata requests: one at a time, the disk-bound ones off the loop."""
@@ -433,10 +435,16 @@ class Connection(FrameServer):
 
 
 async def listen(
-    store: Store, host: str, port: int, tls: ssl.SSLContext | None = None, binding: bytes = b""
+    store: Store,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    binding: bytes = b"",
+    server: BlockServer | None = None,
 ) -> asyncio.Server:
+    """Serve ``server`` (a new one for ``store`` if not given) on host:port."""
     loop = asyncio.get_running_loop()
-    server = BlockServer(store, binding)
+    server = server if server is not None else BlockServer(store, binding)
     in_background(server.serve_in_order())
     try:
         return await loop.create_server(

@@ -69,6 +69,7 @@ class Counters:
     repairs: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
+    copies: int = 0  # writes that are a heal's copies
 
 
 @dataclass
@@ -417,6 +418,7 @@ class Store:
         self.counters.writes += 1
         self.counters.bytes_written += len(data)
         self.counters.repairs += bool(flags & Flag.REPAIR)
+        self.counters.copies += bool(flags & Flag.COPY)
         return True
 
     def trim(self, slot: int, flags: Flag) -> bool:

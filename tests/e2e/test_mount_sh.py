@@ -5,22 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from pathlib import Path
 
-import pytest
-from helpers import ServerProc, cli, free_base_port, wait_for
+from helpers import ServerProc, cli, free_base_port, mount_sh, wait_for
 
 from mirrorfuse.client.keys import Keyring
-from mirrorfuse.tools import registry
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def mount_sh(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(REPO / "mount.sh"), *args], capture_output=True, text=True, timeout=180
-    )
 
 
 def alive(pid: int) -> bool:
@@ -30,21 +19,6 @@ def alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:
         return f.read().split(") ")[1][0] != "Z"
-
-
-@pytest.fixture
-def local(tmp_path):
-    """mount.sh's own cluster in tmp_path; unmounted and stopped afterwards whatever happens."""
-    base = free_base_port(4)
-    mnt = tmp_path / "mnt"
-    args = ["--data", str(tmp_path / "data"), "--base-port", str(base)]
-    yield mnt, args, base
-    # whatever a failed test left: the pids mount.sh recorded, ended by pid
-    record = registry.read(os.path.realpath(mnt)) or {}
-    subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-    for pid in [record.get("mount_pid"), *(record.get("started_pids") or [])]:
-        if pid and alive(pid):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_mount_status_twice_and_unmount(local):
