@@ -13,6 +13,10 @@ need=()
 command -v rsync >/dev/null || need+=(rsync)
 command -v setfattr >/dev/null || need+=(attr)
 command -v git >/dev/null || need+=(git)
+# the LAN of network namespaces (tests/lan.py): ip, nft (cuts, loss), faketime (clocks)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nft >/dev/null || need+=(nftables)
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || need+=(faketime)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } >/dev/null

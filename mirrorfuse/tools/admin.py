@@ -60,11 +60,15 @@ def _check_identity(spec: ClusterSpec, i: int, body: StatReply) -> None:
 
 
 async def format_volume(
-    spec: ClusterSpec, block_size: int = DEFAULT_BLOCK, force: bool = False
+    spec: ClusterSpec,
+    block_size: int = DEFAULT_BLOCK,
+    force: bool = False,
+    timeout: float = PROBE_TIMEOUT,
 ) -> str:
-    """Create a fresh volume on every server; returns its id."""
+    """Create a fresh volume on every server; returns its id. ``timeout``: how long a
+    server may take to answer (the command's --timeout: a far or busy host)."""
     check_block_size(block_size)
-    probes = await probe(spec)
+    probes = await probe(spec, timeout)
     bodies: list[StatReply] = []
     missing = []
     for i, p in enumerate(probes):
@@ -91,15 +95,17 @@ async def format_volume(
         req = Format(
             volume=volume, server=i, count=spec.count, block_size=block_size, force=force, key=key
         )
-        idents.append((await _ask(spec, i, req)).ident)
+        idents.append((await _ask(spec, i, req, timeout)).ident)
     table = Table(gen=2, states=(State.ALIVE,) * spec.count, idents=tuple(idents))
     for i in range(spec.count):  # which directory is each server's, from the start
-        await _ask(spec, i, SetTable(table=table, epoch=0))
+        await _ask(spec, i, SetTable(table=table, epoch=0), timeout)
     return volume
 
 
-async def _ask(spec: ClusterSpec, server: int, req: Request[R]) -> R:
-    conn = await open_server(spec, server, PROBE_TIMEOUT)
+async def _ask(
+    spec: ClusterSpec, server: int, req: Request[R], timeout: float = PROBE_TIMEOUT
+) -> R:
+    conn = await open_server(spec, server, timeout)
     try:
         return (await conn.call(req)).body
     finally:

@@ -32,7 +32,7 @@ PROG = "mirrorfs-cli"
 def cmd_format(args: argparse.Namespace) -> int:
     spec = cluster_from_args(args)
     size = check_block_size(parse_size(args.block_size))
-    volume = run_async(admin.format_volume(spec, size, args.force))
+    volume = run_async(admin.format_volume(spec, size, args.force, args.timeout))
     print(
         f"formatted volume {volume}: {spec.count} servers in {spec.count // 2} mirror pairs, "
         f"block size {human(size)}"

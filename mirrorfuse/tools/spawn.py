@@ -95,8 +95,11 @@ class ServerProc:
         host: str = "127.0.0.1",
         extra: tuple[str, ...] = (),
         wait: bool = True,
+        wrap: tuple[str, ...] = (),
     ) -> None:
-        """Start it; with ``wait`` (the default) return once it listens."""
+        """Start it; with ``wait`` (the default) return once it listens. ``wrap`` goes
+        before the command and must exec it (the tests' ``nsenter --net=...``, so the
+        pid is still the server's)."""
         self.id = server_id
         self.port = port
         self.data = data
@@ -105,6 +108,7 @@ class ServerProc:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [
+                    *wrap,
                     SERVER,
                     "--id",
                     str(server_id),
