@@ -15,26 +15,12 @@ from typing import Any, TypeVar
 
 from mirrorfuse.wire.addresses import ClusterSpec
 
+from .loop import new_event_loop
+from .loop import run_async as run_async  # the tools import it from here
 from .metastore import MetaStore, holder_info
 from .volume import DEFAULT_TIMEOUT, Volume
 
 T = TypeVar("T")
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """The loop every mirrorfs process runs on: uvloop where available (it writes a
-    frame and its payload with one writev instead of joining them)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def run_async(main: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run on the loop every mirrorfs process runs on."""
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(main)
 
 
 class BlockingVolume:

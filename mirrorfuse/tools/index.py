@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from mirrorfuse.client.blocking import run_async
+from mirrorfuse.client.loop import run_async
 from mirrorfuse.core.group import LOG_KEEP
 from mirrorfuse.index.blobs import fetch_blob
 from mirrorfuse.index.keys import create_group_key, default_key_path

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import request_once
+from mirrorfuse.client.loop import run_async
 from mirrorfuse.index.client import IndexClient
 from mirrorfuse.index.keys import default_key_path, group_key
 from mirrorfuse.wire.addresses import (

@@ -10,7 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from mirrorfuse.client.blocking import run_async
+from mirrorfuse.client.loop import run_async
 from mirrorfuse.wire.errors import UsageError
 from mirrorfuse.wire.sizes import human
 from servers.fileserver import (

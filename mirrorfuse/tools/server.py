@@ -9,13 +9,11 @@ import signal
 import sys
 from pathlib import Path
 
-from mirrorfuse.client.blocking import run_async
+from mirrorfuse.client.loop import run_async
 from mirrorfuse.wire.addresses import DEFAULT_HOST, MAX_SERVERS
-from servers import metrics
 from servers.block.server import BlockServer, listen
 from servers.block.store import Store
 from servers.files import read_key
-from servers.tls import server_tls
 
 from . import logs
 from .args import METRICS_HELP, metrics_arg, port_arg, run, size_arg
@@ -54,11 +52,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 async def serve(args: argparse.Namespace, store: Store) -> int:
-    tls, binding = server_tls(args.data) if args.tls else (None, b"")
+    tls, binding = None, b""
+    if args.tls:  # imported when asked: cryptography and prometheus_client cost a server
+        from servers.tls import server_tls  # (four of them at once) a tenth of a second to start
+
+        tls, binding = server_tls(args.data)
     server = BlockServer(store, binding)
     listener = await listen(store, args.host, args.port, tls, binding, server)
     exporter = None
     if args.metrics is not None:
+        from servers import metrics
+
         try:
             exporter = metrics.serve(args.metrics, metrics.block_server(server))
         except metrics.ListenError:
