@@ -41,7 +41,7 @@ def procs():
         return p
 
     yield run
-    for p in started:
+    for p in reversed(started):  # peers first: they leave while the group is there
         stop(p)
 
 

@@ -58,6 +58,7 @@ def test_lan_server_killed_during_writes(make_site):
     site.verify(m, w.synced())
 
 
+@pytest.mark.slow  # 15-25 s each: with the partition campaign, in tests/run.sh --slow
 def test_lan_server_cut_off_during_writes_is_failed_then_heals(make_site):
     """Its cable pulled, not killed: the mount marks it failed within its timeout and
     writes on; status says failed (not alive, not stale) while it is out; once it is
@@ -87,6 +88,7 @@ def test_lan_server_cut_off_during_writes_is_failed_then_heals(make_site):
     site.verify(m, w.synced())
 
 
+@pytest.mark.slow  # 15-25 s each: with the partition campaign, in tests/run.sh --slow
 def test_lan_server_cut_off_while_the_mount_is_idle(make_site):
     """Nothing asked it yet: status, which asks every server itself, already says it
     cannot reach it (never alive); the first write that needs it marks it failed."""
@@ -106,6 +108,7 @@ def test_lan_server_cut_off_while_the_mount_is_idle(make_site):
     site.verify(m, {"second": hashlib.sha256(data).hexdigest()})
 
 
+@pytest.mark.slow  # 15-25 s each: with the partition campaign, in tests/run.sh --slow
 def test_lan_client_cut_off_from_a_whole_pair(make_site):
     """The client loses both servers of pair 0 (they run on and see each other): their
     blocks fail with EIO at once, never a hang; metadata and new files go on, on pair 1;

@@ -118,7 +118,7 @@ class Setup:
     def close(self) -> None:
         if self.index is not None:
             self.index.close()
-        for p in self.procs:
+        for p in reversed(self.procs):  # peers first: they leave while the group is there
             stop(p)
         shutil.rmtree(self.state, ignore_errors=True)
 
