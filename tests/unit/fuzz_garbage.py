@@ -130,11 +130,14 @@ def aimed(tmp: Path, token: str, keyed: bool) -> dict[Msg, st.SearchStrategy[byt
     refused = st.sampled_from([p.format(tmp=tmp) for p in REFUSED_PATHS])
     unopenable = st.sampled_from([p.format(tmp=tmp) for p in UNOPENABLE])
     real = st.just(str(tmp / "secret"))  # a regular file: shared only under a bad name
+    root = f"{tmp}/absent/" if keyed else "/"
     shares = [
         st.fixed_dictionaries({"path": refused, "name": names}),
         st.fixed_dictionaries({"path": unopenable, "name": st.one_of(st.just("x"), names)}),
         st.fixed_dictionaries({"path": texts, "name": names}),
-        st.fixed_dictionaries({"path": st.text(max_size=8).map("/".__add__), "name": names}),
+        # short absolute paths; with the key only under a directory that does not exist:
+        # "/" + 8 characters found /bin/ls once, which root may share over loopback
+        st.fixed_dictionaries({"path": st.text(max_size=8).map(root.__add__), "name": names}),
         st.fixed_dictionaries(
             {"path": real, "name": st.sampled_from(["", ".x", "a/b", "plain.txt", "..", "/"])}
         ),
