@@ -31,6 +31,7 @@ from pathlib import Path
 
 from helpers import sha, wait_for
 
+from mirrorfuse.tools.registry import pid_alive
 from mirrorfuse.tools.spawn import ServerProc
 from mirrorfuse.wire.addresses import Address, ClusterSpec
 
@@ -304,18 +305,10 @@ class LanMount:
             if res.returncode != 0:
                 subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
         pid = self.pid
-        if pid is not None and not wait_for(lambda: not _alive(pid), 30):
+        if pid is not None and not wait_for(lambda: not pid_alive(pid), 30):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.pid = None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 WRITER = r"""

@@ -22,6 +22,7 @@ from mirrorfuse.tools import fstab
 from mirrorfuse.tools import index as index_tool
 from mirrorfuse.tools import peer as peer_tool
 from mirrorfuse.tools import server as server_tool
+from mirrorfuse.tools.registry import pid_alive
 from mirrorfuse.wire.auth import KEY_NAME
 
 REPO = Path(__file__).resolve().parents[2]
@@ -305,23 +306,15 @@ class Mounts:
         assert res.returncode == 0, res.stderr
         assert f" TARGET={path} " not in (UTAB.read_text() if UTAB.exists() else "")
         pid = self.pids[-1]
-        assert wait_for(lambda: not alive(pid), 30), "the mount process did not end"
+        assert wait_for(lambda: not pid_alive(pid), 30), "the mount process did not end"
 
     def close(self, path: Path) -> None:
         if mounted(path):
             run(["umount", "-l", str(path)])
         for pid in self.pids:
-            if not wait_for(lambda p=pid: not alive(p), 10):
+            if not wait_for(lambda p=pid: not pid_alive(p), 10):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def mount_entry(path: Path) -> list[str] | None:
