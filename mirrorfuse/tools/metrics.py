@@ -33,41 +33,25 @@ def mount_metrics(
         )
         servers = range(volume.spec.count)
         st = volume.stats
-        yield labelled(
-            CounterMetricFamily,
-            f"{P}_block_reads",
-            "blocks (or chunks) read, by the server that served them",
-            "server",
-            zip(servers, list(st.reads), strict=False),
+        per_server = (
+            ("block_reads", "blocks (or chunks) read, by the server that served them", st.reads),
+            ("bad_copies", "copies found damaged (checksum), by server", st.bad),
+            ("repairs", "damaged copies rewritten from the mirror, by server", st.repaired),
+            ("server_failures", "times this mount marked a server failed", volume.table.failures),
+            (
+                "server_hangs",
+                "times a server went silent (a stopped or wedged process)",
+                volume.cluster.hangs,
+            ),
         )
-        yield labelled(
-            CounterMetricFamily,
-            f"{P}_bad_copies",
-            "copies found damaged (checksum), by server",
-            "server",
-            zip(servers, list(st.bad), strict=False),
-        )
-        yield labelled(
-            CounterMetricFamily,
-            f"{P}_repairs",
-            "damaged copies rewritten from the mirror, by server",
-            "server",
-            zip(servers, list(st.repaired), strict=False),
-        )
-        yield labelled(
-            CounterMetricFamily,
-            f"{P}_server_failures",
-            "times this mount marked a server failed",
-            "server",
-            zip(servers, list(volume.table.failures), strict=False),
-        )
-        yield labelled(
-            CounterMetricFamily,
-            f"{P}_server_hangs",
-            "times a server went silent (a stopped or wedged process)",
-            "server",
-            zip(servers, list(volume.cluster.hangs), strict=False),
-        )
+        for name, doc, counts in per_server:
+            yield labelled(
+                CounterMetricFamily,
+                f"{P}_{name}",
+                doc,
+                "server",
+                zip(servers, list(counts), strict=False),
+            )
         states = GaugeMetricFamily(
             f"{P}_server_state",
             "each server's state in the failure table",
