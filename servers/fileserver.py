@@ -62,6 +62,7 @@ class VirtualServer:
         self.checksum = checksum
         self.state = ALIVE
         self.sent = 0
+        self.last_read = 0
         self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
         self.listener: asyncio.AbstractServer | None = None
         self.conns: set[FileConnection] = set()
@@ -81,6 +82,7 @@ class VirtualServer:
             raise BadMessage(f"range {req.offset}+{req.length} is outside the file")
         data = os.pread(self.fd, req.length, req.offset)
         self.sent += len(data)
+        self.last_read = req.offset  # where its payload lies in the file (sendfile)
         return FileReadReply(checksum=xxhash.xxh3_64_intdigest(data)), data
 
     def handle(self, frame: Frame) -> Out:
@@ -129,6 +131,8 @@ class FileConnection(FrameServer):
             if self.delayed >= MAX_DELAYED:
                 self.hold("rate")
             asyncio.get_running_loop().call_later(delay, self._send_late, out)
+        elif frame.type == Msg.FILE_READ and len(out) == 2 and isinstance(out[1], bytes):
+            self.send_from_file(out[0], self.server.fd, self.server.last_read, out[1])
         else:
             self.send(out)
 

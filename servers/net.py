@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
@@ -297,6 +298,44 @@ class FrameServer(asyncio.BufferedProtocol):
         of stream would raise in whoever made it)."""
         if self.transport is not None and not self.transport.is_closing() and not self._refused:
             self.transport.writelines(out)
+
+    def send_from_file(
+        self, head: bytes | bytearray | memoryview, fd: int, offset: int, data: bytes
+    ) -> None:
+        """A reply whose payload ``data`` was read from ``fd`` at ``offset``: sent from the
+        file by the kernel (sendfile) when nothing waits to be written before it, else
+        as bytes. Why: copying a large payload into the socket is most of what a read
+        costs the sender, and sendfile lends the page cache's pages instead."""
+        t = self.transport
+        sock = t.get_extra_info("socket") if t is not None else None
+        if (
+            t is None
+            or sock is None
+            or t.is_closing()
+            or self._refused
+            or t.get_extra_info("sslcontext") is not None
+            or t.get_write_buffer_size()
+        ):
+            self.send([head, data])
+            return
+        fileno, sent = sock.fileno(), 0
+        try:
+            wrote = os.write(fileno, head)
+            if wrote < len(head):
+                self.send([memoryview(head)[wrote:], data])
+                return
+            while sent < len(data):
+                n = os.sendfile(fileno, fd, offset + sent, len(data) - sent)
+                if n == 0:  # the file is shorter now: the rest as it was read
+                    break
+                sent += n
+        except BlockingIOError:  # the socket is full: the transport sends the rest
+            pass
+        except OSError:  # the peer went away: as a failed write through the transport
+            t.abort()
+            return
+        if sent < len(data):
+            self.send([memoryview(data)[sent:]])
 
     def peer_host(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None

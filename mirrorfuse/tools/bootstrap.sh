@@ -23,6 +23,10 @@ bootstrap_venv() {
     fi
     exec 9>&-
   fi
+  # every command starts by importing the package: compiled once here, as a wheel's
+  # install does, it starts in 0.15 s instead of 0.4 s where PYTHONDONTWRITEBYTECODE is
+  # set (each start would compile what it imports); up-to-date files are skipped
+  "$VENV/bin/python" -m compileall -q -j 0 mirrorfuse servers >/dev/null 2>&1 || true
 }
 
 # FUSE 3 from the system's packages, and what building pyfuse3 (libfuse's Python

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.sizes import human
 from servers.files import atomic_write, replace_durably
 
+from .output import Output, OutputError
 from .progress import Progress
 from .sources import (
     READ_TIMEOUT,
@@ -50,6 +52,16 @@ from .sources import (
 LEGACY_SEGMENT = 1 << 20  # every segment's size before it was sized to the file (no
 # "segment_size" in the state file): such a download still resumes
 SAVE_EVERY = 1.0  # seconds between saves of the state
+
+
+def whole_checksum(path: Path) -> int:
+    """xxh3-64 of a file, read through a mapping (no copy into Python)."""
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_64_intdigest(b"")
+        with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+            mm.madvise(mmap.MADV_SEQUENTIAL)
+            return xxhash.xxh3_64_intdigest(mm)
 
 
 class Download:
@@ -197,11 +209,13 @@ class Download:
             f"{len(good)} source(s)" + (f", {len(done)} already here" if done else "")
         )
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        ok = False
         try:
             os.ftruncate(fd, size)
             ok = await self._transfer(sched, fd, size, checksum)
         finally:
-            self.save(fd, self.state(sched, size, checksum))
+            if not ok:  # what a resume needs; a finished file needs no state (see finish)
+                self.save(fd, self.state(sched, size, checksum))
             os.close(fd)
         if not ok:
             why = "every source failed" if not sched.live() else "no live source holds the rest"
@@ -213,13 +227,15 @@ class Download:
         return self.finish(checksum)
 
     def finish(self, checksum: int | None) -> int:
+        """Check the whole file and rename it into place.
+
+        The data is not forced to the disk first: like cp, curl and aria2c, a finished
+        download is left to the kernel's writeback (waiting for it would make every
+        download as slow as the disk). Only a download that stops unfinished saves its
+        state, after an fdatasync, so a resume never trusts bytes that did not land."""
         if checksum is not None:
             self.say("verifying the checksum...")
-            h = xxhash.xxh3_64()
-            with open(self.partial, "rb") as f:
-                while chunk := f.read(8 << 20):
-                    h.update(chunk)
-            if h.intdigest() != checksum:
+            if whole_checksum(self.partial) != checksum:
                 raise MirrorfsError(
                     f"the downloaded file does not match its checksum; kept as {self.partial}"
                 )
@@ -249,8 +265,9 @@ class Download:
 
         # started round by round: every source's first worker takes from its own share
         # before any second worker looks for more
+        out = Output(fd, size, WORKERS_PER_SOURCE * len(self.sources))
         workers = [
-            asyncio.ensure_future(self._worker(sched, name, fd))
+            asyncio.ensure_future(self._worker(sched, name, out))
             for _ in range(WORKERS_PER_SOURCE)
             for name in self.sources
         ]
@@ -266,13 +283,14 @@ class Download:
             # (both write OUTPUT.mfs-state.tmp)
             await asyncio.gather(*saving, return_exceptions=True)
             progress.show(final=True)  # also when it failed: the live view ends
+            out.close()
         return sched.finished
 
     def _kick(self) -> None:
         self.wake.set()
         self.wake = asyncio.Event()
 
-    async def _worker(self, sched: Scheduler, name: str, fd: int) -> None:
+    async def _worker(self, sched: Scheduler, name: str, out: Output) -> None:
         src = self.sources[name]
         while not sched.finished and sched.sources[name].state != DEAD:
             if sched.stuck:
@@ -284,7 +302,10 @@ class Download:
                 # the rest is in flight elsewhere, or this source (or all) is paused
                 await self._wait(0.5)
                 continue
-            task = asyncio.ensure_future(self._fetch(src, seg))
+            # a second copy (end game) never writes in place: the first may still be
+            # writing there, and only checked bytes may land where a finished segment is
+            race = seg.index in sched.sources[name].races
+            task = asyncio.ensure_future(self._fetch(src, seg, out, not race))
             self.tasks[(name, seg.index)] = task
             t0 = time.monotonic()
             try:
@@ -300,7 +321,7 @@ class Download:
                 self.say(f"source {name} is paused: others take over its segments")
                 self._kick()
                 continue
-            except (SourceFailed, OSError, MirrorfsError) as exc:
+            except (SourceFailed, MirrorfsError) as exc:
                 if sched.failed(name, seg.index):
                     self.say(
                         f"source {name} failed ({exc}); its segments are divided among "
@@ -310,21 +331,36 @@ class Download:
                 continue
             finally:
                 self.tasks.pop((name, seg.index), None)
-            if self.check is not None and not self.check(seg, data):
+            if data is not None and self.check is not None and not self.check(seg, data):
                 sched.failed(name, seg.index)
                 continue
-            os.pwrite(fd, data, seg.start)
-            for loser in sched.completed(name, seg.index, time.monotonic() - t0):
-                other = self.tasks.get((loser, seg.index))
-                if other is not None:
-                    other.cancel()
+            if seg.index in sched.done:  # a copy that came second: nothing to write
+                sched.cancelled(name, seg.index)
+                continue
+            # others still fetching it stop first (one may be writing in place), then the
+            # bytes land, then the segment counts as done (and a save may say so)
+            others = [t for (n, i), t in self.tasks.items() if i == seg.index and n != name]
+            for other in others:
+                other.cancel()
+            if others:
+                await asyncio.gather(*others, return_exceptions=True)
+                if seg.index in sched.done:  # one of them finished first meanwhile
+                    sched.cancelled(name, seg.index)
+                    continue
+            if data is not None:
+                os.pwrite(out.fd, data, seg.start)
+            sched.completed(name, seg.index, time.monotonic() - t0)
             self._kick()
 
-    async def _fetch(self, src: Source, seg: Segment) -> bytes:
+    async def _fetch(self, src: Source, seg: Segment, out: Output, direct: bool) -> bytes | None:
         try:
-            return await asyncio.wait_for(src.read(seg), READ_TIMEOUT)
+            return await asyncio.wait_for(src.fetch(seg, out, direct), READ_TIMEOUT)
         except TimeoutError:
             raise SourceFailed(f"no answer in {READ_TIMEOUT:g}s") from None
+        except OutputError as exc:  # the output file, not the source: the download stops
+            raise exc.error from None
+        except OSError as exc:
+            raise SourceFailed(str(exc)) from None
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
-
-from rich.console import Console
-from rich.live import Live
-from rich.table import Table
+from typing import TYPE_CHECKING, TextIO
 
 from mirrorfuse.core.scheduler import Scheduler
 from mirrorfuse.wire.sizes import human
+
+if TYPE_CHECKING:  # rich is imported for a live view only: a tenth of a second to import
+    from rich.live import Live
 
 
 class Progress:
@@ -28,8 +27,10 @@ class Progress:
         self.sched = sched
         self.total = total
         self.out = out
-        self.console = Console(file=out, highlight=False, force_terminal=live)
-        self.live = self.console.is_terminal
+        if live is None:
+            isatty = getattr(out, "isatty", None)
+            live = bool(isatty and isatty())
+        self.live = live
         self.start = time.monotonic()
         self.last = dict.fromkeys(sched.sources, 0)
         self.last_t = self.start
@@ -59,13 +60,18 @@ class Progress:
             self.out.write("\n".join([*lines, f"  {total}"]) + "\n")
             self.out.flush()
             return
+        from rich.console import Console
+        from rich.live import Live
+        from rich.table import Table
+
         table = Table(caption=total, caption_justify="left")
         for col in ("SOURCE", "STATE", "BYTES", "SPEED"):
             table.add_column(col, justify="right" if col in ("BYTES", "SPEED") else "left")
         for row in rows:
             table.add_row(*row)
         if self._view is None:
-            self._view = Live(console=self.console, auto_refresh=False)
+            console = Console(file=self.out, highlight=False, force_terminal=True)
+            self._view = Live(console=console, auto_refresh=False)
             self._view.start()
         self._view.update(table, refresh=True)
         if final:

@@ -7,12 +7,12 @@ SourceFailed (the scheduler gives its segments to others) or SourcePaused.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import xxhash
+from typing import Any
 
 from mirrorfuse.client.connection import Connection, ServerDown
 from mirrorfuse.client.volume import Volume
@@ -20,10 +20,11 @@ from mirrorfuse.core.scheduler import ALIVE, Segment
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.auth import KeyLookup
 from mirrorfuse.wire.errors import ServerError
-from mirrorfuse.wire.messages import Availability, FileInfo, FileRead, Read, Reply, Request
+from mirrorfuse.wire.messages import Availability, FileInfo, Read, Reply, Request
 
-if TYPE_CHECKING:
-    import aiohttp  # imported when an HTTP mirror is used: it is slow to import
+from .httpfetch import HttpFetcher
+from .output import Output
+from .wirefetch import Fetcher, FetchFailed, FetchPaused
 
 WORKERS_PER_SOURCE = 2
 READ_TIMEOUT = 10.0
@@ -56,19 +57,77 @@ class Source(ABC):
     @abstractmethod
     async def read(self, seg: Segment) -> bytes: ...
 
+    async def fetch(self, seg: Segment, out: Output, direct: bool) -> bytes | None:
+        """The segment's bytes, or None when they were written into ``out`` (and checked)
+        already; ``direct`` says that may be done (else only checked bytes are returned)."""
+        return await self.read(seg)
+
     async def close(self) -> None:
         return None
 
 
-class FileServerSource(Source):
+class ThreadedSource(Source):
+    """A source read by blocking fetchers in threads (``wirefetch``, ``httpfetch``), one
+    connection each; a fetch may splice its bytes into the output file directly."""
+
+    def __init__(self) -> None:
+        self._idle: list[Fetcher | HttpFetcher] = []  # fetchers not in use, kept connected
+
+    @abstractmethod
+    def _fetcher(self, out: Output | None) -> Fetcher | HttpFetcher: ...
+
+    async def fetch(self, seg: Segment, out: Output, direct: bool) -> bytes | None:
+        fetcher = self._idle.pop() if self._idle else self._fetcher(out)
+        fd = out.fd if direct and out.can_splice else None
+        running = out.run(fetcher.fetch, seg.start, seg.length, fd)
+        try:
+            got = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            fetcher.abort()  # it may be writing into the file: wait until it stopped
+            with contextlib.suppress(Exception):
+                await running
+            fetcher.close()
+            raise
+        except FetchPaused as exc:
+            self._idle.append(fetcher)
+            raise SourcePaused(str(exc)) from None
+        except FetchFailed as exc:
+            self._idle.append(fetcher)  # closed: it connects again when next used
+            raise SourceFailed(str(exc)) from None
+        data = None if got is None else bytes(got)  # its buffer serves its next fetch
+        self._idle.append(fetcher)
+        return data
+
+    async def read(self, seg: Segment) -> bytes:
+        fetcher = self._idle.pop() if self._idle else self._fetcher(None)
+        loop = asyncio.get_running_loop()
+        try:
+            got = await loop.run_in_executor(None, fetcher.fetch, seg.start, seg.length, None)
+        except FetchPaused as exc:
+            raise SourcePaused(str(exc)) from None
+        except FetchFailed as exc:
+            raise SourceFailed(str(exc)) from None
+        finally:
+            self._idle.append(fetcher)
+        assert got is not None
+        return bytes(got)
+
+    async def close(self) -> None:
+        for fetcher in self._idle:
+            fetcher.close()
+        self._idle.clear()
+
+
+class FileServerSource(ThreadedSource):
     def __init__(
         self, address: Address, file: str | None = None, keys: KeyLookup | None = None
     ) -> None:
         self.address = address
         self.file = file  # a peer serves many files: which one
         self.keys = keys  # a peer's: the index group's key, proven before any request
+        super().__init__()
         self.name = str(address)
-        self._conn: Connection | None = None
+        self._conn: Connection | None = None  # for info() (the event loop's own)
 
     async def _c(self) -> Connection:
         if self._conn is None or self._conn.closed:
@@ -92,64 +151,38 @@ class FileServerSource(Source):
         b = (await self._request(FileInfo(name=self.file))).body
         return Info(b.size, b.checksum, b.state, b.name)
 
-    async def read(self, seg: Segment) -> bytes:
-        reply = await self._request(FileRead(offset=seg.start, length=seg.length, name=self.file))
-        data = bytes(reply.payload)
-        if len(data) != seg.length or xxhash.xxh3_64_intdigest(data) != reply.body.checksum:
-            raise SourceFailed(f"segment {seg.index} arrived damaged")
-        return data
+    def _fetcher(self, out: Output | None) -> Fetcher:
+        view = out.view if out is not None and out.can_splice else None
+        return Fetcher(self.address, self.file, self.keys, READ_TIMEOUT, view)
 
     async def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
+        await super().close()
 
 
-class HttpSource(Source):
-    """An HTTP mirror, read with Range requests (aiohttp: its parser is in C)."""
+class HttpSource(ThreadedSource):
+    """An HTTP mirror, read with Range requests (``httpfetch``)."""
 
     def __init__(self, url: str) -> None:
+        super().__init__()
         self.url = url
         self.name = url
-        self._session: aiohttp.ClientSession | None = None
 
-    def _s(self) -> aiohttp.ClientSession:
-        import aiohttp
-
-        if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT),
-                connector=aiohttp.TCPConnector(limit=WORKERS_PER_SOURCE),
-            )
-        return self._session
-
-    async def _get(self, start: int, end: int) -> tuple[int, dict[str, str], bytes]:
-        import aiohttp
-
-        try:
-            async with self._s().get(self.url, headers={"Range": f"bytes={start}-{end}"}) as r:
-                if r.status != 206:  # not a range: do not read a whole file to learn that
-                    return r.status, dict(r.headers), b""
-                return r.status, dict(r.headers), await r.read()
-        except (aiohttp.ClientError, OSError) as exc:
-            raise SourceFailed(f"{type(exc).__name__}: {exc}") from None
+    def _fetcher(self, out: Output | None) -> HttpFetcher:
+        return HttpFetcher(self.url, READ_TIMEOUT)
 
     async def info(self) -> Info:
-        status, headers, _ = await self._get(0, 0)
-        rng = headers.get("Content-Range", "")
-        if status != 206 or "/" not in rng:
-            raise SourceFailed(f"does not serve byte ranges (HTTP {status})")
-        name = urllib.parse.unquote(urllib.parse.urlsplit(self.url).path.rpartition("/")[2])
-        return Info(int(rng.rpartition("/")[2]), None, name=name)
-
-    async def read(self, seg: Segment) -> bytes:
-        status, _, data = await self._get(seg.start, seg.end - 1)
-        if status != 206 or len(data) != seg.length:
-            raise SourceFailed(f"HTTP {status}, {len(data)} bytes for {seg.length}")
-        return data
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        fetcher = self._fetcher(None)  # kept for the first fetch: it is connected
+        try:
+            size = await asyncio.get_running_loop().run_in_executor(None, fetcher.size)
+        except FetchFailed as exc:
+            raise SourceFailed(str(exc)) from None
+        finally:
+            self._idle.append(fetcher)
+        path = urllib.parse.urlsplit(fetcher.url).path  # where a redirect led
+        name = urllib.parse.unquote(path.rpartition("/")[2])
+        return Info(size, None, name=name)
 
 
 class VolumeServerSource(Source):

@@ -1,0 +1,178 @@
+"""Blocking Range requests to an HTTP mirror, one keep-alive connection per worker thread.
+
+Why not aiohttp (used before) or pycurl: measured on the same mirrors
+(bench/http_clients.py), both hand the body to Python in chunks that are
+copied and joined; here the status line and headers are parsed by the
+standard library (``http.client.parse_headers``) and the body goes from the
+socket to the output file inside the kernel (``splice``), as the protocol's
+own fetches do (``wirefetch``). https is read through a buffer (TLS cannot
+splice). A redirect is followed (at most MAX_REDIRECTS), and the mirror is
+asked at its new address from then on.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import socket
+import ssl
+import urllib.parse
+from dataclasses import dataclass
+
+from .wirefetch import FetchFailed, Splicer, reason
+
+MAX_HEADER = 64 << 10  # a response's status line and headers, at most
+MAX_REDIRECTS = 5
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: http.client.HTTPMessage
+    body_start: bytes  # body bytes that came with the headers
+    old: bool = False  # HTTP/1.0: the connection closes after it unless it says keep-alive
+
+
+class HttpFetcher(Splicer):
+    """One connection to one mirror, used by one thread at a time."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        super().__init__()
+        self.timeout = timeout
+        self._target(url)
+
+    def _target(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchFailed(f"{url!r} is not an http:// or https:// URL")
+        self.url = url
+        self.tls = parts.scheme == "https"
+        self.host = parts.hostname
+        try:
+            self.port = parts.port or (443 if self.tls else 80)
+        except ValueError:
+            raise FetchFailed(f"{url!r} has a bad port") from None
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.host_header = parts.netloc.rpartition("@")[2]
+
+    # -- connection ----------------------------------------------------------------------
+
+    def _connect(self) -> socket.socket:
+        if self.sock is not None:
+            return self.sock
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls:
+                ctx = ssl.create_default_context()
+                sock = ctx.wrap_socket(sock, server_hostname=self.host)
+            else:
+                self.bound(sock, self.timeout)
+        except OSError as exc:
+            raise FetchFailed(f"is not reachable: {reason(exc)}") from None
+        return self.adopt(sock)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def _ask(self, start: int, end: int) -> Response:
+        """Send a Range request for [start, end] and read the response's head."""
+        for _ in range(MAX_REDIRECTS + 1):
+            sock = self._connect()
+            request = (
+                f"GET {self.path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
+                f"Range: bytes={start}-{end}\r\nUser-Agent: mirrorfs\r\n"
+                "Accept-Encoding: identity\r\n\r\n"
+            )
+            self.send_all(sock, request.encode("latin-1"))
+            resp = self._head(sock)
+            if resp.status not in REDIRECTS:
+                conn = (resp.headers.get("Connection") or "").lower()
+                self._closing = conn == "close" or (resp.old and conn != "keep-alive")
+                return resp
+            where = resp.headers.get("Location")
+            self.close()  # its body (if any) is not read
+            if not where:
+                raise FetchFailed(f"HTTP {resp.status} without a Location")
+            self._target(urllib.parse.urljoin(self.url, where))
+        raise FetchFailed(f"more than {MAX_REDIRECTS} redirects")
+
+    def _head(self, sock: socket.socket) -> Response:
+        buf = bytearray()
+        while (end := buf.find(b"\r\n\r\n")) < 0:
+            if len(buf) > MAX_HEADER:
+                raise FetchFailed(f"a response head over {MAX_HEADER} bytes")
+            chunk = self.recv_some(sock, 64 << 10)
+            buf += chunk
+        head, rest = bytes(buf[: end + 2]), bytes(buf[end + 4 :])
+        line, _, fields = head.partition(b"\r\n")
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise FetchFailed(f"not an HTTP/1.x response: {line[:80]!r}")
+        try:
+            headers = http.client.parse_headers(io.BytesIO(fields + b"\r\n"))
+        except (http.client.HTTPException, ValueError) as exc:
+            raise FetchFailed(f"unreadable headers ({exc})") from None
+        return Response(int(parts[1]), headers, rest, parts[0] == b"HTTP/1.0")
+
+    def size(self) -> int:
+        """The object's size, from the Content-Range of a one-byte request."""
+        try:
+            resp = self._ask(0, 0)
+            total = self._range(resp, 0, 1).rpartition("/")[2]
+            self._body(resp, 1, None)
+        except BaseException:
+            self.close()
+            raise
+        if not total.isdigit():
+            raise FetchFailed(f"does not say the file's size (Content-Range {total!r})")
+        return int(total)
+
+    def _range(self, resp: Response, start: int, length: int) -> str:
+        if resp.status != 206:
+            raise FetchFailed(f"does not serve byte ranges (HTTP {resp.status})")
+        if "chunked" in (resp.headers.get("Transfer-Encoding") or "").lower():
+            raise FetchFailed("answered a range in chunks (Transfer-Encoding: chunked)")
+        rng = resp.headers.get("Content-Range") or ""
+        want = f"bytes {start}-{start + length - 1}/"
+        if not rng.startswith(want) or resp.headers.get("Content-Length") != str(length):
+            raise FetchFailed(f"sent the range {rng!r} for {want}...")
+        return rng
+
+    def _body(
+        self, resp: Response, length: int, fd_at: tuple[int, int] | None
+    ) -> memoryview | None:
+        got = resp.body_start[:length]
+        if len(resp.body_start) > length:
+            raise FetchFailed("sent more than the range")
+        sock = self._connect()
+        if fd_at is not None:
+            fd, start = fd_at
+            self.write_out(fd, got, start)
+            if self.tls:
+                view = self.buffer(length - len(got))
+                self.recv_into(sock, view)
+                self.write_out(fd, view, start + len(got))
+            else:
+                self.splice_into(sock, fd, start + len(got), length - len(got))
+            result = None
+        else:
+            view = self.buffer(length)
+            view[: len(got)] = got
+            self.recv_into(sock, view[len(got) :])
+            result = view
+        if self._closing:
+            self.close()
+            self._closing = False
+        return result
+
+    def fetch(self, start: int, length: int, fd: int | None) -> memoryview | None:
+        """[start, start+length): with ``fd``, written into it at ``start`` (None returned);
+        without, in this fetcher's buffer (returned, valid until its next fetch)."""
+        try:
+            resp = self._ask(start, start + length - 1)
+            self._range(resp, start, length)
+            return self._body(resp, length, None if fd is None else (fd, start))
+        except BaseException:
+            self.close()  # a response cut short leaves the connection unusable
+            raise
