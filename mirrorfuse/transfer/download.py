@@ -38,7 +38,7 @@ from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.sizes import human
 from servers.files import atomic_write, replace_durably
 
-from .output import Output, OutputError
+from .output import CannotWrite, Output, OutputError
 from .progress import Progress
 from .sources import (
     READ_TIMEOUT,
@@ -48,6 +48,7 @@ from .sources import (
     SourceFailed,
     SourcePaused,
 )
+from .wirefetch import Splicer
 
 LEGACY_SEGMENT = 1 << 20  # every segment's size before it was sized to the file (no
 # "segment_size" in the state file): such a download still resumes
@@ -208,21 +209,39 @@ class Download:
             f"downloading {human(size)} in {len(segments)} segments of {each} from "
             f"{len(good)} source(s)" + (f", {len(done)} already here" if done else "")
         )
-        fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
-        ok = False
         try:
-            os.ftruncate(fd, size)
+            fd = os.open(self.partial, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise self._cannot_write(exc) from None
+        ok, saved, failure = False, False, None
+        try:
+            try:
+                os.ftruncate(fd, size)
+            except OSError as exc:  # larger than the file system takes (or the user may)
+                raise self._cannot_write(exc) from None
             ok = await self._transfer(sched, fd, size, checksum)
+        except CannotWrite as exc:
+            failure = exc
         finally:
-            if not ok:  # what a resume needs; a finished file needs no state (see finish)
-                self.save(fd, self.state(sched, size, checksum))
-            os.close(fd)
+            try:
+                if not ok:  # what a resume needs; a finished file needs no state (see finish)
+                    self.save(fd, self.state(sched, size, checksum))
+                    saved = True
+            except OSError as exc:
+                self.say(f"cannot save the download's state in {self.state_path}: {exc.strerror}")
+            finally:
+                os.close(fd)
+        missing = human(sched.remaining())
+        again = (
+            f"Run again with -r to resume ({self.state_path})"
+            if saved
+            else "Start again without -r (no state could be saved)"
+        )
+        if failure is not None:
+            raise CannotWrite(f"{failure}; {missing} missing. Make room first. {again}")
         if not ok:
             why = "every source failed" if not sched.live() else "no live source holds the rest"
-            self.say(
-                f"download incomplete ({why}); {human(sched.remaining())} missing. "
-                f"Run again with -r to resume ({self.state_path})"
-            )
+            self.say(f"download incomplete ({why}); {missing} missing. {again}")
             return 1
         return self.finish(checksum)
 
@@ -276,8 +295,11 @@ class Download:
         try:
             await asyncio.gather(*workers)
         finally:
-            for t in pollers + helpers:
+            # on an error (a full disk) or an interrupt, the other workers stop too (and
+            # their fetches, which may be writing into the file) before anything is saved
+            for t in workers + pollers + helpers:
                 t.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
             await asyncio.gather(*pollers, *helpers, return_exceptions=True)
             # cancelling the saver leaves its thread writing: the final save waits for it
             # (both write OUTPUT.mfs-state.tmp)
@@ -311,8 +333,9 @@ class Download:
             try:
                 data = await task
             except asyncio.CancelledError:
-                if not task.cancelled():
-                    raise
+                current = asyncio.current_task()
+                if not task.cancelled() or (current is not None and current.cancelling()):
+                    raise  # this worker is stopped, not only its fetch
                 sched.cancelled(name, seg.index)  # lost an end-game race
                 continue
             except SourcePaused:
@@ -321,6 +344,8 @@ class Download:
                 self.say(f"source {name} is paused: others take over its segments")
                 self._kick()
                 continue
+            except CannotWrite:
+                raise  # not the source's doing: the download stops
             except (SourceFailed, MirrorfsError) as exc:
                 if sched.failed(name, seg.index):
                     self.say(
@@ -348,7 +373,10 @@ class Download:
                     sched.cancelled(name, seg.index)
                     continue
             if data is not None:
-                os.pwrite(out.fd, data, seg.start)
+                try:
+                    Splicer.write_out(out.fd, data, seg.start)
+                except OutputError as exc:
+                    raise self._cannot_write(exc.error) from None
             sched.completed(name, seg.index, time.monotonic() - t0)
             self._kick()
 
@@ -358,9 +386,12 @@ class Download:
         except TimeoutError:
             raise SourceFailed(f"no answer in {READ_TIMEOUT:g}s") from None
         except OutputError as exc:  # the output file, not the source: the download stops
-            raise exc.error from None
+            raise self._cannot_write(exc.error) from None
         except OSError as exc:
             raise SourceFailed(str(exc)) from None
+
+    def _cannot_write(self, exc: OSError) -> CannotWrite:
+        return CannotWrite(f"cannot write {self.partial}: {exc.strerror or exc}")
 
     async def _wait(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

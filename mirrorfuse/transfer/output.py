@@ -10,6 +10,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from mirrorfuse.wire.errors import MirrorfsError
+
 T = TypeVar("T")
 
 
@@ -20,6 +22,10 @@ class OutputError(Exception):
     def __init__(self, error: OSError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+class CannotWrite(MirrorfsError):
+    """The download stops: its file cannot be written (the message says what to do)."""
 
 
 class Output:
