@@ -104,21 +104,26 @@ class PeerServer(FrameServer):
     ) -> None:
         super().__init__(auth, limits)
         self.peer = peer
+        self.reading: VirtualServer | None = None  # the shared file a read is answered from
 
     def on_frame(self, frame: Frame) -> None:
         if frame.type in CONTROL_TYPES and not frame.is_reply:
             in_background(answer(self, frame, self.tcp_caller(), self.peer.control))
             return
-        self.send(
-            dispatch(
-                frame,
-                {
-                    FileInfo: self.serve_file,
-                    FileRead: self.serve_file,
-                    PeerIndex: self.peer.exchange,
-                },
-            )
+        self.reading = None
+        out = dispatch(
+            frame,
+            {
+                FileInfo: self.serve_file,
+                FileRead: self.serve_file,
+                PeerIndex: self.peer.exchange,
+            },
         )
+        srv = self.reading
+        if srv is not None and len(out) == 2 and isinstance(out[1], bytes):
+            self.send_from_file(out[0], srv.fd, srv.last_read, out[1])  # a file's bytes
+        else:
+            self.send(out)
 
     def tcp_caller(self) -> Caller | None:
         """Who asks over TCP: a connection that proved the group key, from a socket of
@@ -137,6 +142,7 @@ class PeerServer(FrameServer):
             raise Refused("NOT_FOUND", f"this peer does not share {req.name!r}")
         if isinstance(req, FileInfo):
             return srv.info(req, payload, flags)
+        self.reading = srv
         return srv.read(req, payload, flags)
 
 
