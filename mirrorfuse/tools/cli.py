@@ -1,20 +1,23 @@
-"""mirrorfs-cli: administer a cluster, use a volume, download, ask the index group."""
+"""mirrorfs-cli: administer a cluster, use a volume, download, ask the index group.
+
+The parser knows every command; a command's code is imported when it runs, so
+that a download (or any --help) does not wait for the volume client, the file
+system, the index client and rich to be imported.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from mirrorfuse.client.blocking import run_async
 from mirrorfuse.wire.addresses import ClusterSpec
 from mirrorfuse.wire.errors import UsageError
 from mirrorfuse.wire.sizes import check_block_size, human, parse_size
 
-from . import admin, download, indexcmd, logs, registry, servefile, shell
+from . import commandargs, logs
 from .args import (
     add_cluster_args,
     add_mountpoint_arg,
@@ -23,13 +26,15 @@ from .args import (
     run,
     seconds_arg,
 )
-from .fsck import fsck
-from .fsck import summary as fsck_summary
 
 PROG = "mirrorfs-cli"
 
 
 def cmd_format(args: argparse.Namespace) -> int:
+    from mirrorfuse.client.loop import run_async
+
+    from . import admin
+
     spec = cluster_from_args(args)
     size = check_block_size(parse_size(args.block_size))
     volume = run_async(admin.format_volume(spec, size, args.force, args.timeout))
@@ -41,6 +46,12 @@ def cmd_format(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from mirrorfuse.client.loop import run_async
+
+    from . import admin
+
     spec = cluster_from_args(args)
     if args.watch:
         if args.json:
@@ -61,6 +72,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def mount_info(spec: ClusterSpec) -> dict[str, Any] | None:
     """The mount of this machine that uses the cluster: where, its pid, its log."""
+    from . import registry
+
     rec = registry.mount_of(spec)
     if rec is None:
         return None
@@ -73,6 +86,7 @@ def mount_line(m: dict[str, Any]) -> str:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from . import registry
     from .up import start_server  # the mount's code, only for this command
 
     where = mountpoint_of(args)
@@ -85,12 +99,20 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
+    from mirrorfuse.client.loop import run_async
+
+    from . import admin
+
     spec = cluster_from_args(args)
     run_async(admin.rebuild(spec, args.id, lambda m: print(m, flush=True), args.timeout))
     return 0
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
+    from mirrorfuse.client.loop import run_async
+
+    from . import admin
+
     if args.id is not None and not args.id.lstrip("-").isdigit():  # heal MOUNTPOINT
         if args.where is not None:
             raise UsageError(f"server id {args.id!r} is not a number")
@@ -103,6 +125,11 @@ def cmd_heal(args: argparse.Namespace) -> int:
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
+    from mirrorfuse.client.loop import run_async
+
+    from .fsck import fsck
+    from .fsck import summary as fsck_summary
+
     spec = cluster_from_args(args)
     rep, found = run_async(fsck(spec, args.deep, args.timeout, args.repair))
     for problem in rep.problems:
@@ -120,6 +147,45 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         f"{copies}, {rep.orphans} open-but-unlinked"
     )
     return 1 if count else 0
+
+
+# the commands whose code is a module of its own, imported when one of them runs
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    from . import shell
+
+    return shell.main(args)
+
+
+def cmd_serve_file(args: argparse.Namespace) -> int:
+    from . import servefile
+
+    return servefile.main(args)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from . import download
+
+    return download.cmd_download(args)
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    from . import download
+
+    return download.cmd_get(args)
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from . import indexcmd
+
+    return indexcmd.cmd_index(args)
+
+
+def cmd_index_shell(args: argparse.Namespace) -> int:
+    from . import indexcmd
+
+    return indexcmd.cmd_index_shell(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="an interactive client that shows each mirrored write and read",
         description="An interactive client that shows each replica being written and read.",
     )
-    shell.add_arguments(sp)
-    sp.set_defaults(func=shell.main)
+    commandargs.add_shell_args(sp)
+    sp.set_defaults(func=cmd_shell)
 
     sp = sub.add_parser(
         "serve-file",
@@ -187,8 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="N file servers, one per port, each serving FILE. Console: N pauses "
         "server N, rN resumes it, eN ends a paused server.",
     )
-    servefile.add_arguments(sp)
-    sp.set_defaults(func=servefile.main)
+    commandargs.add_serve_file_args(sp)
+    sp.set_defaults(func=cmd_serve_file)
 
     sp = sub.add_parser(
         "download",
@@ -197,17 +263,18 @@ def build_parser() -> argparse.ArgumentParser:
         "http:// mirrors. A paused server's segments are taken over by the others; a dead "
         "server's are divided equally among the live ones. -r resumes.",
     )
-    download.add_download_args(sp)
+    commandargs.add_download_args(sp)
+    sp.set_defaults(func=cmd_download)
 
-    sp = command("get", download.cmd_get, "read a volume's file through every live server at once")
-    download.add_get_args(sp)
+    sp = command("get", cmd_get, "read a volume's file through every live server at once")
+    commandargs.add_get_args(sp)
 
     sp = sub.add_parser(
         "index",
         help="the P2P index group: status, peers, files, search, fetch, share, unshare",
         description="Ask the index group; the first reply is shown.",
     )
-    indexcmd.add_group_args(sp)
+    commandargs.add_group_args(sp)
     sp.add_argument(
         "what",
         choices=["status", "peers", "files", "search", "fetch", "share", "unshare"],
@@ -215,11 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("rest", nargs="*", metavar="PATTERN|NAME|FILE")
     sp.add_argument("-o", dest="output", help="where fetch saves the file")
     sp.add_argument("--name", help="the name share gives the file (default: its own)")
-    sp.set_defaults(func=indexcmd.cmd_index)
+    sp.set_defaults(func=cmd_index)
 
     sp = sub.add_parser("index-shell", help="interactive client of the index group")
-    indexcmd.add_group_args(sp)
-    sp.set_defaults(func=indexcmd.cmd_index_shell)
+    commandargs.add_group_args(sp)
+    sp.set_defaults(func=cmd_index_shell)
 
     sp = command(
         "heal",

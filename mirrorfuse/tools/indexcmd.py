@@ -21,7 +21,7 @@ import msgspec
 from mirrorfuse.client.blocking import run_async
 from mirrorfuse.client.connection import request_once
 from mirrorfuse.index.client import IndexClient
-from mirrorfuse.index.keys import default_key_path, group_key
+from mirrorfuse.index.keys import group_key
 from mirrorfuse.transfer.download import Download
 from mirrorfuse.transfer.sources import FileServerSource
 from mirrorfuse.wire.addresses import parse_address, parse_address_list
@@ -30,7 +30,6 @@ from mirrorfuse.wire.datagrams import FileEntry
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError
 from mirrorfuse.wire.messages import Outcome, PeerIndex, PeerShare, PeerUnshare
 
-from .args import port_arg
 from .hosts import check_hosts, ipv4_addresses, resolve_host
 from .peerctl import ask_control, control_path
 from .registry import live_peers
@@ -268,25 +267,3 @@ def cmd_index_shell(args: argparse.Namespace) -> int:
                     print(f"error: {exc}")
         finally:
             c.close()
-
-
-def add_group_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("group", help="multicast group address, e.g. 235.1.1.1")
-    p.add_argument("port", type=port_arg, help="UDP port of the group")
-    p.add_argument("--replicas", help="host:port,... of the replicas (unicast, no multicast)")
-    p.add_argument(
-        "--host",
-        help="this machine's address on the group's network, as the replicas' --host "
-        "(127.0.0.1 for a multicast group, the default of the replicas)",
-    )
-    p.add_argument(
-        "--key-file",
-        metavar="FILE",
-        help=f"the group's key (default {default_key_path()})",
-    )
-    p.add_argument(
-        "--peer",
-        metavar="HOST:PORT[,...]",
-        help="a peer to ask when no replica answers, and the one share/unshare talk to "
-        "(default: the peers running on this machine)",
-    )

@@ -20,7 +20,6 @@ from servers.fileserver import (
     listen,
 )
 
-from .args import port_arg, rate_arg, seconds_arg
 from .hosts import resolve_host
 
 
@@ -103,28 +102,6 @@ def check_args(args: argparse.Namespace) -> None:
     if Path(args.file).stat().st_size > (1 << 48):
         raise UsageError(f"file {args.file} is too large")
     resolve_host(args.address, "-a")
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-i", dest="interval", type=seconds_arg, required=True, help="seconds between status lines"
-    )
-    p.add_argument("-f", dest="file", required=True, help="the file to serve")
-    p.add_argument("-n", dest="count", type=int, help="number of servers (must match -p)")
-    p.add_argument("-a", dest="address", default="127.0.0.1", help="address to listen on")
-    p.add_argument(
-        "-p",
-        dest="ports",
-        type=port_arg,
-        nargs="+",
-        required=True,
-        help="one port per server (1024-65535)",
-    )
-    p.add_argument(
-        "--rate",
-        type=rate_arg,
-        help="limit each server to this many MiB/s (to watch a transfer, pause and resume it)",
-    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -27,7 +27,7 @@ from mirrorfuse.wire.addresses import ClusterSpec, check_count, from_base_port
 from mirrorfuse.wire.errors import MirrorfsError, ServerError, UsageError, VolumeIOError
 
 from . import admin
-from .args import seconds_arg
+from .commandargs import parse_delay
 
 HELP = """commands (paths are absolute):
   mkdir /A/B            make a directory (and missing parents)
@@ -43,16 +43,6 @@ HELP = """commands (paths are absolute):
 
 class Quit(Exception):
     pass
-
-
-def parse_delay(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise UsageError(f"{text!r} is not a number of seconds") from None
-    if not 0 <= value <= 3600:
-        raise UsageError("the waiting time must be between 0 and 3600 seconds")
-    return value
 
 
 def parse_start_port(text: str) -> int:
@@ -383,26 +373,3 @@ def main(args: argparse.Namespace) -> int:
         finally:
             bvol.close()
     return 0
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--count", type=int, default=4, help="number of servers (4)")
-    p.add_argument("--delay", type=parse_delay_arg, help="waiting time t between replicas, s")
-    p.add_argument("--base-port", type=int, help="4-digit starting port (server i on B+i)")
-    p.add_argument(
-        "--read-delay", type=parse_delay_arg, default=5.0, help="wait before a read, s (5)"
-    )
-    p.add_argument("--yes", action="store_true", help="do not wait for Enter")
-    p.add_argument(
-        "--timeout",
-        type=seconds_arg,
-        default=3.0,
-        help="seconds before a silent server is marked failed (3)",
-    )
-
-
-def parse_delay_arg(text: str) -> float:
-    try:
-        return parse_delay(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None

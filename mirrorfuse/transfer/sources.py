@@ -12,10 +12,9 @@ import contextlib
 import urllib.parse
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirrorfuse.client.connection import Connection, ServerDown
-from mirrorfuse.client.volume import Volume
 from mirrorfuse.core.scheduler import ALIVE, Segment
 from mirrorfuse.wire.addresses import Address
 from mirrorfuse.wire.auth import KeyLookup
@@ -25,6 +24,9 @@ from mirrorfuse.wire.messages import Availability, FileInfo, Read, Reply, Reques
 from .httpfetch import HttpFetcher
 from .output import Output
 from .wirefetch import Fetcher, FetchFailed, FetchPaused
+
+if TYPE_CHECKING:  # only get builds a VolumeServerSource: a download needs no volume client
+    from mirrorfuse.client.volume import Volume
 
 WORKERS_PER_SOURCE = 2
 READ_TIMEOUT = 10.0
