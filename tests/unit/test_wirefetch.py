@@ -75,6 +75,8 @@ def frame_server(data: bytes, answer: Answer | None = None) -> Callable[..., Non
             assert type_ == Msg.FILE_READ
             req = decode(FileRead, recv_exact(conn, body_len))
             (answer or good)(conn, req_id, req, number, n)
+            if server.stopped.is_set():  # a stalled answer ends with its connection
+                return
 
     return handle
 
