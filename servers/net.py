@@ -318,7 +318,7 @@ class FrameServer(asyncio.BufferedProtocol):
         ):
             self.send([head, data])
             return
-        fileno, sent = sock.fileno(), 0
+        fileno, sent, wrote = sock.fileno(), 0, 0
         try:
             wrote = os.write(fileno, head)
             if wrote < len(head):
@@ -330,7 +330,9 @@ class FrameServer(asyncio.BufferedProtocol):
                     break
                 sent += n
         except BlockingIOError:  # the socket is full: the transport sends the rest
-            pass
+            if wrote < len(head):  # the head too: not a byte of it went
+                self.send([head, data])
+                return
         except OSError:  # the peer went away: as a failed write through the transport
             t.abort()
             return

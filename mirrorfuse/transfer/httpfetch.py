@@ -99,11 +99,10 @@ class HttpFetcher(Splicer):
 
     def _head(self, sock: socket.socket) -> Response:
         buf = bytearray()
-        while (end := buf.find(b"\r\n\r\n")) < 0:
-            if len(buf) > MAX_HEADER:
-                raise FetchFailed(f"a response head over {MAX_HEADER} bytes")
-            chunk = self.recv_some(sock, 64 << 10)
-            buf += chunk
+        while (end := buf.find(b"\r\n\r\n")) < 0 and len(buf) <= MAX_HEADER:
+            buf += self.recv_some(sock, 64 << 10)
+        if end < 0 or end + 4 > MAX_HEADER:  # also one that ended in the last bytes read
+            raise FetchFailed(f"a response head over {MAX_HEADER} bytes")
         head, rest = bytes(buf[: end + 2]), bytes(buf[end + 4 :])
         line, _, fields = head.partition(b"\r\n")
         parts = line.split(None, 2)

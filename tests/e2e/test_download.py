@@ -181,6 +181,8 @@ def test_all_servers_die_then_resume_fetches_only_the_rest(tmp_path, servers_fac
     assert res.returncode == 0, res.stdout + res.stderr
     assert f"{count} already here" in res.stdout
     assert sha(out) == sha(src)
+    assert not out.with_name("out.bin.mfs-state").exists()  # a finished resume leaves none
+    assert not out.with_name("out.bin.mfs-partial").exists()
 
 
 def test_a_small_file_from_four_servers_is_sent_once_and_shared(tmp_path, servers_factory):
