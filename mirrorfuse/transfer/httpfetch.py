@@ -78,14 +78,17 @@ class HttpFetcher(Splicer):
     def _ask(self, start: int, end: int) -> Response:
         """Send a Range request for [start, end] and read the response's head."""
         for _ in range(MAX_REDIRECTS + 1):
-            sock = self._connect()
             request = (
                 f"GET {self.path} HTTP/1.1\r\nHost: {self.host_header}\r\n"
                 f"Range: bytes={start}-{end}\r\nUser-Agent: mirrorfs\r\n"
                 "Accept-Encoding: identity\r\n\r\n"
-            )
-            self.send_all(sock, request.encode("latin-1"))
-            resp = self._head(sock)
+            ).encode("latin-1")
+
+            def ask(sock: socket.socket, request: bytes = request) -> Response:
+                self.send_all(sock, request)
+                return self._head(sock)
+
+            resp = self.first(ask, self._connect)
             if resp.status not in REDIRECTS:
                 conn = (resp.headers.get("Connection") or "").lower()
                 self._closing = conn == "close" or (resp.old and conn != "keep-alive")

@@ -22,6 +22,7 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable
+from typing import TypeVar
 
 import xxhash
 
@@ -40,6 +41,7 @@ from mirrorfuse.wire.messages import (
 
 from .output import OutputError
 
+T = TypeVar("T")
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not named by Python 3.11's fcntl
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size: a segment in few splices
 
@@ -66,6 +68,22 @@ class Splicer:
         self._closing = False  # the server closes the connection after this reply
         self._lock = threading.Lock()
         self._aborted = False
+        self.received = 0  # bytes read on any connection (tells a stale one, see first)
+
+    def first(self, ask: Callable[[socket.socket], T], connect: Callable[[], socket.socket]) -> T:
+        """``ask`` on the kept connection; once more on a new one when the kept one proves
+        closed before a byte of the answer came (servers close idle connections: nginx
+        after 75 s, ours after 600), which is no failure of the source."""
+        reused = self.sock is not None
+        sock = connect()
+        before = self.received
+        try:
+            return ask(sock)
+        except FetchFailed:
+            if not reused or self.received != before or self._aborted:
+                raise
+        self.close()
+        return ask(connect())
 
     def adopt(self, sock: socket.socket) -> socket.socket:
         """A new connection becomes this fetcher's, unless it was stopped meanwhile."""
@@ -113,6 +131,7 @@ class Splicer:
             raise FetchFailed(self.lost(exc)) from None
         if not data:
             raise FetchFailed("closed the connection")
+        self.received += len(data)
         return data
 
     def recv_into(self, sock: socket.socket, view: memoryview) -> None:
@@ -123,6 +142,7 @@ class Splicer:
                 raise FetchFailed(self.lost(exc)) from None
             if n == 0:
                 raise FetchFailed("closed the connection")
+            self.received += n
             view = view[n:]
 
     def recv_exact(self, sock: socket.socket, n: int) -> bytes:
@@ -260,11 +280,15 @@ class Fetcher(Splicer):
             raise
 
     def _fetch(self, start: int, length: int, fd: int | None) -> memoryview | None:
-        sock = self._connect()
         req_id = next(self._ids)
         req = FileRead(offset=start, length=length, name=self.file)
-        self.send_all(sock, b"".join(encode_request(req_id, req)))
-        head = self.recv_exact(sock, HEADER_SIZE)
+
+        def ask(sock: socket.socket) -> bytes:
+            self.send_all(sock, b"".join(encode_request(req_id, req)))
+            return self.recv_exact(sock, HEADER_SIZE)
+
+        head = self.first(ask, self._connect)
+        sock = self._connect()
         magic, version, _, rid, flags, body_len, payload_len = HEADER.unpack(head)
         if magic != MAGIC or version != VERSION or rid not in (req_id, 0) or body_len > MAX_BODY:
             raise FetchFailed("sent a malformed frame")

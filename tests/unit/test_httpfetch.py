@@ -461,3 +461,44 @@ def test_an_output_that_cannot_be_written_is_output_error(mirror, fetchers, tmp_
         assert got is not None and bytes(got) == data[:100_000]
     finally:
         os.close(fd)
+
+
+def test_a_kept_connection_the_mirror_closed_while_idle_is_replaced_once(mirror, fetchers, data):
+    # keep-alive promised (HTTP/1.1, no Connection: close), then closed, as nginx does
+    # with connections idle for keepalive_timeout
+    m = mirror(lambda req: (partial(data, req), CLOSE))
+    f = fetchers(m.url)
+    for start in (0, 1000, 2000):
+        got = f.fetch(start, 1000, None)
+        assert got is not None and bytes(got) == data[start : start + 1000]
+    assert m.accepted == 3 and len(m.requests) == 3
+
+
+def test_a_mirror_that_closes_every_new_connection_unanswered_fails(mirror, fetchers, data):
+    served = []
+
+    def respond(req: Request) -> tuple[bytes, str]:
+        served.append(req)
+        return (partial(data, req), KEEP) if len(served) == 1 else (b"", CLOSE)
+
+    m = mirror(respond)
+    f = fetchers(m.url)
+    assert f.fetch(0, 1000, None) is not None
+    with pytest.raises(FetchFailed, match="closed the connection"):
+        f.fetch(1000, 1000, None)  # kept one closed, then the new one too: no third try
+    assert m.accepted == 2
+
+
+def test_a_head_cut_short_on_a_kept_connection_is_not_asked_again(mirror, fetchers, data):
+    served = []
+
+    def respond(req: Request) -> tuple[bytes, str]:
+        served.append(req)
+        return (partial(data, req), KEEP) if len(served) == 1 else (b"HTTP/1.1 206", CLOSE)
+
+    m = mirror(respond)
+    f = fetchers(m.url)
+    assert f.fetch(0, 1000, None) is not None
+    with pytest.raises(FetchFailed, match="closed the connection"):
+        f.fetch(1000, 1000, None)  # an answer began: the mirror's failure, not a stale one
+    assert m.accepted == 1

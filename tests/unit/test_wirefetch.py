@@ -410,3 +410,41 @@ def test_a_full_disk_is_output_error_not_the_sources(serve, full_tmpfs, fetchers
     finally:
         out.close()
         os.close(fd)
+
+
+@pytest.mark.parametrize("spliced", [True, False], ids=["spliced", "buffered"])
+def test_a_kept_connection_the_server_closed_while_idle_is_replaced(
+    serve, output, fetchers, data, spliced
+):
+    """Servers close connections idle for long (ours after 600 s): the next fetch
+    connects again instead of failing the source."""
+
+    def answer_then_close(conn: socket.socket, req_id: int, req: FileRead, _c: int, _n: int):
+        reply(conn, req_id, data[req.offset : req.offset + req.length])
+        conn.shutdown(socket.SHUT_RDWR)
+
+    srv = serve(answer_then_close)
+    f = fetchers(srv.port, output)
+    for start in (0, 100_000, 200_000):
+        got = f.fetch(start, 50_000, output.fd if spliced else None)
+        if spliced:
+            assert got is None and contents(output)[start : start + 50_000] == data[start:][:50_000]
+        else:
+            assert got is not None
+            assert bytes(got) == data[start : start + 50_000]
+    assert srv.accepted == 3
+
+
+def test_a_reply_cut_short_on_a_kept_connection_is_not_asked_again(serve, output, fetchers, data):
+    def half_then_close(conn: socket.socket, req_id: int, req: FileRead, _c: int, n: int):
+        head, payload = encoded(req_id, data[req.offset : req.offset + req.length])
+        conn.sendall(head + payload if n == 1 else head[:5])
+        if n > 1:
+            conn.shutdown(socket.SHUT_RDWR)
+
+    srv = serve(half_then_close)
+    f = fetchers(srv.port, output)
+    assert f.fetch(0, 1000, None) is not None
+    with pytest.raises(FetchFailed, match="closed the connection"):
+        f.fetch(1000, 1000, None)  # an answer began: the server's failure, not a stale one
+    assert srv.accepted == 1
