@@ -36,7 +36,7 @@ from mirrorfuse.core.scheduler import (
 )
 from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.sizes import human
-from servers.files import atomic_write, replace_durably
+from servers.files import atomic_write
 
 from .output import CannotWrite, Output, OutputError
 from .progress import Progress
@@ -258,7 +258,7 @@ class Download:
                 raise MirrorfsError(
                     f"the downloaded file does not match its checksum; kept as {self.partial}"
                 )
-        replace_durably(self.partial, self.output)
+        os.replace(self.partial, self.output)  # as cp leaves it: no fsync of data or rename
         self.state_path.unlink(missing_ok=True)
         verified = "verified" if checksum is not None else "no checksum to verify against"
         self.say(f"saved {self.output} ({verified})")
@@ -326,8 +326,12 @@ class Download:
                 continue
             # a second copy (end game) never writes in place: the first may still be
             # writing there, and only checked bytes may land where a finished segment is
-            race = seg.index in sched.sources[name].races
-            task = asyncio.ensure_future(self._fetch(src, seg, out, not race))
+            # nor does a fetch of a segment another still fetches (a dead source's, handed
+            # on while its thread may be writing)
+            alone = seg.index not in sched.sources[name].races and not any(
+                i == seg.index for _, i in self.tasks
+            )
+            task = asyncio.ensure_future(self._fetch(src, seg, out, alone))
             self.tasks[(name, seg.index)] = task
             t0 = time.monotonic()
             try:

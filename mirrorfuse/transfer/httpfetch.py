@@ -23,6 +23,7 @@ from .wirefetch import FetchFailed, Splicer, reason
 
 MAX_HEADER = 64 << 10  # a response's status line and headers, at most
 MAX_REDIRECTS = 5
+MAX_INTERIM = 5  # 1xx responses (103 Early Hints) before the real one
 REDIRECTS = (301, 302, 303, 307, 308)
 
 
@@ -53,8 +54,14 @@ class HttpFetcher(Splicer):
             self.port = parts.port or (443 if self.tls else 80)
         except ValueError:
             raise FetchFailed(f"{url!r} has a bad port") from None
-        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        self.host_header = parts.netloc.rpartition("@")[2]
+        # as a browser sends it: spaces, non-ASCII and control characters percent-encoded
+        # (what is encoded already stays), so the request line is one line of ASCII
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self.path = urllib.parse.quote(target, safe="/%!$&'()*+,;=:@~-._?[]")
+        host = parts.netloc.rpartition("@")[2]
+        if not host.isascii():  # an internationalised name: its ASCII form
+            host = self.host.encode("idna").decode() + (f":{parts.port}" if parts.port else "")
+        self.host_header = host
 
     # -- connection ----------------------------------------------------------------------
 
@@ -62,16 +69,21 @@ class HttpFetcher(Splicer):
         if self.sock is not None:
             return self.sock
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.tls:
+            sock = self.open_tcp(self.host, self.port, self.timeout)
+            if self.tls:  # abort() shuts the socket under the handshake too
                 ctx = ssl.create_default_context()
-                sock = ctx.wrap_socket(sock, server_hostname=self.host)
+                tls = ctx.wrap_socket(
+                    sock, server_hostname=self.host, do_handshake_on_connect=False
+                )
+                self.adopt(tls)
+                tls.do_handshake()
+                sock = tls
             else:
                 self.bound(sock, self.timeout)
         except OSError as exc:
+            self.close()
             raise FetchFailed(f"is not reachable: {reason(exc)}") from None
-        return self.adopt(sock)
+        return sock
 
     # -- requests ------------------------------------------------------------------------
 
@@ -101,7 +113,16 @@ class HttpFetcher(Splicer):
         raise FetchFailed(f"more than {MAX_REDIRECTS} redirects")
 
     def _head(self, sock: socket.socket) -> Response:
+        """The response's head, past any interim (1xx) ones."""
         buf = bytearray()
+        for _ in range(MAX_INTERIM + 1):
+            resp = self._one_head(sock, buf)
+            if not 100 <= resp.status < 200:
+                return resp
+            buf = bytearray(resp.body_start)
+        raise FetchFailed(f"more than {MAX_INTERIM} interim responses")
+
+    def _one_head(self, sock: socket.socket, buf: bytearray) -> Response:
         while (end := buf.find(b"\r\n\r\n")) < 0 and len(buf) <= MAX_HEADER:
             buf += self.recv_some(sock, 64 << 10)
         if end < 0 or end + 4 > MAX_HEADER:  # also one that ended in the last bytes read
@@ -109,24 +130,28 @@ class HttpFetcher(Splicer):
         head, rest = bytes(buf[: end + 2]), bytes(buf[end + 4 :])
         line, _, fields = head.partition(b"\r\n")
         parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        status = parts[1] if len(parts) > 1 else b""
+        if not parts[0].startswith(b"HTTP/1.") or len(status) != 3 or not status.isdigit():
             raise FetchFailed(f"not an HTTP/1.x response: {line[:80]!r}")
         try:
             headers = http.client.parse_headers(io.BytesIO(fields + b"\r\n"))
         except (http.client.HTTPException, ValueError) as exc:
             raise FetchFailed(f"unreadable headers ({exc})") from None
-        return Response(int(parts[1]), headers, rest, parts[0] == b"HTTP/1.0")
+        return Response(int(status), headers, rest, parts[0] == b"HTTP/1.0")
 
     def size(self) -> int:
         """The object's size, from the Content-Range of a one-byte request."""
         try:
             resp = self._ask(0, 0)
+            if resp.status == 416 and resp.headers.get("Content-Range") == "bytes */0":
+                self.close()  # an empty file has no byte 0 (its body, if any, is not read)
+                return 0
             total = self._range(resp, 0, 1).rpartition("/")[2]
             self._body(resp, 1, None)
         except BaseException:
             self.close()
             raise
-        if not total.isdigit():
+        if not (total.isascii() and total.isdigit()):
             raise FetchFailed(f"does not say the file's size (Content-Range {total!r})")
         return int(total)
 
@@ -135,6 +160,9 @@ class HttpFetcher(Splicer):
             raise FetchFailed(f"does not serve byte ranges (HTTP {resp.status})")
         if "chunked" in (resp.headers.get("Transfer-Encoding") or "").lower():
             raise FetchFailed("answered a range in chunks (Transfer-Encoding: chunked)")
+        coding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
+        if coding != "identity":  # asked for identity: these bytes are not the file's
+            raise FetchFailed(f"sent the range encoded (Content-Encoding: {coding})")
         rng = resp.headers.get("Content-Range") or ""
         want = f"bytes {start}-{start + length - 1}/"
         if not rng.startswith(want) or resp.headers.get("Content-Length") != str(length):

@@ -38,7 +38,10 @@ class Output:
         self._pool: ThreadPoolExecutor | None = None
         self._map: mmap.mmap | None = None
         if size and hasattr(os, "splice"):
-            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            try:
+                self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            except (OSError, ValueError):  # a file system without mappings: buffered
+                self._map = None
 
     @property
     def can_splice(self) -> bool:

@@ -85,9 +85,10 @@ class ThreadedSource(Source):
         try:
             got = await asyncio.shield(running)
         except asyncio.CancelledError:
-            fetcher.abort()  # it may be writing into the file: wait until it stopped
-            with contextlib.suppress(Exception):
-                await running
+            fetcher.abort()  # it may be writing into the file: wait until it stopped,
+            while not running.done():  # however often this is cancelled meanwhile
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait([running])
             fetcher.close()
             raise
         except FetchPaused as exc:
@@ -101,16 +102,25 @@ class ThreadedSource(Source):
         return data
 
     async def read(self, seg: Segment) -> bytes:
-        fetcher = self._idle.pop() if self._idle else self._fetcher(None)
+        """One segment without an output (the downloader uses fetch): a fetcher of its
+        own, closed after, so a cancelled read leaves no thread on a shared one."""
+        fetcher = self._fetcher(None)
         loop = asyncio.get_running_loop()
+        running = loop.run_in_executor(None, fetcher.fetch, seg.start, seg.length, None)
         try:
-            got = await loop.run_in_executor(None, fetcher.fetch, seg.start, seg.length, None)
+            got = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            fetcher.abort()
+            raise
         except FetchPaused as exc:
             raise SourcePaused(str(exc)) from None
         except FetchFailed as exc:
             raise SourceFailed(str(exc)) from None
         finally:
-            self._idle.append(fetcher)
+            if running.done():
+                fetcher.close()
+            else:
+                running.add_done_callback(lambda _: fetcher.close())
         assert got is not None
         return bytes(got)
 

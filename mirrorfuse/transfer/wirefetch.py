@@ -42,7 +42,7 @@ from mirrorfuse.wire.messages import (
 from .output import OutputError
 
 T = TypeVar("T")
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not named by Python 3.11's fcntl
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)  # Linux
 PIPE_SIZE = 1 << 20  # the default /proc/sys/fs/pipe-max-size: a segment in few splices
 
 
@@ -84,6 +84,24 @@ class Splicer:
                 raise
         self.close()
         return ask(connect())
+
+    def open_tcp(self, host: str, port: int, timeout: float) -> socket.socket:
+        """A connected socket, adopted before it connects so abort() ends the connect
+        too (create_connection's socket is out of reach until it returns)."""
+        err: OSError | None = None
+        for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+            sock = self.adopt(socket.socket(family, kind, proto))
+            try:
+                sock.settimeout(timeout)
+                sock.connect(addr)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return sock
+            except OSError as exc:
+                err = exc
+                self.close()
+                if self._aborted:
+                    break
+        raise err if err is not None else OSError(f"no address for {host}")
 
     def adopt(self, sock: socket.socket) -> socket.socket:
         """A new connection becomes this fetcher's, unless it was stopped meanwhile."""
@@ -233,14 +251,10 @@ class Fetcher(Splicer):
         if self.sock is not None:
             return self.sock
         try:
-            sock = socket.create_connection(
-                (self.address.host, self.address.port), timeout=self.timeout
-            )
+            sock = self.open_tcp(self.address.host, self.address.port, self.timeout)
         except OSError as exc:
             raise FetchFailed(f"is not reachable: {reason(exc)}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.bound(sock, self.timeout)
-        self.adopt(sock)
         if self.keys is not None:
             self._handshake(sock, self.keys)
         return sock

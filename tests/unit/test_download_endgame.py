@@ -26,7 +26,7 @@ import xxhash
 from mirrorfuse.core.scheduler import Segment
 from mirrorfuse.transfer.download import Download
 from mirrorfuse.transfer.output import Output
-from mirrorfuse.transfer.sources import Info, Source, ThreadedSource
+from mirrorfuse.transfer.sources import Info, Source, SourceFailed, ThreadedSource
 from mirrorfuse.transfer.wirefetch import FetchFailed
 
 MiB = 1 << 20
@@ -166,3 +166,68 @@ def test_a_cancelled_threaded_fetch_returns_only_once_its_thread_stopped(tmp_pat
     finally:
         out.close()
         os.close(fd)
+
+
+def test_a_fetch_cancelled_twice_still_returns_only_once_its_thread_stopped(
+    tmp_path: Path,
+) -> None:
+    """A fetch whose read timed out (its wait_for cancels it) is cancelled again by the
+    race's winner meanwhile: it must not end before its thread (the winner writes then)."""
+    path = tmp_path / "out"
+    path.write_bytes(bytes(SIZE))
+    fd = os.open(path, os.O_RDWR)
+    out = Output(fd, SIZE, 1)
+    fetcher = SlowToStop()
+    src = OneFetcher(fetcher)
+
+    async def cancel_twice() -> bool:
+        task = asyncio.ensure_future(src.fetch(Segment(0, 0, MiB), out, True))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.sleep(0.01)  # it waits for its thread now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return fetcher.stopped  # as the task ended
+
+    try:
+        assert asyncio.run(cancel_twice()), "the task ended while its thread still ran"
+        assert fetcher.closed
+    finally:
+        out.close()
+        os.close(fd)
+
+
+class Dying(Stalling):
+    """Its first fetch stalls mid-segment (writing wrong bytes in place, and more once
+    cancelled); every other fails, so after three failures it is declared dead and the
+    stalled segment is handed to the other source while its fetch still runs."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.name = "dying"
+        self.first: int | None = None
+
+    async def fetch(self, seg: Segment, out: Output, direct: bool) -> bytes | None:
+        if self.first is None:
+            self.first = seg.index
+            return await super().fetch(seg, out, direct)
+        raise SourceFailed("refused")
+
+
+def test_a_dead_sources_segment_still_being_written_is_not_written_in_place_by_another(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(SIZE)
+    fast, dying = Fast(data), Dying(data)
+    said: list[str] = []
+    out = tmp_path / "out.bin"
+    dl = Download([dying, fast], out, 3600, False, say=said.append)
+
+    async def run() -> int:
+        return await asyncio.wait_for(dl.run(), 30)
+
+    assert asyncio.run(run()) == 0, said
+    assert any("source dying failed" in m for m in said), said
+    assert out.read_bytes() == data, "the dead source's late bytes were left in the file"
+    assert dying.first is not None and fast.seen.direct[dying.first] is False

@@ -461,36 +461,3 @@ def test_an_output_that_cannot_be_written_is_output_error(mirror, fetchers, tmp_
         assert got is not None and bytes(got) == data[:100_000]
     finally:
         os.close(fd)
-
-
-def test_a_kept_connection_the_mirror_closed_while_idle_is_replaced_once(mirror, fetchers, data):
-    # keep-alive promised (HTTP/1.1, no Connection: close), then closed, as nginx does
-    # with connections idle for keepalive_timeout
-    m = mirror(lambda req: (partial(data, req), CLOSE))
-    f = fetchers(m.url)
-    for start in (0, 1000, 2000):
-        got = f.fetch(start, 1000, None)
-        assert got is not None and bytes(got) == data[start : start + 1000]
-    assert m.accepted == 3 and len(m.requests) == 3
-
-
-@pytest.mark.parametrize(
-    "second, conns",
-    [(b"", 2), (b"HTTP/1.1 206", 1)],  # closed unanswered: one more try; answer begun: none
-    ids=["unanswered", "cut-short"],
-)
-def test_a_kept_connection_is_replaced_only_once_and_only_unanswered(
-    mirror, fetchers, data, second, conns
-):
-    served: list[Request] = []
-
-    def respond(req: Request) -> tuple[bytes, str]:
-        served.append(req)
-        return (partial(data, req), KEEP) if len(served) == 1 else (second, CLOSE)
-
-    m = mirror(respond)
-    f = fetchers(m.url)
-    assert f.fetch(0, 1000, None) is not None
-    with pytest.raises(FetchFailed, match="closed the connection"):
-        f.fetch(1000, 1000, None)
-    assert m.accepted == conns
