@@ -89,6 +89,8 @@ class ThreadedSource(Source):
             while not running.done():  # however often this is cancelled meanwhile
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([running])
+            if not running.cancelled():
+                running.exception()  # its end is known: asyncio must not log it as lost
             fetcher.close()
             raise
         except FetchPaused as exc:
