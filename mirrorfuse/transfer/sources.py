@@ -68,6 +68,13 @@ class Source(ABC):
         return None
 
 
+def done(fut: asyncio.Future[Any], fetcher: Fetcher | HttpFetcher) -> None:
+    """A fetch nobody awaits any more has ended: its connection closes, its error is seen."""
+    if not fut.cancelled():
+        fut.exception()
+    fetcher.close()
+
+
 class ThreadedSource(Source):
     """A source read by blocking fetchers in threads (``wirefetch``, ``httpfetch``), one
     connection each; a fetch may splice its bytes into the output file directly."""
@@ -119,10 +126,7 @@ class ThreadedSource(Source):
         except FetchFailed as exc:
             raise SourceFailed(str(exc)) from None
         finally:
-            if running.done():
-                fetcher.close()
-            else:
-                running.add_done_callback(lambda _: fetcher.close())
+            running.add_done_callback(lambda f: done(f, fetcher))
         assert got is not None
         return bytes(got)
 
