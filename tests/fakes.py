@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import threading
 from collections.abc import Callable, Coroutine
@@ -24,6 +25,19 @@ def recv_exact(conn: socket.socket, n: int) -> bytes:
             break
         buf += chunk
     return bytes(buf)
+
+
+def holds_only(got: bytes, data: bytes, start: int, length: int, fill: int) -> None:
+    """An output the size of ``data`` holds data's [start, start+length) there and
+    ``fill`` everywhere else (compared by sha256: a failure prints two short lines)."""
+
+    def sha(b: bytes) -> str:
+        return hashlib.sha256(b).hexdigest()
+
+    assert len(got) == len(data)
+    assert sha(got[start : start + length]) == sha(data[start : start + length])
+    assert got[:start] == bytes([fill]) * start
+    assert got[start + length :] == bytes([fill]) * (len(data) - start - length)
 
 
 class TcpServer:

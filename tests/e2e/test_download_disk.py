@@ -32,6 +32,15 @@ def file_servers(tmp_path):
     srv.kill()
 
 
+def download(out: Path, sources: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, "download", "-i", "3600", "-o", str(out), *sources],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 @pytest.mark.parametrize("via", ["protocol", "http"])
 def test_a_full_disk_stops_the_download_with_one_clear_line(
     tmp_path, file_servers, small_disk, via, request
@@ -44,12 +53,7 @@ def test_a_full_disk_stops_the_download_with_one_clear_line(
         srv = http_server(tmp_path)
         request.addfinalizer(srv.shutdown)
         sources = [f"http://127.0.0.1:{srv.server_address[1]}/src.bin"]
-    res = subprocess.run(
-        [CLI, "download", "-i", "3600", "-o", str(out), *sources],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    res = download(out, sources)
     assert res.returncode == 1, res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
     assert "No space left on device" in res.stderr, res.stderr
@@ -60,12 +64,7 @@ def test_a_full_disk_stops_the_download_with_one_clear_line(
     assert not Path(str(out) + ".mfs-state").exists()
     assert "Start again without -r" in res.stderr, res.stderr
     subprocess.run(["mount", "-o", "remount,size=256m", str(small_disk)], check=True)
-    again = subprocess.run(
-        [CLI, "download", "-i", "3600", "-o", str(out), *sources],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = download(out, sources)
     assert again.returncode == 0, again.stdout + again.stderr
     assert sha(out) == sha(src)
     assert not Path(str(out) + ".mfs-partial").exists()

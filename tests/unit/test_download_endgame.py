@@ -84,19 +84,25 @@ class Stalling(Fast):
         raise AssertionError("not reached")
 
 
-def test_a_stalled_segment_is_raced_buffered_and_lands_after_the_stalled_fetch_stopped(
-    tmp_path: Path,
-) -> None:
-    data = os.urandom(SIZE)
-    fast, stalling = Fast(data), Stalling(data)
+def download(sources: list[Source], out: Path) -> tuple[Download, list[str]]:
+    """A whole download that must succeed; what it said."""
     said: list[str] = []
-    out = tmp_path / "out.bin"
-    dl = Download([fast, stalling], out, 3600, False, say=said.append)
+    dl = Download(sources, out, 3600, False, say=said.append)
 
     async def run() -> int:
         return await asyncio.wait_for(dl.run(), 30)  # a hang bound, far above what it takes
 
     assert asyncio.run(run()) == 0, said
+    return dl, said
+
+
+def test_a_stalled_segment_is_raced_buffered_and_lands_after_the_stalled_fetch_stopped(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(SIZE)
+    fast, stalling = Fast(data), Stalling(data)
+    out = tmp_path / "out.bin"
+    dl, said = download([fast, stalling], out)
     assert out.read_bytes() == data, "bytes written by the stalled fetch were left in the file"
     assert any("(verified)" in m for m in said), said
     assert not dl.state_path.exists() and not dl.partial.exists()
@@ -220,14 +226,8 @@ def test_a_dead_sources_segment_still_being_written_is_not_written_in_place_by_a
 ) -> None:
     data = os.urandom(SIZE)
     fast, dying = Fast(data), Dying(data)
-    said: list[str] = []
     out = tmp_path / "out.bin"
-    dl = Download([dying, fast], out, 3600, False, say=said.append)
-
-    async def run() -> int:
-        return await asyncio.wait_for(dl.run(), 30)
-
-    assert asyncio.run(run()) == 0, said
+    _, said = download([dying, fast], out)
     assert any("source dying failed" in m for m in said), said
     assert out.read_bytes() == data, "the dead source's late bytes were left in the file"
     assert dying.first is not None and fast.seen.direct[dying.first] is False

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from fakes import TcpServer
+from fakes import holds_only
+from http_mirror import CLOSE, KEEP, STALL, Mirror, Request, Respond, partial
 
 from mirrorfuse.transfer.httpfetch import MAX_HEADER, MAX_REDIRECTS, HttpFetcher
 from mirrorfuse.transfer.output import OutputError
@@ -31,85 +29,10 @@ FILL = 0x5A
 TIMEOUT = 30.0  # the fetchers'
 HANG = 5.0  # far more than anything here takes, far less than TIMEOUT
 
-# what a mirror's connection does once it sent its answer
-KEEP, CLOSE, STALL = "keep", "close", "stall"  # STALL: nothing more until the test ends
-
-
-@dataclass
-class Request:
-    line: str
-    headers: dict[str, str]
-    start: int
-    end: int  # inclusive, as the Range header says
-    conn: int  # which connection of the mirror (from 1)
-    number: int  # which request on it (from 1)
-
-
-# a mirror's answer to one request: the bytes to send, then KEEP, CLOSE or STALL
-Respond = Callable[[Request], tuple[bytes, str]]
-
 
 @pytest.fixture(scope="module")
 def data() -> bytes:
     return os.urandom(SIZE)
-
-
-def read_request(conn: socket.socket) -> tuple[str, dict[str, str]] | None:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = conn.recv(65536)
-        if not chunk:
-            return None
-        buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    assert not rest  # the client asks for one range at a time
-    line, *fields = head.decode("latin-1").split("\r\n")
-    return line, {k.lower(): v.strip() for k, _, v in (f.partition(":") for f in fields)}
-
-
-def partial(data: bytes, req: Request, version: str = "HTTP/1.1", extra: str = "") -> bytes:
-    """A 206 with the range asked, as a mirror sends it (``extra``: more header lines)."""
-    end = min(req.end, len(data) - 1)
-    payload = data[req.start : end + 1]
-    head = (
-        f"{version} 206 Partial Content\r\nContent-Type: application/octet-stream\r\n"
-        f"Content-Range: bytes {req.start}-{end}/{len(data)}\r\n"
-        f"Content-Length: {len(payload)}\r\n{extra}\r\n"
-    )
-    return head.encode() + payload
-
-
-class Mirror(TcpServer):
-    """An HTTP server: ``respond`` answers each request (default: the range, kept alive)."""
-
-    def __init__(self, data: bytes, respond: Respond | None = None) -> None:
-        self.data = data
-        self.respond = respond or (lambda req: (partial(data, req), KEEP))
-        self.requests: list[Request] = []
-        self.stalled = threading.Event()
-        super().__init__(Mirror._handle)
-
-    def _handle(self, conn: socket.socket, number: int) -> None:
-        for n in range(1, 1 << 30):
-            got = read_request(conn)
-            if got is None:
-                return
-            line, headers = got
-            m = re.fullmatch(r"bytes=(\d+)-(\d+)", headers.get("range", ""))
-            assert m, headers
-            req = Request(line, headers, int(m[1]), int(m[2]), number, n)
-            self.requests.append(req)
-            out, then = self.respond(req)
-            conn.sendall(out)
-            if then == STALL:
-                self.stalled.set()
-                self.stopped.wait()
-            if then != KEEP:
-                return
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/files/the%20file.bin"
 
 
 @pytest.fixture
@@ -163,12 +86,7 @@ def sha(b: bytes | memoryview) -> str:
 
 
 def only(fd: int, data: bytes, start: int, length: int) -> None:
-    """The output holds data's [start, start+length) there and FILL everywhere else."""
-    got = contents(fd)
-    assert len(got) == SIZE
-    assert sha(got[start : start + length]) == sha(data[start : start + length])
-    assert got[:start] == bytes([FILL]) * start
-    assert got[start + length :] == bytes([FILL]) * (SIZE - start - length)
+    holds_only(contents(fd), data, start, length, FILL)
 
 
 # -- what it gets right -------------------------------------------------------------------
@@ -461,3 +379,63 @@ def test_an_output_that_cannot_be_written_is_output_error(mirror, fetchers, tmp_
         assert got is not None and bytes(got) == data[:100_000]
     finally:
         os.close(fd)
+
+
+def test_a_kept_connection_the_mirror_closed_while_idle_is_replaced_once(mirror, fetchers, data):
+    # keep-alive promised (HTTP/1.1, no Connection: close), then closed, as nginx does
+    # with connections idle for keepalive_timeout
+    m = mirror(lambda req: (partial(data, req), CLOSE))
+    f = fetchers(m.url)
+    for start in (0, 1000, 2000):
+        got = f.fetch(start, 1000, None)
+        assert got is not None and bytes(got) == data[start : start + 1000]
+    assert m.accepted == 3 and len(m.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "second, conns",
+    [(b"", 2), (b"HTTP/1.1 206", 1)],  # closed unanswered: one more try; answer begun: none
+    ids=["unanswered", "cut-short"],
+)
+def test_a_kept_connection_is_replaced_only_once_and_only_unanswered(
+    mirror, fetchers, data, second, conns
+):
+    served: list[Request] = []
+
+    def respond(req: Request) -> tuple[bytes, str]:
+        served.append(req)
+        return (partial(data, req), KEEP) if len(served) == 1 else (second, CLOSE)
+
+    m = mirror(respond)
+    f = fetchers(m.url)
+    assert f.fetch(0, 1000, None) is not None
+    with pytest.raises(FetchFailed, match="closed the connection"):
+        f.fetch(1000, 1000, None)
+    assert m.accepted == conns
+
+
+def test_a_path_with_spaces_and_letters_beyond_ascii_goes_percent_encoded(mirror, fetchers, data):
+    m = mirror()
+    f = fetchers(f"http://127.0.0.1:{m.port}/a b/ü%41.bin?x=1 2")
+    assert f.fetch(0, 10, None) is not None
+    assert m.requests[0].line == "GET /a%20b/%C3%BC%41.bin?x=1%202 HTTP/1.1"
+
+
+def test_interim_responses_are_skipped_and_encoded_ranges_refused(mirror, fetchers, data):
+    early = b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n"
+    m = mirror(lambda req: (early + partial(data, req), KEEP))
+    assert bytes(fetchers(m.url).fetch(0, 10, None) or b"") == data[:10]
+    gz = mirror(lambda req: (partial(data, req, extra="Content-Encoding: gzip\r\n"), KEEP))
+    with pytest.raises(FetchFailed, match="Content-Encoding: gzip"):
+        fetchers(gz.url).fetch(0, 10, None)
+
+
+def test_an_empty_file_has_size_zero(mirror, fetchers):
+    m = mirror(
+        lambda req: (
+            b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Range: bytes */0\r\n"
+            b"Content-Length: 0\r\n\r\n",
+            KEEP,
+        )
+    )
+    assert fetchers(m.url).size() == 0

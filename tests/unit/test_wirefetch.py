@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import xxhash
-from fakes import LoopThread, TcpServer, recv_exact
+from fakes import LoopThread, TcpServer, holds_only, recv_exact
 
 from mirrorfuse.client.loop import new_event_loop
 from mirrorfuse.transfer.output import Output, OutputError
@@ -131,12 +131,7 @@ def sha(b: bytes | memoryview) -> str:
 
 
 def expect_segment(out: Output, data: bytes, start: int, length: int) -> None:
-    """The output holds data's [start, start+length) there and FILL everywhere else."""
-    got = contents(out)
-    assert len(got) == SIZE
-    assert sha(got[start : start + length]) == sha(data[start : start + length])
-    assert got[:start] == bytes([FILL]) * start
-    assert got[start + length :] == bytes([FILL]) * (SIZE - start - length)
+    holds_only(contents(out), data, start, length, FILL)
 
 
 # -- against serve-file's own server ----------------------------------------------------
