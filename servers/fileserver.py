@@ -85,6 +85,14 @@ class VirtualServer:
         self.last_read = req.offset  # where its payload lies in the file (sendfile)
         return FileReadReply(checksum=xxhash.xxh3_64_intdigest(data)), data
 
+    def send_reply(self, conn: FrameServer, out: Out) -> None:
+        """The answer to a read of this file (read just now): its payload sent from the
+        file (sendfile); an error as it is."""
+        if len(out) == 2 and isinstance(out[1], bytes):
+            conn.send_from_file(out[0], self.fd, self.last_read, out[1])
+        else:
+            conn.send(out)
+
     def handle(self, frame: Frame) -> Out:
         return dispatch(frame, self.handlers)
 
@@ -131,8 +139,8 @@ class FileConnection(FrameServer):
             if self.delayed >= MAX_DELAYED:
                 self.hold("rate")
             asyncio.get_running_loop().call_later(delay, self._send_late, out)
-        elif frame.type == Msg.FILE_READ and len(out) == 2 and isinstance(out[1], bytes):
-            self.send_from_file(out[0], self.server.fd, self.server.last_read, out[1])
+        elif frame.type == Msg.FILE_READ:
+            self.server.send_reply(self, out)
         else:
             self.send(out)
 

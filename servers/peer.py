@@ -119,9 +119,8 @@ class PeerServer(FrameServer):
                 PeerIndex: self.peer.exchange,
             },
         )
-        srv = self.reading
-        if srv is not None and len(out) == 2 and isinstance(out[1], bytes):
-            self.send_from_file(out[0], srv.fd, srv.last_read, out[1])  # a file's bytes
+        if self.reading is not None:
+            self.reading.send_reply(self, out)
         else:
             self.send(out)
 

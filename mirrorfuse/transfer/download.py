@@ -38,7 +38,7 @@ from mirrorfuse.wire.errors import MirrorfsError
 from mirrorfuse.wire.sizes import human
 from servers.files import atomic_write
 
-from .output import CannotWrite, Output, OutputError
+from .output import CannotWrite, Output, OutputError, write_at
 from .progress import Progress
 from .sources import (
     READ_TIMEOUT,
@@ -48,7 +48,6 @@ from .sources import (
     SourceFailed,
     SourcePaused,
 )
-from .wirefetch import Splicer
 
 LEGACY_SEGMENT = 1 << 20  # every segment's size before it was sized to the file (no
 # "segment_size" in the state file): such a download still resumes
@@ -378,7 +377,7 @@ class Download:
                     continue
             if data is not None:
                 try:
-                    Splicer.write_out(out.fd, data, seg.start)
+                    write_at(out.fd, data, seg.start)
                 except OutputError as exc:
                     raise self._cannot_write(exc.error) from None
             sched.completed(name, seg.index, time.monotonic() - t0)

@@ -19,6 +19,7 @@ import ssl
 import urllib.parse
 from dataclasses import dataclass
 
+from .output import write_at
 from .wirefetch import FetchFailed, Splicer, reason
 
 MAX_HEADER = 64 << 10  # a response's status line and headers, at most
@@ -69,7 +70,7 @@ class HttpFetcher(Splicer):
         if self.sock is not None:
             return self.sock
         try:
-            sock = self.open_tcp(self.host, self.port, self.timeout)
+            sock = self.open_tcp(self.host, self.port)
             if self.tls:  # abort() shuts the socket under the handshake too
                 ctx = ssl.create_default_context()
                 tls = ctx.wrap_socket(
@@ -178,11 +179,11 @@ class HttpFetcher(Splicer):
         sock = self._connect()
         if fd_at is not None:
             fd, start = fd_at
-            self.write_out(fd, got, start)
+            write_at(fd, got, start)
             if self.tls:
                 view = self.buffer(length - len(got))
                 self.recv_into(sock, view)
-                self.write_out(fd, view, start + len(got))
+                write_at(fd, view, start + len(got))
             else:
                 self.splice_into(sock, fd, start + len(got), length - len(got))
             result = None

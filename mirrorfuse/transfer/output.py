@@ -24,6 +24,17 @@ class OutputError(Exception):
         self.error = error
 
 
+def write_at(fd: int, data: bytes | memoryview, pos: int) -> None:
+    """All of ``data`` into the output at ``pos``; OutputError when the file refuses."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.pwrite(fd, view, pos)
+        except OSError as exc:  # the output file's (a full disk): not the source's
+            raise OutputError(exc) from None
+        view, pos = view[n:], pos + n
+
+
 class CannotWrite(MirrorfsError):
     """The download stops: its file cannot be written (the message says what to do)."""
 

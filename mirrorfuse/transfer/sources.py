@@ -69,7 +69,8 @@ class Source(ABC):
 
 
 def done(fut: asyncio.Future[Any], fetcher: Fetcher | HttpFetcher) -> None:
-    """A fetch nobody awaits any more has ended: its connection closes, its error is seen."""
+    """A fetch nobody awaits any more has ended: its connection closes, and its error is
+    marked seen (asyncio would print it as lost)."""
     if not fut.cancelled():
         fut.exception()
     fetcher.close()
@@ -96,9 +97,7 @@ class ThreadedSource(Source):
             while not running.done():  # however often this is cancelled meanwhile
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([running])
-            if not running.cancelled():
-                running.exception()  # its end is known: asyncio must not log it as lost
-            fetcher.close()
+            done(running, fetcher)
             raise
         except FetchPaused as exc:
             self._idle.append(fetcher)

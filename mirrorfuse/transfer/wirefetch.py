@@ -85,14 +85,14 @@ class Splicer:
         self.close()
         return ask(connect())
 
-    def open_tcp(self, host: str, port: int, timeout: float) -> socket.socket:
+    def open_tcp(self, host: str, port: int) -> socket.socket:
         """A connected socket, adopted before it connects so abort() ends the connect
         too (create_connection's socket is out of reach until it returns)."""
         err: OSError | None = None
         for family, kind, proto, _, addr in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
             sock = self.adopt(socket.socket(family, kind, proto))
             try:
-                sock.settimeout(timeout)
+                sock.settimeout(self.timeout)
                 sock.connect(addr)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 return sock
@@ -179,16 +179,6 @@ class Splicer:
             return f"no answer in {self.timeout:g}s"
         return f"closed the connection ({reason(exc)})"
 
-    @staticmethod
-    def write_out(fd: int, data: bytes | memoryview, pos: int) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                n = os.pwrite(fd, view, pos)
-            except OSError as exc:  # the output file's (a full disk): not the source's
-                raise OutputError(exc) from None
-            view, pos = view[n:], pos + n
-
     def splice_into(self, sock: socket.socket, fd: int, start: int, length: int) -> None:
         """``length`` bytes from the socket to ``fd`` at ``start``, through a pipe."""
         if self._pipe is None:
@@ -251,7 +241,7 @@ class Fetcher(Splicer):
         if self.sock is not None:
             return self.sock
         try:
-            sock = self.open_tcp(self.address.host, self.address.port, self.timeout)
+            sock = self.open_tcp(self.address.host, self.address.port)
         except OSError as exc:
             raise FetchFailed(f"is not reachable: {reason(exc)}") from None
         self.bound(sock, self.timeout)
